@@ -1,0 +1,17 @@
+//! Domain types shared by every nightshift service.
+//!
+//! Nothing in here does I/O: ids, the File and Batch objects and their OpenAI JSON, the
+//! error-code vocabulary that both transports (HTTP and gRPC) speak, upload sniffing, JSONL
+//! validation, result lines and usage accounting.
+
+pub mod apikey;
+pub mod error;
+pub mod file;
+pub mod ids;
+pub mod page;
+pub mod sniff;
+pub mod time;
+
+pub use error::{ApiError, ErrorKind};
+pub use ids::{FileId, IdError, TenantId};
+pub mod secret;

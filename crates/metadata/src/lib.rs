@@ -1,0 +1,107 @@
+//! The metadata port: tenants, API keys and files (batches join them in the pipeline).
+//!
+//! Only the scheduler holds a [`MetadataStore`]; every other service reaches metadata through
+//! the scheduler's gRPC API. Adapters: [`PgStore`] (PostgreSQL, production) and an embedded
+//! SQLite one for the single-process deployment; both must pass [`conformance`].
+//!
+//! Contract:
+//! - every read and write of a tenant's object is scoped by its tenant id: another tenant's
+//!   object is indistinguishable from a missing one;
+//! - a file is *visible* while it is neither deleted nor past `expires_at` (evaluated at the
+//!   `now` the caller passes, so tests and sweeps agree on one clock);
+//! - lists are ordered by `(created_at_us, id)`, and `after` is an exclusive cursor naming the
+//!   last id of the previous page; an unknown cursor yields an empty page.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use nightshift_core::file::{FileRecord, Purpose};
+use nightshift_core::page::Order;
+use nightshift_core::{FileId, TenantId};
+
+pub mod conformance;
+mod postgres;
+
+pub use postgres::{PgConfig, PgStore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetadataError {
+    /// A uniqueness rule was broken (an id or key hash that already exists).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The database failed or is unreachable.
+    #[error("metadata store error: {0}")]
+    Backend(String),
+}
+
+pub type Result<T, E = MetadataError> = std::result::Result<T, E>;
+
+/// A tenant: the unit of isolation and (later) of fair scheduling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant {
+    pub id: TenantId,
+    pub name: String,
+}
+
+/// A `GET /v1/files` query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileQuery {
+    pub purpose: Option<Purpose>,
+    pub limit: u32,
+    pub order: Order,
+    pub after: Option<FileId>,
+}
+
+/// One page of files, in the requested order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilePage {
+    pub files: Vec<FileRecord>,
+    /// Whether at least one more visible file follows the last one.
+    pub has_more: bool,
+}
+
+/// The metadata port.
+#[async_trait]
+pub trait MetadataStore: Send + Sync + fmt::Debug + 'static {
+    /// Whether the database answers (readiness).
+    async fn ping(&self) -> Result<()>;
+
+    /// Creates a tenant with one API key (its SHA-256 digest).
+    async fn create_tenant(&self, name: &str, key_hash: &str) -> Result<Tenant>;
+
+    /// The tenant owning `key_hash`, creating it (named `name`) if no tenant owns it yet.
+    /// Idempotent and safe to race: used for the bootstrap key at every start.
+    async fn ensure_tenant(&self, name: &str, key_hash: &str) -> Result<Tenant>;
+
+    /// The tenant owning an API key digest.
+    async fn tenant_by_key(&self, key_hash: &str) -> Result<Option<Tenant>>;
+
+    /// Records a file. `Conflict` if the id exists.
+    async fn insert_file(&self, file: &FileRecord) -> Result<()>;
+
+    /// A visible file of the tenant.
+    async fn get_file(
+        &self,
+        tenant: &TenantId,
+        id: &FileId,
+        now: i64,
+    ) -> Result<Option<FileRecord>>;
+
+    /// A page of the tenant's visible files.
+    async fn list_files(&self, tenant: &TenantId, query: &FileQuery, now: i64) -> Result<FilePage>;
+
+    /// Hides a visible file of the tenant (soft delete) and returns it; `None` if it was not
+    /// visible. Its bytes are the caller's to delete, then [`MetadataStore::purge_file`].
+    async fn delete_file(
+        &self,
+        tenant: &TenantId,
+        id: &FileId,
+        now: i64,
+    ) -> Result<Option<FileRecord>>;
+
+    /// Files whose bytes should go: deleted ones and those expired at `now`, oldest first.
+    async fn sweepable_files(&self, now: i64, limit: u32) -> Result<Vec<FileRecord>>;
+
+    /// Removes a file's record for good (after its bytes were deleted). Idempotent.
+    async fn purge_file(&self, id: &FileId) -> Result<()>;
+}

@@ -1,0 +1,323 @@
+//! The PostgreSQL adapter.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nightshift_core::file::{FileRecord, Purpose};
+use nightshift_core::page::Order;
+use nightshift_core::secret::Secret;
+use nightshift_core::time::now_unix_micros;
+use nightshift_core::{FileId, TenantId};
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+
+use crate::{FilePage, FileQuery, MetadataError, MetadataStore, Result, Tenant};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// How to reach PostgreSQL.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PgConfig {
+    /// `postgres://user:password@host:port/database` (a secret: it may hold a password).
+    pub url: Secret,
+    pub max_connections: u32,
+    /// How long a query waits for a free connection before failing.
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PgConfig {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("postgres://postgres@127.0.0.1:5432/nightshift"),
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// [`MetadataStore`] over PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+fn backend(e: sqlx::Error) -> MetadataError {
+    if let sqlx::Error::Database(db) = &e {
+        if db.is_unique_violation() {
+            return MetadataError::Conflict(db.message().to_owned());
+        }
+    }
+    MetadataError::Backend(e.to_string())
+}
+
+fn corrupt(what: &str, value: &str) -> MetadataError {
+    MetadataError::Backend(format!("corrupt {what} in the database: {value:?}"))
+}
+
+fn file_from_row(row: &PgRow) -> Result<FileRecord> {
+    let id: String = row.try_get("id").map_err(backend)?;
+    let tenant: String = row.try_get("tenant_id").map_err(backend)?;
+    let purpose: String = row.try_get("purpose").map_err(backend)?;
+    let bytes: i64 = row.try_get("bytes").map_err(backend)?;
+    let created_at_us: i64 = row.try_get("created_at_us").map_err(backend)?;
+    Ok(FileRecord {
+        id: FileId::parse(&id).map_err(|_| corrupt("file id", &id))?,
+        tenant_id: TenantId::parse(&tenant).map_err(|_| corrupt("tenant id", &tenant))?,
+        bytes: u64::try_from(bytes).map_err(|_| corrupt("size", &bytes.to_string()))?,
+        created_at: created_at_us.div_euclid(1_000_000),
+        created_at_us,
+        expires_at: row.try_get("expires_at").map_err(backend)?,
+        filename: row.try_get("filename").map_err(backend)?,
+        purpose: Purpose::parse(&purpose).ok_or_else(|| corrupt("purpose", &purpose))?,
+        storage_key: row.try_get("storage_key").map_err(backend)?,
+    })
+}
+
+fn tenant_from_row(row: &PgRow) -> Result<Tenant> {
+    let id: String = row.try_get("id").map_err(backend)?;
+    Ok(Tenant {
+        id: TenantId::parse(&id).map_err(|_| corrupt("tenant id", &id))?,
+        name: row.try_get("name").map_err(backend)?,
+    })
+}
+
+impl PgStore {
+    /// Connects and brings the schema up to date (migrations take an advisory lock, so
+    /// several schedulers starting together are safe).
+    pub async fn connect(config: &PgConfig) -> Result<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .acquire_timeout(config.acquire_timeout)
+            .connect(config.url.expose())
+            .await
+            .map_err(|e| MetadataError::Backend(format!("connect to postgres: {e}")))?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| MetadataError::Backend(format!("migrate: {e}")))?;
+        Ok(Self { pool })
+    }
+
+    /// The pool, for the scheduler's own transactions in later stages.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+#[async_trait]
+impl MetadataStore for PgStore {
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn create_tenant(&self, name: &str, key_hash: &str) -> Result<Tenant> {
+        let id = TenantId::generate();
+        let now = now_unix_micros();
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        sqlx::query("INSERT INTO tenants (id, name, created_at_us) VALUES ($1, $2, $3)")
+            .bind(id.as_str())
+            .bind(name)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        sqlx::query(
+            "INSERT INTO api_keys (key_hash, tenant_id, created_at_us) VALUES ($1, $2, $3)",
+        )
+        .bind(key_hash)
+        .bind(id.as_str())
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        tx.commit().await.map_err(backend)?;
+        Ok(Tenant {
+            id,
+            name: name.to_owned(),
+        })
+    }
+
+    async fn ensure_tenant(&self, name: &str, key_hash: &str) -> Result<Tenant> {
+        if let Some(t) = self.tenant_by_key(key_hash).await? {
+            return Ok(t);
+        }
+        match self.create_tenant(name, key_hash).await {
+            Ok(t) => Ok(t),
+            // Another scheduler won the race: its tenant is the one.
+            Err(MetadataError::Conflict(_)) => self
+                .tenant_by_key(key_hash)
+                .await?
+                .ok_or_else(|| MetadataError::Backend("bootstrap key vanished".into())),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn tenant_by_key(&self, key_hash: &str) -> Result<Option<Tenant>> {
+        let row = sqlx::query(
+            "SELECT t.id, t.name FROM api_keys k JOIN tenants t ON t.id = k.tenant_id \
+             WHERE k.key_hash = $1",
+        )
+        .bind(key_hash)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(backend)?;
+        row.as_ref().map(tenant_from_row).transpose()
+    }
+
+    async fn insert_file(&self, f: &FileRecord) -> Result<()> {
+        let bytes = i64::try_from(f.bytes)
+            .map_err(|_| MetadataError::Backend("file size out of range".into()))?;
+        sqlx::query(
+            "INSERT INTO files (id, tenant_id, bytes, created_at_us, expires_at, filename, \
+             purpose, storage_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(f.id.as_str())
+        .bind(f.tenant_id.as_str())
+        .bind(bytes)
+        .bind(f.created_at_us)
+        .bind(f.expires_at)
+        .bind(&f.filename)
+        .bind(f.purpose.as_str())
+        .bind(&f.storage_key)
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn get_file(
+        &self,
+        tenant: &TenantId,
+        id: &FileId,
+        now: i64,
+    ) -> Result<Option<FileRecord>> {
+        let row = sqlx::query(
+            "SELECT id, tenant_id, bytes, created_at_us, expires_at, filename, purpose, \
+             storage_key FROM files WHERE id = $1 AND tenant_id = $2 AND deleted_at IS NULL \
+             AND (expires_at IS NULL OR expires_at > $3)",
+        )
+        .bind(id.as_str())
+        .bind(tenant.as_str())
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(backend)?;
+        row.as_ref().map(file_from_row).transpose()
+    }
+
+    async fn list_files(&self, tenant: &TenantId, q: &FileQuery, now: i64) -> Result<FilePage> {
+        // The cursor's position is looked up even if that file has since been deleted or has
+        // expired, so paging through a list that shrinks meanwhile still moves forward.
+        let cursor: Option<(i64, String)> = match &q.after {
+            None => None,
+            Some(after) => {
+                let row = sqlx::query(
+                    "SELECT created_at_us, id FROM files WHERE id = $1 AND tenant_id = $2",
+                )
+                .bind(after.as_str())
+                .bind(tenant.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(backend)?;
+                match row {
+                    None => {
+                        return Ok(FilePage {
+                            files: vec![],
+                            has_more: false,
+                        });
+                    }
+                    Some(r) => Some((
+                        r.try_get("created_at_us").map_err(backend)?,
+                        r.try_get("id").map_err(backend)?,
+                    )),
+                }
+            }
+        };
+        // Static statements (one per order) rather than string-built SQL.
+        let sql = match q.order {
+            Order::Desc => {
+                "SELECT id, tenant_id, bytes, created_at_us, expires_at, filename, purpose, \
+                 storage_key FROM files WHERE tenant_id = $1 AND deleted_at IS NULL \
+                 AND (expires_at IS NULL OR expires_at > $2) AND ($3::text IS NULL OR purpose = $3) \
+                 AND ($4::bigint IS NULL OR (created_at_us, id) < ($4, $5)) \
+                 ORDER BY created_at_us DESC, id DESC LIMIT $6"
+            }
+            Order::Asc => {
+                "SELECT id, tenant_id, bytes, created_at_us, expires_at, filename, purpose, \
+                 storage_key FROM files WHERE tenant_id = $1 AND deleted_at IS NULL \
+                 AND (expires_at IS NULL OR expires_at > $2) AND ($3::text IS NULL OR purpose = $3) \
+                 AND ($4::bigint IS NULL OR (created_at_us, id) > ($4, $5)) \
+                 ORDER BY created_at_us ASC, id ASC LIMIT $6"
+            }
+        };
+        let (cursor_us, cursor_id) = match cursor {
+            Some((us, id)) => (Some(us), Some(id)),
+            None => (None, None),
+        };
+        let rows = sqlx::query(sql)
+            .bind(tenant.as_str())
+            .bind(now)
+            .bind(q.purpose.map(|p| p.as_str()))
+            .bind(cursor_us)
+            .bind(cursor_id)
+            .bind(i64::from(q.limit) + 1)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        let mut files = rows.iter().map(file_from_row).collect::<Result<Vec<_>>>()?;
+        let has_more = files.len() > q.limit as usize;
+        files.truncate(q.limit as usize);
+        Ok(FilePage { files, has_more })
+    }
+
+    async fn delete_file(
+        &self,
+        tenant: &TenantId,
+        id: &FileId,
+        now: i64,
+    ) -> Result<Option<FileRecord>> {
+        let row = sqlx::query(
+            "UPDATE files SET deleted_at = $3 WHERE id = $1 AND tenant_id = $2 \
+             AND deleted_at IS NULL AND (expires_at IS NULL OR expires_at > $3) \
+             RETURNING id, tenant_id, bytes, created_at_us, expires_at, filename, purpose, storage_key",
+        )
+        .bind(id.as_str())
+        .bind(tenant.as_str())
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(backend)?;
+        row.as_ref().map(file_from_row).transpose()
+    }
+
+    async fn sweepable_files(&self, now: i64, limit: u32) -> Result<Vec<FileRecord>> {
+        let rows = sqlx::query(
+            "SELECT id, tenant_id, bytes, created_at_us, expires_at, filename, purpose, \
+             storage_key FROM files WHERE deleted_at IS NOT NULL \
+             OR (expires_at IS NOT NULL AND expires_at <= $1) \
+             ORDER BY COALESCE(deleted_at, expires_at) LIMIT $2",
+        )
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend)?;
+        rows.iter().map(file_from_row).collect()
+    }
+
+    async fn purge_file(&self, id: &FileId) -> Result<()> {
+        sqlx::query("DELETE FROM files WHERE id = $1")
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+}
