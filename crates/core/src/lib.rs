@@ -5,12 +5,16 @@
 //! validation, result lines and usage accounting.
 
 pub mod apikey;
+pub mod chunking;
 pub mod error;
 pub mod file;
 pub mod ids;
+pub mod jsonl;
 pub mod page;
+pub mod results;
 pub mod sniff;
 pub mod time;
+pub mod validation;
 
 pub use error::{ApiError, ErrorKind};
 pub use ids::{FileId, IdError, TenantId};
