@@ -45,10 +45,10 @@ pub struct PgStore {
 }
 
 fn backend(e: sqlx::Error) -> MetadataError {
-    if let sqlx::Error::Database(db) = &e {
-        if db.is_unique_violation() {
-            return MetadataError::Conflict(db.message().to_owned());
-        }
+    if let sqlx::Error::Database(db) = &e
+        && db.is_unique_violation()
+    {
+        return MetadataError::Conflict(db.message().to_owned());
     }
     MetadataError::Backend(e.to_string())
 }

@@ -250,10 +250,10 @@ impl ObjectStore for S3Store {
             Ok(out) => out,
             Err(e) => {
                 let status = e.raw_response().map(|r| r.status().as_u16());
-                if let SdkError::ServiceError(se) = &e {
-                    if se.err().is_no_such_key() {
-                        return Err(StorageError::NotFound(key.to_owned()));
-                    }
+                if let SdkError::ServiceError(se) = &e
+                    && se.err().is_no_such_key()
+                {
+                    return Err(StorageError::NotFound(key.to_owned()));
                 }
                 return Err(match status {
                     Some(404) => StorageError::NotFound(key.to_owned()),

@@ -1,0 +1,110 @@
+//! The configuration chain: defaults → TOML file → `NIGHTSHIFT_<SECTION>__<KEY>` environment
+//! variables. One file configures every service; each service reads its sections.
+
+use std::path::Path;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use nightshift_gateway::GatewayConfig;
+use nightshift_metadata::PgConfig;
+use nightshift_scheduler::SchedulerConfig;
+use nightshift_storage::S3Config;
+use nightshift_telemetry::TelemetryConfig;
+use serde::{Deserialize, Serialize};
+
+/// Everything configurable, by section.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub telemetry: TelemetryConfig,
+    /// Object storage (S3 or compatible).
+    pub storage: S3Config,
+    /// PostgreSQL (the scheduler's only).
+    pub metadata: PgConfig,
+    pub gateway: GatewayConfig,
+    pub scheduler: SchedulerConfig,
+}
+
+impl Config {
+    /// Loads the chain. `env` is the process environment in production and a map in tests.
+    /// Only `NIGHTSHIFT_` variables with a `__` (a section and a key) are configuration;
+    /// others (`NIGHTSHIFT_DEV_DIR`, ...) belong to the scripts around the binary.
+    pub fn load(file: Option<&Path>, env: Env) -> Result<Self, Box<figment::Error>> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment
+            .merge(env.filter(|k| k.as_str().contains("__")).split("__"))
+            .extract()
+            .map_err(Box::new)
+    }
+
+    /// The effective configuration as TOML, secrets redacted.
+    pub fn dump(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// The process environment's `NIGHTSHIFT_` variables.
+pub fn process_env() -> Env {
+    Env::prefixed("NIGHTSHIFT_")
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn file_then_env_override_defaults() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "ns.toml",
+                r#"
+                [gateway]
+                listen = "127.0.0.1:9000"
+                max_upload_bytes = 1000
+                [storage]
+                bucket = "from-file"
+                secret_access_key = "s3cr3t"
+                "#,
+            )?;
+            jail.set_env("NIGHTSHIFT_STORAGE__BUCKET", "from-env");
+            jail.set_env("NIGHTSHIFT_SCHEDULER__SWEEP_INTERVAL", "5s");
+            jail.set_env("NIGHTSHIFT_DEV_DIR", "/not/config");
+            let c = Config::load(Some(Path::new("ns.toml")), process_env()).map_err(|e| *e)?;
+            assert_eq!(c.gateway.listen.port(), 9000);
+            assert_eq!(c.gateway.max_upload_bytes, 1000);
+            assert_eq!(c.storage.bucket, "from-env");
+            assert_eq!(
+                c.scheduler.sweep_interval,
+                std::time::Duration::from_secs(5)
+            );
+            // untouched sections keep their defaults
+            assert_eq!(
+                c.metadata.max_connections,
+                PgConfig::default().max_connections
+            );
+            let dump = c.dump();
+            assert!(!dump.contains("s3cr3t"), "{dump}");
+            assert!(dump.contains("<redacted>"), "{dump}");
+            // the dump loads back
+            jail.create_file("dump.toml", &dump)?;
+            Config::load(Some(Path::new("dump.toml")), Env::prefixed("NONE_")).map_err(|e| *e)?;
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        Jail::expect_with(|jail| {
+            jail.create_file("ns.toml", "[gateway]\nlisten_port = 1\n")?;
+            assert!(Config::load(Some(Path::new("ns.toml")), Env::prefixed("NONE_")).is_err());
+            jail.set_env("NIGHTSHIFT_GATEWAY__NOPE", "1");
+            assert!(Config::load(None, process_env()).is_err());
+            Ok(())
+        });
+    }
+}

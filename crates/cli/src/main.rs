@@ -1,0 +1,56 @@
+//! `nightshift`: runs one service (or, later, all of them) and administers a deployment.
+
+mod config;
+mod run;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "nightshift",
+    version,
+    about = "A self-hostable, OpenAI-compatible Batch API"
+)]
+struct Cli {
+    /// TOML configuration file; `NIGHTSHIFT_<SECTION>__<KEY>` variables override it.
+    #[arg(long, short, global = true, env = "NIGHTSHIFT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the effective configuration (secrets redacted) and exit.
+    #[arg(long, global = true)]
+    dump_config: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The HTTP API (OpenAI Files and Batches).
+    Gateway,
+    /// The control plane (gRPC); owns the metadata store.
+    Scheduler,
+    /// Administration through the scheduler.
+    #[command(subcommand)]
+    Admin(run::Admin),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = config::Config::load(cli.config.as_deref(), config::process_env())
+        .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+    if cli.dump_config {
+        print!("{}", config.dump());
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Gateway => run::gateway(config).await,
+            Command::Scheduler => run::scheduler(config).await,
+            Command::Admin(cmd) => run::admin(config, cmd).await,
+        }
+    })
+}

@@ -1,0 +1,531 @@
+//! `/v1/files`: upload (streamed to object storage), list, retrieve, delete, download.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::multipart::{Field, MultipartError, MultipartRejection};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Multipart, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::StreamExt;
+use nightshift_core::file::{ExpiresAfter, FileDeleted, FileObject, FileRecord, Purpose};
+use nightshift_core::page::{ListPage, Order, parse_limit};
+use nightshift_core::sniff::{SniffError, Sniffer};
+use nightshift_core::{ApiError, ErrorKind, FileId};
+use nightshift_proto::v1;
+use nightshift_storage::{ByteRange, ObjectStore, ObjectUpload, StorageError};
+
+use crate::AppState;
+use crate::auth::Tenant;
+use crate::error::{HttpError, HttpResult};
+use crate::metrics;
+
+/// Largest accepted non-file form field (`purpose`, `expires_after[...]`).
+const MAX_FIELD_BYTES: usize = 64 * 1024;
+/// Most files `GET /v1/files` returns at once, and its default.
+const MAX_LIST_LIMIT: u32 = 10_000;
+
+fn bad_multipart(e: MultipartError) -> HttpError {
+    ApiError::new(
+        ErrorKind::InvalidRequest,
+        format!("Could not parse the multipart form: {}", e.body_text()),
+    )
+    .into()
+}
+
+fn file_error(message: impl Into<String>, code: &str) -> HttpError {
+    ApiError::new(ErrorKind::InvalidRequest, message)
+        .with_param("file")
+        .with_code(code)
+        .into()
+}
+
+fn reject(reason: &'static str, err: HttpError) -> HttpError {
+    ::metrics::counter!(metrics::UPLOADS_REJECTED, "reason" => reason).increment(1);
+    err
+}
+
+/// Deletes an object unless disarmed: whatever way an upload ends early (an error, the client
+/// hanging up and the handler being dropped), no orphaned object stays behind.
+struct ObjectGuard {
+    storage: Arc<dyn ObjectStore>,
+    key: Option<String>,
+}
+
+impl ObjectGuard {
+    fn disarm(mut self) {
+        self.key = None;
+    }
+
+    async fn delete_now(mut self) {
+        if let Some(key) = self.key.take()
+            && let Err(e) = self.storage.delete(&key).await
+        {
+            tracing::warn!(key = %key, error = %e, "could not delete a rejected upload");
+        }
+    }
+}
+
+impl Drop for ObjectGuard {
+    fn drop(&mut self) {
+        if let (Some(key), Ok(rt)) = (self.key.take(), tokio::runtime::Handle::try_current()) {
+            let storage = self.storage.clone();
+            rt.spawn(async move {
+                if let Err(e) = storage.delete(&key).await {
+                    tracing::warn!(key = %key, error = %e, "could not delete an abandoned upload");
+                }
+            });
+        }
+    }
+}
+
+async fn small_field(mut field: Field<'_>) -> HttpResult<String> {
+    let name = field.name().unwrap_or_default().to_owned();
+    let mut buf = Vec::new();
+    while let Some(chunk) = field.chunk().await.map_err(bad_multipart)? {
+        if buf.len() + chunk.len() > MAX_FIELD_BYTES {
+            return Err(ApiError::invalid_value(&name, format!("'{name}' is too long.")).into());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    String::from_utf8(buf)
+        .map(|s| s.trim().to_owned())
+        .map_err(|_| ApiError::invalid_value(&name, format!("'{name}' is not UTF-8.")).into())
+}
+
+/// The file part after it has been streamed to storage.
+struct Stored {
+    id: FileId,
+    key: String,
+    filename: String,
+    bytes: u64,
+    guard: ObjectGuard,
+    /// The JSONL check's verdict, when it ran (purpose not known to be other than `batch`).
+    sniff: Option<Result<(), SniffError>>,
+}
+
+async fn stream_file_part(
+    state: &AppState,
+    mut field: Field<'_>,
+    known_purpose: Option<Purpose>,
+) -> HttpResult<Stored> {
+    let filename = field
+        .file_name()
+        .filter(|n| !n.is_empty())
+        .unwrap_or("file")
+        .to_owned();
+    let id = FileId::generate();
+    let key = FileRecord::storage_key_for(&id);
+    let max = state.config.max_upload_bytes;
+    // When the purpose came first and is not `batch`, there is nothing to sniff.
+    let mut sniffer =
+        (known_purpose.is_none() || known_purpose == Some(Purpose::Batch)).then(Sniffer::new);
+    let mut verdict: Option<Result<(), SniffError>> = None;
+    let mut upload: Box<dyn ObjectUpload> = state.storage.upload(&key).await?;
+    let mut size: u64 = 0;
+
+    let streamed: HttpResult<()> = async {
+        while let Some(chunk) = field.chunk().await.map_err(bad_multipart)? {
+            size += chunk.len() as u64;
+            if size > max {
+                return Err(reject(
+                    "too_large",
+                    file_error(
+                        format!("File is too large: the limit is {max} bytes."),
+                        "file_too_large",
+                    ),
+                ));
+            }
+            if let Some(s) = sniffer.as_mut()
+                && let Err(e) = s.push(&chunk)
+            {
+                verdict = Some(Err(e));
+                sniffer = None;
+                // A batch input that is certainly not JSONL: stop reading at once.
+                if known_purpose == Some(Purpose::Batch) {
+                    break;
+                }
+            }
+            upload.write(chunk).await?;
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = streamed {
+        if let Err(abort) = upload.abort().await {
+            tracing::warn!(key = %key, error = %abort, "could not abort upload");
+        }
+        return Err(e);
+    }
+    if let Some(s) = sniffer {
+        verdict = Some(s.finish());
+    }
+    if size == 0 {
+        let _ = upload.abort().await;
+        return Err(reject("empty", file_error("File is empty.", "empty_file")));
+    }
+    let guard = ObjectGuard {
+        storage: state.storage.clone(),
+        key: Some(key.clone()),
+    };
+    upload.finish().await?;
+    Ok(Stored {
+        id,
+        key,
+        filename,
+        bytes: size,
+        guard,
+        sniff: verdict,
+    })
+}
+
+/// `POST /v1/files`.
+pub async fn create(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    headers: HeaderMap,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> HttpResult<Json<FileObject>> {
+    // Refuse a body that announces itself too large before reading any of it.
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > state.config.max_upload_bytes + MAX_FIELD_BYTES as u64) {
+        return Err(reject(
+            "too_large",
+            file_error(
+                format!(
+                    "File is too large: the limit is {} bytes.",
+                    state.config.max_upload_bytes
+                ),
+                "file_too_large",
+            ),
+        ));
+    }
+    let mut multipart = multipart.map_err(|e| {
+        HttpError(ApiError::new(
+            ErrorKind::InvalidRequest,
+            format!(
+                "Expected a multipart/form-data body with a 'file' and a 'purpose': {}",
+                e.body_text()
+            ),
+        ))
+    })?;
+
+    let mut purpose_raw: Option<String> = None;
+    let mut anchor: Option<String> = None;
+    let mut seconds: Option<String> = None;
+    let mut stored: Option<Stored> = None;
+
+    let result: HttpResult<()> = async {
+        while let Some(field) = multipart.next_field().await.map_err(bad_multipart)? {
+            match field.name().unwrap_or_default() {
+                "file" => {
+                    if stored.is_some() {
+                        return Err(ApiError::invalid_value(
+                            "file",
+                            "Only one 'file' may be uploaded per request.",
+                        )
+                        .into());
+                    }
+                    let known = match purpose_raw.as_deref() {
+                        Some(p) => Some(Purpose::parse_uploadable(p)?),
+                        None => None,
+                    };
+                    stored = Some(stream_file_part(&state, field, known).await?);
+                }
+                "purpose" => purpose_raw = Some(small_field(field).await?),
+                "expires_after[anchor]" => anchor = Some(small_field(field).await?),
+                "expires_after[seconds]" => seconds = Some(small_field(field).await?),
+                // Unknown fields are read and ignored, within the small-field bound.
+                _ => {
+                    small_field(field).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+
+    let outcome = async {
+        result?;
+        let purpose_raw = purpose_raw.ok_or_else(|| ApiError::missing("purpose"))?;
+        let purpose = Purpose::parse_uploadable(&purpose_raw)?;
+        let expires = ExpiresAfter::parse("expires_after", anchor.as_deref(), seconds.as_deref())?;
+        let file = stored.as_ref().ok_or_else(|| ApiError::missing("file"))?;
+        if purpose == Purpose::Batch
+            && let Some(Err(e)) = &file.sniff
+        {
+            let code = match e {
+                SniffError::Empty => "empty_file",
+                _ => "invalid_file_format",
+            };
+            return Err(reject(
+                "not_jsonl",
+                file_error(format!("Invalid file format for Batch API. {e}"), code),
+            ));
+        }
+        Ok::<_, HttpError>((purpose, expires))
+    }
+    .await;
+
+    let (purpose, expires) = match outcome {
+        Ok(v) => v,
+        Err(e) => {
+            if let Some(s) = stored {
+                s.guard.delete_now().await;
+            }
+            return Err(e);
+        }
+    };
+    let Some(file) = stored else {
+        return Err(ApiError::missing("file").into());
+    };
+    let registered = state
+        .control
+        .files()
+        .register_file(v1::RegisterFileRequest {
+            tenant_id: tenant.id.to_string(),
+            id: file.id.to_string(),
+            bytes: file.bytes,
+            filename: file.filename.clone(),
+            purpose: purpose.as_str().to_owned(),
+            storage_key: file.key.clone(),
+            expires_after_seconds: expires.map(|e| e.seconds),
+        })
+        .await;
+    let registered = match registered {
+        Ok(r) => r.into_inner(),
+        Err(status) => {
+            file.guard.delete_now().await;
+            return Err(status.into());
+        }
+    };
+    file.guard.disarm();
+    ::metrics::counter!(metrics::UPLOAD_BYTES).increment(file.bytes);
+    let record = FileRecord::try_from(registered)?;
+    tracing::info!(file_id = %record.id, bytes = record.bytes, purpose = %record.purpose, "file uploaded");
+    Ok(Json(record.to_object()))
+}
+
+/// Query of `GET /v1/files`. Values are kept raw and checked here, so every mistake gets an
+/// OpenAI error naming its parameter.
+pub type RawQuery = HashMap<String, String>;
+
+fn query_error(e: QueryRejection) -> HttpError {
+    ApiError::new(
+        ErrorKind::InvalidRequest,
+        format!("Invalid query string: {}", e.body_text()),
+    )
+    .into()
+}
+
+/// `GET /v1/files`.
+pub async fn list(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    query: Result<Query<RawQuery>, QueryRejection>,
+) -> HttpResult<Json<ListPage<FileObject>>> {
+    let Query(q) = query.map_err(query_error)?;
+    let limit = parse_limit(
+        q.get("limit").map(String::as_str),
+        MAX_LIST_LIMIT,
+        MAX_LIST_LIMIT,
+    )?;
+    let order = match q.get("order") {
+        Some(o) => Order::parse(o)?,
+        None => Order::Desc,
+    };
+    let purpose = match q.get("purpose").map(String::as_str) {
+        None | Some("") => None,
+        Some(p) => Some(Purpose::parse(p).ok_or_else(|| {
+            ApiError::invalid_value("purpose", format!("Invalid value '{p}' for 'purpose'."))
+        })?),
+    };
+    let after = q.get("after").filter(|a| !a.is_empty()).cloned();
+    let resp = state
+        .control
+        .files()
+        .list_files(v1::ListFilesRequest {
+            tenant_id: tenant.id.to_string(),
+            purpose: purpose.map(|p| p.as_str().to_owned()),
+            limit,
+            order: v1::Order::from(order).into(),
+            after,
+        })
+        .await?
+        .into_inner();
+    let objects = resp
+        .files
+        .into_iter()
+        .map(|f| FileRecord::try_from(f).map(|r| r.to_object()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Json(ListPage::new(objects, resp.has_more, |f| {
+        f.id.clone()
+    })))
+}
+
+async fn lookup(state: &AppState, tenant: &Tenant, id: &str) -> HttpResult<FileRecord> {
+    let file = state
+        .control
+        .files()
+        .get_file(v1::GetFileRequest {
+            tenant_id: tenant.id.to_string(),
+            id: id.to_owned(),
+        })
+        .await?
+        .into_inner();
+    Ok(FileRecord::try_from(file)?)
+}
+
+/// `GET /v1/files/{id}`.
+pub async fn retrieve(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> HttpResult<Json<FileObject>> {
+    Ok(Json(lookup(&state, &tenant, &id).await?.to_object()))
+}
+
+/// `DELETE /v1/files/{id}`.
+pub async fn delete(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> HttpResult<Json<FileDeleted>> {
+    let resp = state
+        .control
+        .files()
+        .delete_file(v1::DeleteFileRequest {
+            tenant_id: tenant.id.to_string(),
+            id,
+        })
+        .await?
+        .into_inner();
+    Ok(Json(FileDeleted {
+        id: resp.id,
+        object: "file",
+        deleted: true,
+    }))
+}
+
+/// Parses a single-range `Range` header. `None` for anything else (absent, malformed,
+/// several ranges, another unit): RFC 9110 lets a server ignore such a header and send the
+/// whole object.
+pub fn parse_range(headers: &HeaderMap) -> Option<ByteRange> {
+    let raw = headers.get(header::RANGE)?.to_str().ok()?.trim();
+    let spec = raw.strip_prefix("bytes=")?.trim();
+    if spec.contains(',') {
+        return None;
+    }
+    let (start, end) = spec.split_once('-')?;
+    let (start, end) = (start.trim(), end.trim());
+    match (start.is_empty(), end.is_empty()) {
+        (true, false) => Some(ByteRange::Suffix(end.parse().ok()?)),
+        (false, true) => Some(ByteRange::From(start.parse().ok()?)),
+        (false, false) => {
+            let (s, e): (u64, u64) = (start.parse().ok()?, end.parse().ok()?);
+            (e >= s).then_some(ByteRange::Bounded {
+                start: s,
+                end: e.checked_add(1)?,
+            })
+        }
+        (true, true) => None,
+    }
+}
+
+/// `GET /v1/files/{id}/content`: the stored bytes, streamed, with `Range` support.
+pub async fn content(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> HttpResult<Response> {
+    let file = lookup(&state, &tenant, &id).await?;
+    let range = parse_range(&headers);
+    let body = match state.storage.get(&file.storage_key, range).await {
+        Ok(b) => b,
+        Err(StorageError::InvalidRange { size, .. }) => {
+            let mut resp = HttpError(ApiError::new(
+                ErrorKind::RangeNotSatisfiable,
+                format!("The requested range is not satisfiable for a file of {size} bytes."),
+            ))
+            .into_response();
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                resp.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            return Ok(resp);
+        }
+        Err(StorageError::NotFound(_)) => {
+            // Metadata says it exists but the bytes are gone (swept between the two reads).
+            return Err(ApiError::no_such("File", &id).into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let len = body.len();
+    let partial = range.is_some();
+    let content_range = format!(
+        "bytes {}-{}/{}",
+        body.start,
+        body.end.saturating_sub(1),
+        body.object_size
+    );
+    let stream = body.stream.map(|chunk: Result<Bytes, StorageError>| {
+        chunk
+            .inspect(|b| ::metrics::counter!(metrics::DOWNLOAD_BYTES).increment(b.len() as u64))
+            .map_err(std::io::Error::other)
+    });
+    let mut builder = Response::builder()
+        .status(if partial {
+            StatusCode::PARTIAL_CONTENT
+        } else {
+            StatusCode::OK
+        })
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, len)
+        .header(header::ACCEPT_RANGES, "bytes");
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "attachment; filename=\"{}\"",
+        file.filename.replace(['"', '\\', '\r', '\n'], "_")
+    )) {
+        builder = builder.header(header::CONTENT_DISPOSITION, v);
+    }
+    if partial {
+        builder = builder.header(header::CONTENT_RANGE, content_range);
+    }
+    builder
+        .body(Body::from_stream(stream))
+        .map_err(|e| ApiError::internal(format!("building the response: {e}")).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(v: &str) -> Option<ByteRange> {
+        let mut h = HeaderMap::new();
+        h.insert(header::RANGE, HeaderValue::from_str(v).unwrap());
+        parse_range(&h)
+    }
+
+    #[test]
+    fn parses_single_ranges_and_ignores_the_rest() {
+        assert_eq!(
+            range("bytes=0-99"),
+            Some(ByteRange::Bounded { start: 0, end: 100 })
+        );
+        assert_eq!(range("bytes=100-"), Some(ByteRange::From(100)));
+        assert_eq!(range("bytes=-5"), Some(ByteRange::Suffix(5)));
+        assert_eq!(range("bytes=5-1"), None);
+        assert_eq!(range("bytes=0-1,4-5"), None);
+        assert_eq!(range("items=0-1"), None);
+        assert_eq!(range("bytes=x-"), None);
+        assert_eq!(range("bytes=-"), None);
+        assert_eq!(parse_range(&HeaderMap::new()), None);
+    }
+}

@@ -1,0 +1,299 @@
+//! The gateway: nightshift's OpenAI-compatible HTTP API.
+//!
+//! It owns nothing durable. File bytes stream straight between the client and object
+//! storage; everything else is asked of the scheduler over gRPC. Routes are served under
+//! `/v1`, at the root (for a `base_url` that forgot `/v1`) and under `/v1/openai`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::{HeaderValue, Method, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use nightshift_core::{ApiError, ErrorKind};
+use nightshift_proto::v1::files_client::FilesClient;
+use nightshift_proto::v1::tenants_client::TenantsClient;
+use nightshift_storage::ObjectStore;
+use nightshift_telemetry::Readiness;
+use rand::Rng;
+use rand::distr::Alphanumeric;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::trace::TraceLayer;
+
+pub mod auth;
+pub mod error;
+pub mod files;
+mod metrics;
+
+use error::HttpError;
+
+/// The gateway's own settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    /// The scheduler's gRPC endpoint.
+    pub scheduler_url: String,
+    /// Largest accepted upload, in bytes. Enforced while streaming: a larger body is cut off
+    /// as soon as it passes the limit, and nothing of it is kept.
+    pub max_upload_bytes: u64,
+    /// Largest accepted JSON request body, in bytes.
+    pub max_json_body_bytes: usize,
+    /// Deadline of each control-plane call.
+    #[serde(with = "humantime_serde")]
+    pub control_timeout: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            scheduler_url: "http://127.0.0.1:50051".into(),
+            max_upload_bytes: 2 * 1024 * 1024 * 1024,
+            max_json_body_bytes: 1024 * 1024,
+            control_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// gRPC clients of the scheduler, sharing one lazily connected channel.
+#[derive(Clone, Debug)]
+pub struct ControlPlane {
+    channel: Channel,
+}
+
+impl ControlPlane {
+    /// Connects lazily: the gateway starts (and reports not-ready) while the scheduler is down.
+    pub fn connect_lazy(url: &str, timeout: Duration) -> Result<Self, tonic::transport::Error> {
+        let channel = Endpoint::from_shared(url.to_owned())?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(timeout)
+            .connect_lazy();
+        Ok(Self { channel })
+    }
+
+    pub fn tenants(&self) -> TenantsClient<Channel> {
+        TenantsClient::new(self.channel.clone())
+    }
+
+    pub fn files(&self) -> FilesClient<Channel> {
+        FilesClient::new(self.channel.clone())
+    }
+
+    /// Whether the scheduler answers its health check.
+    pub async fn ping(&self) -> Result<(), String> {
+        // The standard gRPC health protocol, served by tonic-health in the scheduler.
+        let mut client = HealthClient::new(self.channel.clone());
+        client
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| format!("scheduler: {}", s.message()))
+    }
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<GatewayConfig>,
+    pub control: ControlPlane,
+    pub storage: Arc<dyn ObjectStore>,
+}
+
+/// Request ids: `req_` + 24 alphanumerics, unless the client sent its own `x-request-id`.
+#[derive(Clone, Copy, Default)]
+struct MakeReqId;
+
+impl MakeRequestId for MakeReqId {
+    fn make_request_id<B>(&mut self, _: &http::Request<B>) -> Option<RequestId> {
+        let id: String = rand::rng()
+            .sample_iter(&Alphanumeric)
+            .take(24)
+            .map(char::from)
+            .collect();
+        HeaderValue::from_str(&format!("req_{id}"))
+            .ok()
+            .map(RequestId::new)
+    }
+}
+
+async fn not_found(method: Method, uri: Uri) -> HttpError {
+    ApiError::new(
+        ErrorKind::NotFound,
+        format!("Invalid URL ({method} {})", uri.path()),
+    )
+    .into()
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    let mut resp = HttpError(ApiError::new(
+        ErrorKind::InvalidRequest,
+        format!("Method {method} is not allowed for {}", uri.path()),
+    ))
+    .into_response();
+    *resp.status_mut() = http::StatusCode::METHOD_NOT_ALLOWED;
+    resp
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    HttpError(ApiError::internal(
+        "The server had an error while processing your request.",
+    ))
+    .into_response()
+}
+
+/// Counts and times every request by route template.
+async fn track(req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().as_str().to_owned();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    ::metrics::counter!(metrics::HTTP_REQUESTS, "method" => method.clone(), "route" => route.clone(), "status" => status)
+        .increment(1);
+    ::metrics::histogram!(metrics::HTTP_DURATION, "method" => method, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// Axum's own rejections (body too large, bad content type, ...) come out as plain text;
+/// this rewrites any non-JSON client or server error into the OpenAI envelope.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let message = match String::from_utf8_lossy(&text).trim() {
+        "" => status.canonical_reason().unwrap_or("error").to_owned(),
+        t => t.to_owned(),
+    };
+    let kind = match status.as_u16() {
+        401 => ErrorKind::Unauthenticated,
+        403 => ErrorKind::PermissionDenied,
+        404 => ErrorKind::NotFound,
+        409 => ErrorKind::Conflict,
+        413 => ErrorKind::PayloadTooLarge,
+        429 => ErrorKind::RateLimited,
+        503 => ErrorKind::Unavailable,
+        s if s >= 500 => ErrorKind::Internal,
+        _ => ErrorKind::InvalidRequest,
+    };
+    let mut out = HttpError(ApiError::new(kind, message)).into_response();
+    *out.status_mut() = status;
+    for (name, value) in parts.headers.iter() {
+        if name != http::header::CONTENT_TYPE && name != http::header::CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+fn api_routes() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/files",
+            get(files::list)
+                .post(files::create)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route("/files/{id}", get(files::retrieve).delete(files::delete))
+        .route("/files/{id}/content", get(files::content))
+}
+
+/// The whole HTTP application (without the listener), for in-process tests.
+pub fn app(state: AppState, readiness: Readiness) -> Router {
+    let api = api_routes();
+    let routes = Router::new()
+        .nest("/v1/openai", api.clone())
+        .nest("/v1", api.clone())
+        .merge(api)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(state.config.max_json_body_bytes))
+        .with_state(state);
+    routes
+        .merge(nightshift_telemetry::ops_router(readiness))
+        .route_layer(middleware::from_fn(track))
+        .layer(middleware::from_fn(json_errors))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &http::Request<_>| {
+                let request_id = req
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                tracing::info_span!(
+                    "http",
+                    method = %req.method(),
+                    path = %req.uri().path(),
+                    request_id,
+                    tenant_id = tracing::field::Empty,
+                )
+            }),
+        )
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeReqId))
+}
+
+/// Runs the gateway on `listener` until `shutdown` resolves, then finishes in-flight
+/// requests.
+pub async fn serve(
+    config: GatewayConfig,
+    storage: Arc<dyn ObjectStore>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let control = ControlPlane::connect_lazy(&config.scheduler_url, config.control_timeout)
+        .map_err(|e| std::io::Error::other(format!("scheduler_url: {e}")))?;
+    let readiness = {
+        let (c, s) = (control.clone(), storage.clone());
+        Readiness::new()
+            .check("scheduler", move || {
+                let c = c.clone();
+                async move { c.ping().await }
+            })
+            .check("object_storage", move || {
+                let s = s.clone();
+                async move { s.ping().await.map_err(|e| e.to_string()) }
+            })
+    };
+    let state = AppState {
+        config: Arc::new(config),
+        control,
+        storage,
+    };
+    tracing::info!(addr = %listener.local_addr()?, "gateway listening");
+    axum::serve(listener, app(state, readiness))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    tracing::info!("gateway stopped");
+    Ok(())
+}

@@ -1,0 +1,130 @@
+//! The scheduler: nightshift's control plane.
+//!
+//! It alone owns the metadata store. Over gRPC it serves the gateway (tenants, API keys,
+//! files); in the background it sweeps expired and deleted files. The same port serves gRPC
+//! and the ops endpoints (`/livez`, `/readyz`, `/metrics`), HTTP/1 and HTTP/2 alike.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nightshift_core::apikey;
+use nightshift_core::secret::Secret;
+use nightshift_metadata::MetadataStore;
+use nightshift_proto::v1::files_server::FilesServer;
+use nightshift_proto::v1::tenants_server::TenantsServer;
+use nightshift_storage::ObjectStore;
+use nightshift_telemetry::Readiness;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+mod files;
+mod metrics;
+mod sweeper;
+mod tenants;
+
+pub use sweeper::sweep_once;
+
+/// The scheduler's own settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// gRPC + ops endpoints.
+    pub listen: SocketAddr,
+    /// A key that is made to exist at start-up, owned by `bootstrap_tenant`; unset = none.
+    pub bootstrap_api_key: Option<Secret>,
+    pub bootstrap_tenant: String,
+    /// How often expired and deleted files are swept.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+    /// Files handled per sweep round.
+    pub sweep_batch: u32,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            bootstrap_api_key: None,
+            bootstrap_tenant: "default".into(),
+            sweep_interval: Duration::from_secs(60),
+            sweep_batch: 500,
+        }
+    }
+}
+
+/// The infrastructure the scheduler runs on; the binary picks the adapters.
+#[derive(Debug, Clone)]
+pub struct Ports {
+    pub metadata: Arc<dyn MetadataStore>,
+    pub storage: Arc<dyn ObjectStore>,
+}
+
+/// Failures that stop the scheduler from starting or serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("bootstrap tenant: {0}")]
+    Bootstrap(#[from] nightshift_metadata::MetadataError),
+    #[error("serve: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the scheduler on `listener` until `shutdown` resolves, then drains in-flight calls
+/// and stops the background tasks.
+pub async fn serve(
+    config: SchedulerConfig,
+    ports: Ports,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    if let Some(key) = config.bootstrap_api_key.as_ref().filter(|k| !k.is_empty()) {
+        let tenant = ports
+            .metadata
+            .ensure_tenant(&config.bootstrap_tenant, &apikey::digest(key.expose()))
+            .await?;
+        tracing::info!(tenant_id = %tenant.id, tenant = %tenant.name, "bootstrap tenant ready");
+    }
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<FilesServer<files::FilesService>>()
+        .await;
+    let grpc = tonic::service::Routes::new(health_service)
+        .add_service(TenantsServer::new(tenants::TenantsService::new(
+            ports.clone(),
+        )))
+        .add_service(FilesServer::new(files::FilesService::new(ports.clone())))
+        .prepare()
+        .into_axum_router();
+
+    let readiness = {
+        let (m, s) = (ports.metadata.clone(), ports.storage.clone());
+        Readiness::new()
+            .check("metadata", move || {
+                let m = m.clone();
+                async move { m.ping().await.map_err(|e| e.to_string()) }
+            })
+            .check("object_storage", move || {
+                let s = s.clone();
+                async move { s.ping().await.map_err(|e| e.to_string()) }
+            })
+    };
+    let app = grpc.merge(nightshift_telemetry::ops_router(readiness));
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let sweeper = tokio::spawn(sweeper::run(
+        ports.clone(),
+        config.sweep_interval,
+        config.sweep_batch,
+        stop_rx,
+    ));
+
+    tracing::info!(addr = %listener.local_addr()?, "scheduler listening");
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    let _ = stop_tx.send(true);
+    let _ = sweeper.await;
+    tracing::info!("scheduler stopped");
+    served.map_err(ServeError::Io)
+}

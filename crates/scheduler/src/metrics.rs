@@ -1,0 +1,8 @@
+//! The scheduler's metrics. Names: `nightshift_scheduler_*`; labels have bounded values.
+
+pub const FILES_REGISTERED: &str = "nightshift_scheduler_files_registered_total";
+pub const FILES_DELETED: &str = "nightshift_scheduler_files_deleted_total";
+/// Files whose bytes the sweeper removed, by `reason` (`expired` | `deleted`).
+pub const FILES_SWEPT: &str = "nightshift_scheduler_files_swept_total";
+/// Sweep rounds, by `outcome` (`ok` | `error`).
+pub const SWEEPS: &str = "nightshift_scheduler_sweeps_total";

@@ -1,0 +1,1 @@
+//! Test harness: starts the real services in-process and drives them.
