@@ -1,1 +1,289 @@
-//! Test harness: starts the real services in-process and drives them.
+//! The end-to-end harness: each test starts its own scheduler and gateway in-process, on
+//! ephemeral loopback ports, over the REAL adapters (PostgreSQL and the S3 service that
+//! `make up`/`make test` start), isolated by an object-storage prefix of its own and tenants
+//! of its own, so tests run in parallel. Clients are the official `openai` Python SDK (run
+//! from the virtualenv `make test` prepares) and direct storage/database access for the
+//! checks a client cannot make ("nothing was left behind").
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use nightshift_core::secret::Secret;
+use nightshift_gateway::GatewayConfig;
+use nightshift_metadata::{PgConfig, PgStore};
+use nightshift_proto::v1::CreateTenantRequest;
+use nightshift_scheduler::{Ports, SchedulerConfig};
+use nightshift_storage::{ObjectStore, S3Config, S3Store};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+fn env_or(key: &str, default: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| default.to_owned())
+}
+
+/// S3 settings of the dev stack (overridable with the same variables the binary reads).
+pub fn s3_config(prefix: &str) -> S3Config {
+    S3Config {
+        endpoint: Some(env_or(
+            "NIGHTSHIFT_STORAGE__ENDPOINT",
+            "http://127.0.0.1:3900",
+        )),
+        region: env_or("NIGHTSHIFT_STORAGE__REGION", "us-east-1"),
+        bucket: env_or("NIGHTSHIFT_STORAGE__BUCKET", "nightshift"),
+        access_key_id: Some(env_or(
+            "NIGHTSHIFT_STORAGE__ACCESS_KEY_ID",
+            "GK1d224b85150aaabc7eadd95e",
+        )),
+        secret_access_key: Some(Secret::new(env_or(
+            "NIGHTSHIFT_STORAGE__SECRET_ACCESS_KEY",
+            "04b99fcef4651778881fd9e7d7cab01ed1df0241b092249abb2a27e8c90516e5",
+        ))),
+        prefix: prefix.to_owned(),
+        part_size: 5 * 1024 * 1024,
+        ..S3Config::default()
+    }
+}
+
+/// The test database (migrated on connect).
+pub fn pg_config() -> PgConfig {
+    PgConfig {
+        url: Secret::new(env_or(
+            "NIGHTSHIFT_TEST_DATABASE_URL",
+            "postgres://postgres@127.0.0.1:5432/nightshift_test",
+        )),
+        ..PgConfig::default()
+    }
+}
+
+/// Knobs a test may turn.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    pub max_upload_bytes: u64,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self {
+            max_upload_bytes: GatewayConfig::default().max_upload_bytes,
+        }
+    }
+}
+
+/// A running scheduler + gateway pair.
+pub struct Stack {
+    /// `http://127.0.0.1:<port>` (no `/v1`).
+    pub origin: String,
+    /// The object store under this test's prefix.
+    pub storage: Arc<S3Store>,
+    pub metadata: Arc<PgStore>,
+    pub ports: Ports,
+    pub scheduler_url: String,
+    /// Unique per test: object-storage prefix and tenant names.
+    pub prefix: String,
+    stops: Vec<oneshot::Sender<()>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Stack {
+    pub async fn start(opts: StackOptions) -> anyhow::Result<Self> {
+        nightshift_telemetry::init(&nightshift_telemetry::TelemetryConfig {
+            log_format: nightshift_telemetry::LogFormat::Pretty,
+            log_filter: "warn".into(),
+        });
+        let prefix = format!("e2e/{}", uuid::Uuid::new_v4());
+        let storage = Arc::new(
+            S3Store::new(&s3_config(&prefix))
+                .await
+                .context("s3 client")?,
+        );
+        storage
+            .ping()
+            .await
+            .context("object storage is not reachable: run `make up` (or `make test`)")?;
+        let metadata = Arc::new(
+            PgStore::connect(&pg_config())
+                .await
+                .context("postgres is not reachable: run `make up` (or `make test`)")?,
+        );
+        let ports = Ports {
+            metadata: metadata.clone(),
+            storage: storage.clone(),
+        };
+        let mut stops = Vec::new();
+        let mut tasks = Vec::new();
+
+        let sched_listener = TcpListener::bind("127.0.0.1:0").await?;
+        let sched_addr = sched_listener.local_addr()?;
+        let (tx, rx) = oneshot::channel::<()>();
+        stops.push(tx);
+        let sched_config = SchedulerConfig {
+            listen: sched_addr,
+            // tests drive sweeps themselves (sweep_once) so nothing races them
+            sweep_interval: Duration::from_secs(3600),
+            ..SchedulerConfig::default()
+        };
+        let sched_ports = ports.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) =
+                nightshift_scheduler::serve(sched_config, sched_ports, sched_listener, async {
+                    let _ = rx.await;
+                })
+                .await
+            {
+                panic!("scheduler failed: {e}");
+            }
+        }));
+
+        let gw_listener = TcpListener::bind("127.0.0.1:0").await?;
+        let gw_addr = gw_listener.local_addr()?;
+        let (tx, rx) = oneshot::channel::<()>();
+        stops.push(tx);
+        let gw_config = GatewayConfig {
+            listen: gw_addr,
+            scheduler_url: format!("http://{sched_addr}"),
+            max_upload_bytes: opts.max_upload_bytes,
+            ..GatewayConfig::default()
+        };
+        let gw_storage: Arc<dyn ObjectStore> = storage.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = nightshift_gateway::serve(gw_config, gw_storage, gw_listener, async {
+                let _ = rx.await;
+            })
+            .await
+            {
+                panic!("gateway failed: {e}");
+            }
+        }));
+
+        let stack = Self {
+            origin: format!("http://{gw_addr}"),
+            storage,
+            metadata,
+            ports,
+            scheduler_url: format!("http://{sched_addr}"),
+            prefix,
+            stops,
+            tasks,
+        };
+        stack.wait_ready().await?;
+        Ok(stack)
+    }
+
+    /// Polls the gateway's `/readyz` (which checks the scheduler and storage) with a deadline.
+    async fn wait_ready(&self) -> anyhow::Result<()> {
+        let control = self.control()?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if control.ping().await.is_ok() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("the scheduler did not become ready within 30s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn control(&self) -> anyhow::Result<nightshift_gateway::ControlPlane> {
+        Ok(nightshift_gateway::ControlPlane::connect_lazy(
+            &self.scheduler_url,
+            Duration::from_secs(10),
+        )?)
+    }
+
+    /// A fresh tenant of this test: `(tenant id, api key)`.
+    pub async fn tenant(&self, name: &str) -> anyhow::Result<(String, String)> {
+        let resp = self
+            .control()?
+            .tenants()
+            .create_tenant(CreateTenantRequest {
+                name: format!("{}-{name}", self.prefix),
+                api_key: None,
+            })
+            .await?
+            .into_inner();
+        Ok((resp.tenant_id, resp.api_key))
+    }
+
+    /// Runs a Python script of `tests/python/` with the SDK virtualenv, this stack's URLs in
+    /// `NS_ORIGIN` / `NS_BASE_URL`, and `env`. Fails with its output unless it exits 0.
+    pub async fn python(&self, script: &str, env: &[(&str, String)]) -> anyhow::Result<String> {
+        let path = python_dir().join(script);
+        let mut cmd = tokio::process::Command::new(python_bin()?);
+        cmd.arg(&path)
+            .env("NS_ORIGIN", &self.origin)
+            .env("NS_BASE_URL", format!("{}/v1", self.origin))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
+            .await
+            .context("python script timed out after 300s")??;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            bail!(
+                "{script} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+                out.status
+            );
+        }
+        Ok(stdout)
+    }
+
+    /// Keys of every object under this test's prefix.
+    pub async fn object_keys(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
+        Ok(self
+            .storage
+            .list(prefix)
+            .await?
+            .into_iter()
+            .map(|m| m.key)
+            .collect())
+    }
+
+    /// Stops both services and deletes what the test stored.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        for tx in self.stops.drain(..) {
+            let _ = tx.send(());
+        }
+        for task in self.tasks.drain(..) {
+            task.await?;
+        }
+        self.storage.delete_prefix("").await?;
+        Ok(())
+    }
+}
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+fn python_dir() -> PathBuf {
+    repo_root().join("tests/python")
+}
+
+/// The virtualenv with the `openai` SDK: `NIGHTSHIFT_E2E_PYTHON`, else the one `make test`
+/// creates under `target/`.
+pub fn python_bin() -> anyhow::Result<PathBuf> {
+    let path = std::env::var("NIGHTSHIFT_E2E_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo_root().join("target/e2e-venv/bin/python"));
+    if !path.exists() {
+        bail!(
+            "no Python with the openai SDK at {} — run `make test` (it creates it) or set NIGHTSHIFT_E2E_PYTHON",
+            path.display()
+        );
+    }
+    Ok(path)
+}
