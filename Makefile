@@ -1,0 +1,66 @@
+# nightshift — the commands you need. `make help` lists them.
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+ROOT := $(abspath $(dir $(lastword $(MAKEFILE_LIST))))
+DEV_DIR ?= $(ROOT)/.dev
+export NIGHTSHIFT_DEV_DIR := $(DEV_DIR)
+PROFILE ?= dev
+TARGET_DIR := $(ROOT)/target/$(if $(filter dev,$(PROFILE)),debug,$(PROFILE))
+NIGHTSHIFT_BOOTSTRAP_API_KEY ?= ns-dev-key
+VENV := $(ROOT)/target/e2e-venv
+
+.PHONY: help
+help: ## Show this help.
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
+
+.PHONY: infra
+infra: ## Start (installing when missing) Postgres, Redis, RabbitMQ and Garage on loopback.
+	@$(ROOT)/deploy/dev/infra.sh up
+
+.PHONY: build
+build: ## Build the nightshift binaries (PROFILE=release for an optimised build).
+	cargo build --profile $(PROFILE) -p nightshift-cli -p nightshift-inference-sim
+
+.PHONY: up
+up: infra build ## Run the whole stack on loopback; the gateway serves http://127.0.0.1:8080/v1.
+	@NIGHTSHIFT_BIN=$(TARGET_DIR)/nightshift \
+	  NIGHTSHIFT_BOOTSTRAP_API_KEY=$(NIGHTSHIFT_BOOTSTRAP_API_KEY) \
+	  $(ROOT)/deploy/dev/services.sh up
+
+.PHONY: down
+down: ## Stop what `make up` started (services it found running are left alone).
+	@$(ROOT)/deploy/dev/services.sh down
+	@$(ROOT)/deploy/dev/infra.sh down
+
+.PHONY: status
+status: ## One line per component of the local stack.
+	@$(ROOT)/deploy/dev/infra.sh status
+	@$(ROOT)/deploy/dev/services.sh status
+
+$(VENV)/.ok:
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check openai
+	touch $@
+
+.PHONY: venv
+venv: $(VENV)/.ok ## The Python virtualenv with the official openai SDK (for the e2e tests).
+
+.PHONY: lint
+lint: ## cargo fmt --check and clippy with warnings denied.
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+.PHONY: test
+test: infra venv lint ## Every test: unit, conformance suites and end-to-end, against real services.
+	NIGHTSHIFT_E2E_PYTHON=$(VENV)/bin/python cargo nextest run --workspace --no-fail-fast
+
+.PHONY: bench-files
+bench-files: ## Peak gateway RSS while uploading and downloading a 1 GiB file (needs `make up PROFILE=release`).
+	python3 $(ROOT)/bench/files_rss.py --size-mib $${SIZE_MIB:-1024}
+
+.PHONY: clean-dev
+clean-dev: down ## Stop everything and delete the local stack's data (.dev/).
+	rm -rf $(DEV_DIR)
