@@ -102,6 +102,11 @@ prefixed_id!(
     "file-"
 );
 prefixed_id!(
+    /// A batch (`batch_…`), as OpenAI spells it.
+    BatchId,
+    "batch_"
+);
+prefixed_id!(
     /// A tenant (`tenant_…`): the unit of isolation. Every file and batch belongs to one.
     TenantId,
     "tenant_"

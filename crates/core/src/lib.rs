@@ -5,6 +5,7 @@
 //! validation, result lines and usage accounting.
 
 pub mod apikey;
+pub mod batch;
 pub mod chunking;
 pub mod error;
 pub mod file;
@@ -17,5 +18,5 @@ pub mod time;
 pub mod validation;
 
 pub use error::{ApiError, ErrorKind};
-pub use ids::{FileId, IdError, TenantId};
+pub use ids::{BatchId, FileId, IdError, TenantId};
 pub mod secret;

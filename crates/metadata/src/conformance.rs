@@ -8,7 +8,12 @@ use nightshift_core::file::{FileRecord, Purpose};
 use nightshift_core::page::Order;
 use nightshift_core::{FileId, TenantId, apikey};
 
-use crate::{FileQuery, MetadataError, MetadataStore, Tenant};
+use nightshift_core::BatchId;
+use nightshift_core::batch::{BatchRecord, BatchStatus, RequestCounts};
+use nightshift_core::chunking::ChunkSpan;
+use nightshift_core::validation::BatchError;
+
+use crate::{CancelOutcome, FileQuery, MetadataError, MetadataStore, Tenant, ValidationOutcome};
 
 /// A named check.
 pub type Check = (&'static str, fn(&dyn MetadataStore) -> BoxFuture<'_, ()>);
@@ -26,6 +31,10 @@ pub const CHECKS: &[Check] = &[
         Box::pin(expiry_delete_and_sweep(s))
     }),
     ("ping", |s| Box::pin(ping(s))),
+    ("batch_validation_and_cancel", |s| {
+        Box::pin(batch_validation_and_cancel(s))
+    }),
+    ("batch_list_pages", |s| Box::pin(batch_list_pages(s))),
 ];
 
 async fn new_tenant(store: &dyn MetadataStore) -> Tenant {
@@ -356,4 +365,221 @@ async fn expiry_delete_and_sweep(store: &dyn MetadataStore) {
 
 async fn ping(store: &dyn MetadataStore) {
     store.ping().await.expect("ping");
+}
+
+fn batch(tenant: &TenantId, created_at_us: i64) -> BatchRecord {
+    BatchRecord {
+        id: BatchId::generate(),
+        tenant_id: tenant.clone(),
+        endpoint: "/v1/chat/completions".into(),
+        input_file_id: FileId::generate().to_string(),
+        completion_window: "24h".into(),
+        status: BatchStatus::Validating,
+        model: None,
+        errors: vec![],
+        metadata: Some([("team".to_string(), "ml".to_string())].into()),
+        output_expires_after_secs: 3600,
+        output_file_id: None,
+        error_file_id: None,
+        created_at_us,
+        in_progress_at: None,
+        expires_at: created_at_us / 1_000_000 + 86_400,
+        finalizing_at: None,
+        completed_at: None,
+        failed_at: None,
+        expired_at: None,
+        cancelling_at: None,
+        cancelled_at: None,
+        request_counts: RequestCounts::default(),
+        usage: Default::default(),
+    }
+}
+
+async fn batch_validation_and_cancel(store: &dyn MetadataStore) {
+    let t = new_tenant(store).await;
+    let other = new_tenant(store).await;
+    let b = batch(&t.id, NOW * 1_000_000);
+    store.insert_batch(&b).await.expect("insert");
+    assert!(matches!(
+        store.insert_batch(&b).await,
+        Err(MetadataError::Conflict(_))
+    ));
+    assert_eq!(
+        store.get_batch(&t.id, &b.id).await.expect("get"),
+        Some(b.clone())
+    );
+    assert_eq!(
+        store.get_batch(&other.id, &b.id).await.expect("get other"),
+        None
+    );
+    assert_eq!(store.batch(&b.id).await.expect("batch"), Some(b.clone()));
+    assert_eq!(
+        store
+            .cancel_batch(&other.id, &b.id, NOW)
+            .await
+            .expect("cancel other"),
+        None
+    );
+
+    // validation succeeds: in_progress, with its chunks, in one step
+    let chunks = vec![
+        ChunkSpan {
+            index: 0,
+            byte_start: 0,
+            byte_end: 100,
+            first_line: 1,
+            line_count: 2,
+        },
+        ChunkSpan {
+            index: 1,
+            byte_start: 100,
+            byte_end: 150,
+            first_line: 3,
+            line_count: 1,
+        },
+    ];
+    let ready = ValidationOutcome::Ready {
+        model: "m".into(),
+        total: 3,
+        chunks: chunks.clone(),
+    };
+    let running = store
+        .finish_validation(&b.id, &ready, NOW + 1)
+        .await
+        .expect("finish")
+        .expect("moved");
+    assert_eq!(running.status, BatchStatus::InProgress);
+    assert_eq!(
+        (running.in_progress_at, running.model.as_deref()),
+        (Some(NOW + 1), Some("m"))
+    );
+    assert_eq!(
+        running.request_counts,
+        RequestCounts {
+            total: 3,
+            completed: 0,
+            failed: 0
+        }
+    );
+    assert_eq!(store.chunks(&b.id).await.expect("chunks"), chunks);
+    // compare-and-set: a second ending changes nothing
+    let failed = ValidationOutcome::Failed { errors: vec![] };
+    assert_eq!(
+        store
+            .finish_validation(&b.id, &failed, NOW + 2)
+            .await
+            .expect("again"),
+        None
+    );
+
+    // cancel: in_progress → cancelling, then idempotent
+    match store
+        .cancel_batch(&t.id, &b.id, NOW + 3)
+        .await
+        .expect("cancel")
+    {
+        Some(CancelOutcome::Cancelling(c)) => {
+            assert_eq!(
+                (c.status, c.cancelling_at),
+                (BatchStatus::Cancelling, Some(NOW + 3))
+            );
+        }
+        other => panic!("expected Cancelling, got {other:?}"),
+    }
+    assert!(matches!(
+        store.cancel_batch(&t.id, &b.id, NOW + 4).await.expect("cancel again"),
+        Some(CancelOutcome::AlreadyCancelled(c)) if c.cancelling_at == Some(NOW + 3)
+    ));
+
+    // a batch cancelled while validating is not resurrected by validation
+    let v = batch(&t.id, NOW * 1_000_000 + 1);
+    store.insert_batch(&v).await.expect("insert");
+    store
+        .cancel_batch(&t.id, &v.id, NOW)
+        .await
+        .expect("cancel")
+        .expect("exists");
+    assert_eq!(
+        store
+            .finish_validation(&v.id, &ready, NOW)
+            .await
+            .expect("finish"),
+        None
+    );
+    assert!(store.chunks(&v.id).await.expect("chunks").is_empty());
+
+    // validation fails: failed with errors; a failed batch cannot be cancelled
+    let f = batch(&t.id, NOW * 1_000_000 + 2);
+    store.insert_batch(&f).await.expect("insert");
+    let errors = vec![BatchError {
+        code: "invalid_json_line".into(),
+        line: Some(2),
+        message: "bad".into(),
+        param: None,
+    }];
+    let done = store
+        .finish_validation(
+            &f.id,
+            &ValidationOutcome::Failed {
+                errors: errors.clone(),
+            },
+            NOW + 5,
+        )
+        .await
+        .expect("finish")
+        .expect("moved");
+    assert_eq!(
+        (done.status, done.failed_at, done.errors.clone()),
+        (BatchStatus::Failed, Some(NOW + 5), errors)
+    );
+    assert!(matches!(
+        store.cancel_batch(&t.id, &f.id, NOW).await.expect("cancel"),
+        Some(CancelOutcome::Terminal(b)) if b.status == BatchStatus::Failed
+    ));
+    let validating = store
+        .batches_with_status(&[BatchStatus::Cancelling])
+        .await
+        .expect("by status");
+    assert!(validating.iter().any(|x| x.id == b.id) && validating.iter().any(|x| x.id == v.id));
+    assert!(!validating.iter().any(|x| x.id == f.id));
+}
+
+async fn batch_list_pages(store: &dyn MetadataStore) {
+    let t = new_tenant(store).await;
+    let other = new_tenant(store).await;
+    let mut all = Vec::new();
+    for i in 0..25i64 {
+        let b = batch(&t.id, NOW * 1_000_000 + i / 2); // pairs share a timestamp
+        store.insert_batch(&b).await.expect("insert");
+        all.push(b);
+    }
+    store
+        .insert_batch(&batch(&other.id, NOW * 1_000_000))
+        .await
+        .expect("insert other");
+    all.sort_by(|a, b| (b.created_at_us, b.id.as_str()).cmp(&(a.created_at_us, a.id.as_str())));
+    let want: Vec<BatchId> = all.iter().map(|b| b.id.clone()).collect();
+    for limit in [1u32, 7, 25, 100] {
+        let mut seen = Vec::new();
+        let mut after: Option<BatchId> = None;
+        loop {
+            let page = store
+                .list_batches(&t.id, limit, after.as_ref())
+                .await
+                .expect("list");
+            assert!(!page.batches.is_empty() || !page.has_more);
+            seen.extend(page.batches.iter().map(|b| b.id.clone()));
+            if !page.has_more {
+                break;
+            }
+            after = page.batches.last().map(|b| b.id.clone());
+        }
+        assert_eq!(seen, want, "limit {limit}");
+    }
+    let unknown = BatchId::generate();
+    let page = store
+        .list_batches(&t.id, 10, Some(&unknown))
+        .await
+        .expect("list");
+    assert!(page.batches.is_empty() && !page.has_more);
 }

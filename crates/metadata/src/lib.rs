@@ -15,9 +15,12 @@
 use std::fmt;
 
 use async_trait::async_trait;
+use nightshift_core::batch::{BatchRecord, BatchStatus};
+use nightshift_core::chunking::ChunkSpan;
 use nightshift_core::file::{FileRecord, Purpose};
 use nightshift_core::page::Order;
-use nightshift_core::{FileId, TenantId};
+use nightshift_core::validation::BatchError;
+use nightshift_core::{BatchId, FileId, TenantId};
 
 pub mod conformance;
 mod postgres;
@@ -58,6 +61,37 @@ pub struct FilePage {
     pub files: Vec<FileRecord>,
     /// Whether at least one more visible file follows the last one.
     pub has_more: bool,
+}
+
+/// A page of batches, newest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchPage {
+    pub batches: Vec<BatchRecord>,
+    pub has_more: bool,
+}
+
+/// How validation ended for a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ValidationOutcome {
+    /// The input is bad: the batch fails with these errors.
+    Failed { errors: Vec<BatchError> },
+    /// The input is good: the batch runs `total` requests of `model`, cut into `chunks`.
+    Ready {
+        model: String,
+        total: u64,
+        chunks: Vec<ChunkSpan>,
+    },
+}
+
+/// The answer to a cancel request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CancelOutcome {
+    /// The batch moved to `cancelling` now.
+    Cancelling(BatchRecord),
+    /// It was already cancelling or cancelled: nothing changed (cancel is idempotent).
+    AlreadyCancelled(BatchRecord),
+    /// It ended otherwise (completed, failed, expired) and cannot be cancelled.
+    Terminal(BatchRecord),
 }
 
 /// The metadata port.
@@ -104,4 +138,47 @@ pub trait MetadataStore: Send + Sync + fmt::Debug + 'static {
 
     /// Removes a file's record for good (after its bytes were deleted). Idempotent.
     async fn purge_file(&self, id: &FileId) -> Result<()>;
+
+    /// Records a new batch (in `validating`). `Conflict` if the id exists.
+    async fn insert_batch(&self, batch: &BatchRecord) -> Result<()>;
+
+    /// A batch of the tenant.
+    async fn get_batch(&self, tenant: &TenantId, id: &BatchId) -> Result<Option<BatchRecord>>;
+
+    /// Any batch, whatever its tenant: for the control plane's own work, never for clients.
+    async fn batch(&self, id: &BatchId) -> Result<Option<BatchRecord>>;
+
+    /// A page of the tenant's batches, newest first (`created_at_us`, then id, descending);
+    /// `after` is exclusive and an unknown one yields an empty page.
+    async fn list_batches(
+        &self,
+        tenant: &TenantId,
+        limit: u32,
+        after: Option<&BatchId>,
+    ) -> Result<BatchPage>;
+
+    /// Every batch in one of `statuses`, oldest first (recovery and sweeps).
+    async fn batches_with_status(&self, statuses: &[BatchStatus]) -> Result<Vec<BatchRecord>>;
+
+    /// Ends validation at `now`: `validating` → `failed` (with errors) or → `in_progress`
+    /// (model, total, and the chunks inserted in the same transaction). Compare-and-set: a
+    /// batch no longer `validating` (cancelled meanwhile) is left alone and `None` returned.
+    async fn finish_validation(
+        &self,
+        id: &BatchId,
+        outcome: &ValidationOutcome,
+        now: i64,
+    ) -> Result<Option<BatchRecord>>;
+
+    /// Cancels a batch of the tenant at `now` (`validating`, `in_progress` or `finalizing`
+    /// → `cancelling`); `None` if the tenant has no such batch.
+    async fn cancel_batch(
+        &self,
+        tenant: &TenantId,
+        id: &BatchId,
+        now: i64,
+    ) -> Result<Option<CancelOutcome>>;
+
+    /// A batch's chunks in order.
+    async fn chunks(&self, id: &BatchId) -> Result<Vec<ChunkSpan>>;
 }

@@ -9,10 +9,87 @@ use nightshift_core::secret::Secret;
 use nightshift_core::time::now_unix_micros;
 use nightshift_core::{FileId, TenantId};
 use serde::{Deserialize, Serialize};
+use sqlx::AssertSqlSafe;
 use sqlx::Row;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 
-use crate::{FilePage, FileQuery, MetadataError, MetadataStore, Result, Tenant};
+use nightshift_core::BatchId;
+use nightshift_core::batch::{BatchRecord, BatchStatus, RequestCounts};
+use nightshift_core::chunking::ChunkSpan;
+use nightshift_core::results::Usage;
+use nightshift_core::validation::BatchError;
+
+use crate::{
+    BatchPage, CancelOutcome, FilePage, FileQuery, MetadataError, MetadataStore, Result, Tenant,
+    ValidationOutcome,
+};
+
+/// Columns of a batch, in the order [`batch_from_row`] reads them by name.
+const BATCH_COLUMNS: &str = "id, tenant_id, endpoint, input_file_id, completion_window, status, \
+     model, errors, metadata, output_expires_after, output_file_id, error_file_id, created_at_us, \
+     in_progress_at, expires_at, finalizing_at, completed_at, failed_at, expired_at, \
+     cancelling_at, cancelled_at, total, completed, failed, usage";
+
+fn json_col<T: serde::de::DeserializeOwned>(row: &PgRow, col: &str) -> Result<T> {
+    let v: serde_json::Value = row.try_get(col).map_err(backend)?;
+    serde_json::from_value(v).map_err(|e| corrupt(col, &e.to_string()))
+}
+
+fn count_col(row: &PgRow, col: &str) -> Result<u64> {
+    let v: i64 = row.try_get(col).map_err(backend)?;
+    u64::try_from(v).map_err(|_| corrupt(col, &v.to_string()))
+}
+
+fn batch_from_row(row: &PgRow) -> Result<BatchRecord> {
+    let id: String = row.try_get("id").map_err(backend)?;
+    let tenant: String = row.try_get("tenant_id").map_err(backend)?;
+    let status: String = row.try_get("status").map_err(backend)?;
+    let file_id = |col: &str| -> Result<Option<FileId>> {
+        let v: Option<String> = row.try_get(col).map_err(backend)?;
+        v.map(|v| FileId::parse(&v).map_err(|_| corrupt(col, &v)))
+            .transpose()
+    };
+    let errors: Vec<BatchError> = json_col(row, "errors")?;
+    let metadata: Option<std::collections::BTreeMap<String, String>> = json_col(row, "metadata")?;
+    let usage: Usage = json_col(row, "usage")?;
+    Ok(BatchRecord {
+        id: BatchId::parse(&id).map_err(|_| corrupt("batch id", &id))?,
+        tenant_id: TenantId::parse(&tenant).map_err(|_| corrupt("tenant id", &tenant))?,
+        endpoint: row.try_get("endpoint").map_err(backend)?,
+        input_file_id: row.try_get("input_file_id").map_err(backend)?,
+        completion_window: row.try_get("completion_window").map_err(backend)?,
+        status: BatchStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?,
+        model: row.try_get("model").map_err(backend)?,
+        errors,
+        metadata,
+        output_expires_after_secs: row.try_get("output_expires_after").map_err(backend)?,
+        output_file_id: file_id("output_file_id")?,
+        error_file_id: file_id("error_file_id")?,
+        created_at_us: row.try_get("created_at_us").map_err(backend)?,
+        in_progress_at: row.try_get("in_progress_at").map_err(backend)?,
+        expires_at: row.try_get("expires_at").map_err(backend)?,
+        finalizing_at: row.try_get("finalizing_at").map_err(backend)?,
+        completed_at: row.try_get("completed_at").map_err(backend)?,
+        failed_at: row.try_get("failed_at").map_err(backend)?,
+        expired_at: row.try_get("expired_at").map_err(backend)?,
+        cancelling_at: row.try_get("cancelling_at").map_err(backend)?,
+        cancelled_at: row.try_get("cancelled_at").map_err(backend)?,
+        request_counts: RequestCounts {
+            total: count_col(row, "total")?,
+            completed: count_col(row, "completed")?,
+            failed: count_col(row, "failed")?,
+        },
+        usage,
+    })
+}
+
+fn to_i64(v: u64, what: &str) -> Result<i64> {
+    i64::try_from(v).map_err(|_| MetadataError::Backend(format!("{what} out of range")))
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<serde_json::Value> {
+    serde_json::to_value(v).map_err(|e| MetadataError::Backend(format!("encode: {e}")))
+}
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -319,5 +396,223 @@ impl MetadataStore for PgStore {
             .await
             .map_err(backend)?;
         Ok(())
+    }
+
+    async fn insert_batch(&self, b: &BatchRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO batches (id, tenant_id, endpoint, input_file_id, completion_window, \
+             status, metadata, output_expires_after, created_at_us, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(b.id.as_str())
+        .bind(b.tenant_id.as_str())
+        .bind(&b.endpoint)
+        .bind(&b.input_file_id)
+        .bind(&b.completion_window)
+        .bind(b.status.as_str())
+        .bind(to_json(&b.metadata)?)
+        .bind(b.output_expires_after_secs)
+        .bind(b.created_at_us)
+        .bind(b.expires_at)
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn get_batch(&self, tenant: &TenantId, id: &BatchId) -> Result<Option<BatchRecord>> {
+        let sql = format!("SELECT {BATCH_COLUMNS} FROM batches WHERE id = $1 AND tenant_id = $2");
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(id.as_str())
+            .bind(tenant.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        row.as_ref().map(batch_from_row).transpose()
+    }
+
+    async fn batch(&self, id: &BatchId) -> Result<Option<BatchRecord>> {
+        let sql = format!("SELECT {BATCH_COLUMNS} FROM batches WHERE id = $1");
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        row.as_ref().map(batch_from_row).transpose()
+    }
+
+    async fn list_batches(
+        &self,
+        tenant: &TenantId,
+        limit: u32,
+        after: Option<&BatchId>,
+    ) -> Result<BatchPage> {
+        let cursor: Option<(i64, String)> = match after {
+            None => None,
+            Some(after) => {
+                let row = sqlx::query(
+                    "SELECT created_at_us, id FROM batches WHERE id = $1 AND tenant_id = $2",
+                )
+                .bind(after.as_str())
+                .bind(tenant.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(backend)?;
+                match row {
+                    None => {
+                        return Ok(BatchPage {
+                            batches: vec![],
+                            has_more: false,
+                        });
+                    }
+                    Some(r) => Some((
+                        r.try_get("created_at_us").map_err(backend)?,
+                        r.try_get("id").map_err(backend)?,
+                    )),
+                }
+            }
+        };
+        let (cursor_us, cursor_id) = cursor.unzip();
+        let sql = format!(
+            "SELECT {BATCH_COLUMNS} FROM batches WHERE tenant_id = $1 \
+             AND ($2::bigint IS NULL OR (created_at_us, id) < ($2, $3)) \
+             ORDER BY created_at_us DESC, id DESC LIMIT $4"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(tenant.as_str())
+            .bind(cursor_us)
+            .bind(cursor_id)
+            .bind(i64::from(limit) + 1)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        let mut batches = rows
+            .iter()
+            .map(batch_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        let has_more = batches.len() > limit as usize;
+        batches.truncate(limit as usize);
+        Ok(BatchPage { batches, has_more })
+    }
+
+    async fn batches_with_status(&self, statuses: &[BatchStatus]) -> Result<Vec<BatchRecord>> {
+        let names: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
+        let sql = format!(
+            "SELECT {BATCH_COLUMNS} FROM batches WHERE status = ANY($1) ORDER BY created_at_us, id"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(&names)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.iter().map(batch_from_row).collect()
+    }
+
+    async fn finish_validation(
+        &self,
+        id: &BatchId,
+        outcome: &ValidationOutcome,
+        now: i64,
+    ) -> Result<Option<BatchRecord>> {
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        let sql = match outcome {
+            ValidationOutcome::Failed { .. } => format!(
+                "UPDATE batches SET status = 'failed', failed_at = $2, errors = $3 \
+                 WHERE id = $1 AND status = 'validating' RETURNING {BATCH_COLUMNS}"
+            ),
+            ValidationOutcome::Ready { .. } => format!(
+                "UPDATE batches SET status = 'in_progress', in_progress_at = $2, model = $3, \
+                 total = $4 WHERE id = $1 AND status = 'validating' RETURNING {BATCH_COLUMNS}"
+            ),
+        };
+        let query = sqlx::query(AssertSqlSafe(sql)).bind(id.as_str()).bind(now);
+        let query = match outcome {
+            ValidationOutcome::Failed { errors } => query.bind(to_json(errors)?),
+            ValidationOutcome::Ready { model, total, .. } => {
+                query.bind(model.clone()).bind(to_i64(*total, "total")?)
+            }
+        };
+        let Some(row) = query.fetch_optional(&mut *tx).await.map_err(backend)? else {
+            return Ok(None);
+        };
+        if let ValidationOutcome::Ready { chunks, .. } = outcome {
+            // One statement per 1000 chunks (UNNEST of arrays), not one per chunk.
+            for part in chunks.chunks(1000) {
+                let idx: Vec<i32> = part.iter().map(|c| c.index as i32).collect();
+                let start: Vec<i64> = part.iter().map(|c| c.byte_start as i64).collect();
+                let end: Vec<i64> = part.iter().map(|c| c.byte_end as i64).collect();
+                let first: Vec<i64> = part.iter().map(|c| c.first_line as i64).collect();
+                let count: Vec<i32> = part.iter().map(|c| c.line_count as i32).collect();
+                sqlx::query(
+                    "INSERT INTO chunks (batch_id, idx, byte_start, byte_end, first_line, line_count) \
+                     SELECT $1, * FROM UNNEST($2::int[], $3::bigint[], $4::bigint[], $5::bigint[], $6::int[])",
+                )
+                .bind(id.as_str())
+                .bind(&idx)
+                .bind(&start)
+                .bind(&end)
+                .bind(&first)
+                .bind(&count)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+            }
+        }
+        tx.commit().await.map_err(backend)?;
+        batch_from_row(&row).map(Some)
+    }
+
+    async fn cancel_batch(
+        &self,
+        tenant: &TenantId,
+        id: &BatchId,
+        now: i64,
+    ) -> Result<Option<CancelOutcome>> {
+        let sql = format!(
+            "UPDATE batches SET status = 'cancelling', cancelling_at = $3 WHERE id = $1 \
+             AND tenant_id = $2 AND status IN ('validating', 'in_progress', 'finalizing') \
+             RETURNING {BATCH_COLUMNS}"
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(id.as_str())
+            .bind(tenant.as_str())
+            .bind(now)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        if let Some(row) = row {
+            return batch_from_row(&row).map(|b| Some(CancelOutcome::Cancelling(b)));
+        }
+        Ok(self.get_batch(tenant, id).await?.map(|b| match b.status {
+            BatchStatus::Cancelling | BatchStatus::Cancelled => CancelOutcome::AlreadyCancelled(b),
+            _ => CancelOutcome::Terminal(b),
+        }))
+    }
+
+    async fn chunks(&self, id: &BatchId) -> Result<Vec<ChunkSpan>> {
+        let rows = sqlx::query(
+            "SELECT idx, byte_start, byte_end, first_line, line_count FROM chunks \
+             WHERE batch_id = $1 ORDER BY idx",
+        )
+        .bind(id.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend)?;
+        rows.iter()
+            .map(|r| {
+                let idx: i32 = r.try_get("idx").map_err(backend)?;
+                let start: i64 = r.try_get("byte_start").map_err(backend)?;
+                let end: i64 = r.try_get("byte_end").map_err(backend)?;
+                let first: i64 = r.try_get("first_line").map_err(backend)?;
+                let count: i32 = r.try_get("line_count").map_err(backend)?;
+                Ok(ChunkSpan {
+                    index: idx as u32,
+                    byte_start: start as u64,
+                    byte_end: end as u64,
+                    first_line: first as u64,
+                    line_count: count as u32,
+                })
+            })
+            .collect()
     }
 }

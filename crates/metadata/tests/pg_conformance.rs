@@ -41,4 +41,6 @@ checks!(
     list_pages_and_cursors,
     expiry_delete_and_sweep,
     ping,
+    batch_validation_and_cancel,
+    batch_list_pages,
 );
