@@ -13,6 +13,7 @@ pub mod ids;
 pub mod jsonl;
 pub mod page;
 pub mod results;
+pub mod routing;
 pub mod sniff;
 pub mod time;
 pub mod validation;

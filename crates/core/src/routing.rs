@@ -1,0 +1,767 @@
+//! The model routing table: which upstream inference server serves which model, and how
+//! nightshift may call it.
+//!
+//! Pure configuration, shared by the scheduler (a batch whose model no upstream serves fails
+//! validation with `model_not_found`) and the executor (which builds one HTTP upstream per
+//! entry). In TOML:
+//!
+//! ```toml
+//! [[routing.upstreams]]
+//! name = "vllm-a"
+//! base_url = "http://10.0.0.5:8000/v1"
+//! models = ["llama-3.1-8b", "qwen2.5-7b"]
+//! max_concurrency = 128
+//! timeout = "5m"
+//!
+//! [[routing.upstreams]]
+//! name = "openai"
+//! base_url = "https://api.openai.com/v1"
+//! api_key_env = "OPENAI_API_KEY"
+//! models = ["*"]
+//! ```
+//!
+//! Routing is first match in file order: an upstream matches a model when its `models` list
+//! names the model exactly or holds [`DEFAULT_ROUTE`] (`"*"`). [`RoutingConfig::validate`]
+//! refuses tables where an entry could never match (a model listed twice, an upstream after
+//! the default route), so the order only ever matters for the default route, which must be
+//! last.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The `models` entry that makes an upstream the default route: it serves every model that no
+/// earlier upstream lists.
+pub const DEFAULT_ROUTE: &str = "*";
+
+/// The routing table: upstreams in match order. Empty by default (no model is served).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Upstreams, in match order; see [`route`](Self::route).
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+/// One OpenAI-compatible upstream (vLLM, SGLang, llama.cpp, Ollama, TGI, a hosted API) and
+/// the policy nightshift calls it with.
+///
+/// Every field but `name`, `base_url` and `models` has a default; durations are written like
+/// `"250ms"`, `"30s"`, `"10m"`, `"1h 30m"` (see [`duration_text`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Operator-chosen name, unique in the table. Used in logs and as the `upstream` metric
+    /// label, so it is limited to ASCII letters, digits, `-`, `_` and `.` (at most 64).
+    pub name: String,
+
+    /// Root of the upstream's OpenAI API, `http://` or `https://`, e.g.
+    /// `http://127.0.0.1:8000/v1` — what an OpenAI SDK takes as `base_url`. See
+    /// [`endpoint_url`](Self::endpoint_url) for how request paths are joined to it. Must not
+    /// carry credentials, a query or a fragment.
+    pub base_url: String,
+
+    /// Name of the environment variable that holds the upstream's API key, sent as
+    /// `Authorization: Bearer <key>`. Never the key itself. `None`: no `Authorization` header.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+
+    /// Model names this upstream serves, matched exactly (case-sensitive), or
+    /// [`DEFAULT_ROUTE`] for every model not listed by an earlier upstream. Not empty.
+    pub models: Vec<String>,
+
+    /// Most requests in flight to this upstream at once, from all batches of one executor
+    /// process (the adaptive limit never grows past it). Default 64.
+    #[serde(default = "defaults::max_concurrency")]
+    pub max_concurrency: u32,
+
+    /// Where the adaptive (AIMD) concurrency limit starts, 1..=`max_concurrency`. `None`
+    /// (default): `min(8, max_concurrency)`. See [`initial_limit`](Self::initial_limit).
+    #[serde(default)]
+    pub initial_concurrency: Option<u32>,
+
+    /// Longest wait for one attempt's complete answer (headers and body). There is no total
+    /// timeout besides the batch deadline. Default 10 minutes: long generations are normal.
+    #[serde(default = "defaults::timeout", with = "duration_text")]
+    pub timeout: Duration,
+
+    /// Most attempts per request, the first included (1 = never retry). Default 5.
+    #[serde(default = "defaults::max_attempts")]
+    pub max_attempts: u32,
+
+    /// Backoff before the first retry; it doubles per retry up to `backoff_max`, and the
+    /// actual wait is drawn uniformly below it (full jitter). Default 250 ms.
+    #[serde(default = "defaults::backoff_base", with = "duration_text")]
+    pub backoff_base: Duration,
+
+    /// Ceiling of the exponential backoff. Default 30 s.
+    #[serde(default = "defaults::backoff_max", with = "duration_text")]
+    pub backoff_max: Duration,
+
+    /// Longest wait granted to an upstream's `Retry-After` / `retry-after-ms`; a longer ask
+    /// is cut to this. Bounds how long one misbehaving header can hold a request (and its
+    /// chunk). Default 60 s.
+    #[serde(default = "defaults::max_retry_after", with = "duration_text")]
+    pub max_retry_after: Duration,
+}
+
+/// Default values of [`UpstreamConfig`]'s optional fields.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// [`UpstreamConfig::max_concurrency`](super::UpstreamConfig::max_concurrency).
+    pub fn max_concurrency() -> u32 {
+        64
+    }
+    /// The AIMD limit's start when `initial_concurrency` is unset, before the cap by
+    /// `max_concurrency`.
+    pub const INITIAL_CONCURRENCY: u32 = 8;
+    /// [`UpstreamConfig::timeout`](super::UpstreamConfig::timeout).
+    pub fn timeout() -> Duration {
+        Duration::from_secs(600)
+    }
+    /// [`UpstreamConfig::max_attempts`](super::UpstreamConfig::max_attempts).
+    pub fn max_attempts() -> u32 {
+        5
+    }
+    /// [`UpstreamConfig::backoff_base`](super::UpstreamConfig::backoff_base).
+    pub fn backoff_base() -> Duration {
+        Duration::from_millis(250)
+    }
+    /// [`UpstreamConfig::backoff_max`](super::UpstreamConfig::backoff_max).
+    pub fn backoff_max() -> Duration {
+        Duration::from_secs(30)
+    }
+    /// [`UpstreamConfig::max_retry_after`](super::UpstreamConfig::max_retry_after).
+    pub fn max_retry_after() -> Duration {
+        Duration::from_secs(60)
+    }
+}
+
+impl UpstreamConfig {
+    /// An upstream with every optional field at its default.
+    pub fn new(
+        name: impl Into<String>,
+        base_url: impl Into<String>,
+        models: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            base_url: base_url.into(),
+            api_key_env: None,
+            models: models.into_iter().map(Into::into).collect(),
+            max_concurrency: defaults::max_concurrency(),
+            initial_concurrency: None,
+            timeout: defaults::timeout(),
+            max_attempts: defaults::max_attempts(),
+            backoff_base: defaults::backoff_base(),
+            backoff_max: defaults::backoff_max(),
+            max_retry_after: defaults::max_retry_after(),
+        }
+    }
+
+    /// Where the adaptive concurrency limit starts: `initial_concurrency`, or
+    /// `min(8, max_concurrency)` when unset; never above `max_concurrency`, never below 1.
+    pub fn initial_limit(&self) -> u32 {
+        let max = self.max_concurrency.max(1);
+        self.initial_concurrency
+            .unwrap_or(defaults::INITIAL_CONCURRENCY)
+            .clamp(1, max)
+    }
+
+    /// True when this upstream is the default route (its `models` holds `"*"`).
+    pub fn is_default_route(&self) -> bool {
+        self.models.iter().any(|m| m == DEFAULT_ROUTE)
+    }
+
+    /// True when this upstream matches `model`: listed exactly, or the default route.
+    pub fn matches(&self, model: &str) -> bool {
+        self.models.iter().any(|m| m == model || m == DEFAULT_ROUTE)
+    }
+
+    /// The URL a batch endpoint (`/v1/chat/completions`, `/v1/embeddings`, ...) is sent to.
+    ///
+    /// `base_url` is read as an OpenAI SDK reads its `base_url`: the API root, version
+    /// included. The joining rule:
+    ///
+    /// 1. the endpoint's leading `/v1` is removed (`/v1/chat/completions` → `/chat/completions`);
+    /// 2. when `base_url` has no path at all (`http://host:8000` or `http://host:8000/`), the
+    ///    standard `/v1` root is assumed and inserted;
+    /// 3. otherwise the rest is appended to `base_url` with its trailing `/` trimmed.
+    ///
+    /// | `base_url` | `/v1/chat/completions` goes to |
+    /// | --- | --- |
+    /// | `http://h:8000/v1` (or `/v1/`) | `http://h:8000/v1/chat/completions` |
+    /// | `http://h:8000` (or `/`) | `http://h:8000/v1/chat/completions` |
+    /// | `https://h/api/openai/v1` | `https://h/api/openai/v1/chat/completions` |
+    /// | `https://h/v1beta/openai` | `https://h/v1beta/openai/chat/completions` |
+    ///
+    /// An endpoint that does not start with `/v1/` is appended as it is (with a `/` added if
+    /// it lacks one).
+    pub fn endpoint_url(&self, endpoint: &str) -> String {
+        let base = self.base_url.trim_end_matches('/');
+        let rest = match endpoint.strip_prefix("/v1") {
+            Some(rest) if rest.starts_with('/') => rest,
+            _ => endpoint,
+        };
+        let slash = if rest.starts_with('/') { "" } else { "/" };
+        let has_path = base
+            .split_once("://")
+            .is_some_and(|(_, after_scheme)| after_scheme.contains('/'));
+        if has_path {
+            format!("{base}{slash}{rest}")
+        } else {
+            format!("{base}/v1{slash}{rest}")
+        }
+    }
+
+    /// Checks this entry alone; see [`RoutingConfig::validate`].
+    fn validate(&self) -> Result<(), String> {
+        let name = &self.name;
+        if name.is_empty() || name.len() > 64 {
+            return Err(format!(
+                "upstream name {name:?} must be 1 to 64 characters long"
+            ));
+        }
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(format!(
+                "upstream name {name:?} may only contain ASCII letters, digits, '-', '_' and '.'"
+            ));
+        }
+        check_base_url(&self.base_url)
+            .map_err(|why| format!("upstream {name:?}: base_url {:?} {why}", self.base_url))?;
+        if let Some(var) = &self.api_key_env
+            && (var.is_empty() || var.contains(['=', '\0']))
+        {
+            return Err(format!(
+                "upstream {name:?}: api_key_env {var:?} is not an environment variable name"
+            ));
+        }
+        if self.models.is_empty() {
+            return Err(format!(
+                "upstream {name:?} serves no model: list model names, or \"*\" for the default route"
+            ));
+        }
+        let mut seen = HashSet::new();
+        for model in &self.models {
+            if model.is_empty() {
+                return Err(format!("upstream {name:?} lists an empty model name"));
+            }
+            if !seen.insert(model.as_str()) {
+                return Err(format!("upstream {name:?} lists model {model:?} twice"));
+            }
+        }
+        if self.max_concurrency == 0 {
+            return Err(format!(
+                "upstream {name:?}: max_concurrency must be at least 1"
+            ));
+        }
+        if let Some(initial) = self.initial_concurrency
+            && !(1..=self.max_concurrency).contains(&initial)
+        {
+            return Err(format!(
+                "upstream {name:?}: initial_concurrency {initial} must be within 1..={}",
+                self.max_concurrency
+            ));
+        }
+        if self.timeout.is_zero() {
+            return Err(format!("upstream {name:?}: timeout must be above zero"));
+        }
+        if self.max_attempts == 0 {
+            return Err(format!(
+                "upstream {name:?}: max_attempts must be at least 1"
+            ));
+        }
+        if self.backoff_base > self.backoff_max {
+            return Err(format!(
+                "upstream {name:?}: backoff_base ({:?}) must not exceed backoff_max ({:?})",
+                self.backoff_base, self.backoff_max
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks the shape of an upstream base URL without a URL library: `http://` or `https://`,
+/// a host (optionally `:port`), an optional path; no credentials, query, fragment, whitespace
+/// or control characters. The executor parses it fully again when it builds its client.
+fn check_base_url(url: &str) -> Result<(), &'static str> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err("must start with http:// or https://");
+    };
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return Err("must start with http:// or https://");
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("must not contain whitespace or control characters");
+    }
+    if url.contains(['?', '#']) {
+        return Err("must not have a query or a fragment");
+    }
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.contains('@') {
+        return Err("must not carry credentials; use api_key_env");
+    }
+    let host = match authority.rsplit_once(':') {
+        // `[::1]:8000` splits at the port; a bare `[::1]` ends with `]`.
+        Some((host, port)) if !authority.ends_with(']') => {
+            if port.is_empty() || !port.chars().all(|c| c.is_ascii_digit()) {
+                return Err("has an invalid port");
+            }
+            if port.parse::<u16>().is_err() {
+                return Err("has a port above 65535");
+            }
+            host
+        }
+        _ => authority,
+    };
+    if host.is_empty() {
+        return Err("has no host");
+    }
+    Ok(())
+}
+
+impl RoutingConfig {
+    /// The upstream serving `model`: the first whose `models` lists it exactly or is the
+    /// default route. `None`: no upstream serves it (a batch for it fails validation with
+    /// `model_not_found`).
+    pub fn route(&self, model: &str) -> Option<&UpstreamConfig> {
+        self.route_index(model).map(|i| &self.upstreams[i])
+    }
+
+    /// The position in [`upstreams`](Self::upstreams) of [`route`](Self::route)'s answer.
+    pub fn route_index(&self, model: &str) -> Option<usize> {
+        self.upstreams.iter().position(|u| u.matches(model))
+    }
+
+    /// True when some upstream serves `model`.
+    pub fn serves(&self, model: &str) -> bool {
+        self.route_index(model).is_some()
+    }
+
+    /// Checks the table: every entry is well formed (see [`UpstreamConfig`]'s fields), names
+    /// are unique, and every entry can match something — a model is listed by one upstream
+    /// only, there is at most one default route, and it is the last upstream.
+    ///
+    /// # Errors
+    /// A message naming the offending upstream, for the operator.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut names = HashSet::new();
+        let mut listed_by: HashMap<&str, &str> = HashMap::new();
+        let mut default_route: Option<&str> = None;
+        for upstream in &self.upstreams {
+            upstream.validate()?;
+            if !names.insert(upstream.name.as_str()) {
+                return Err(format!(
+                    "two upstreams are named {:?}; names must be unique",
+                    upstream.name
+                ));
+            }
+            if let Some(default) = default_route {
+                return Err(format!(
+                    "upstream {:?} comes after {default:?}, the default route (\"*\"), so it \
+                     would never be used; put the default route last",
+                    upstream.name
+                ));
+            }
+            for model in upstream.models.iter().filter(|m| *m != DEFAULT_ROUTE) {
+                if let Some(first) = listed_by.insert(model, &upstream.name) {
+                    return Err(format!(
+                        "model {model:?} is listed by upstreams {first:?} and {:?}; only the \
+                         first would be used",
+                        upstream.name
+                    ));
+                }
+            }
+            if upstream.is_default_route() {
+                default_route = Some(&upstream.name);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Serde for [`Duration`] as human-readable text, in the syntax the rest of nightshift's
+/// configuration uses (`humantime`'s): whole numbers with units, optionally separated by
+/// spaces — `"250ms"`, `"30s"`, `"10m"`, `"1h 30m"`, `"2 days"`. Units: `ns`, `us`, `ms`,
+/// `s`/`sec`/`secs`/`second`/`seconds`, `m`/`min`/`mins`/`minute`/`minutes`,
+/// `h`/`hr`/`hrs`/`hour`/`hours`, `d`/`day`/`days`.
+///
+/// Kept here because this crate does not depend on `humantime-serde`; values it writes parse
+/// with `humantime` and vice versa for the units above.
+pub mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer, de};
+
+    /// Serialises `value` as text, largest units first (`"1h 30m"`, `"250ms"`, `"0s"`).
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&format(*value))
+    }
+
+    /// Parses text as [`parse`] does.
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        parse(&text).map_err(de::Error::custom)
+    }
+
+    /// `value` as text, largest units first; zero is `"0s"`.
+    pub fn format(value: Duration) -> String {
+        const UNITS: [(&str, u128); 7] = [
+            ("d", 86_400_000_000_000),
+            ("h", 3_600_000_000_000),
+            ("m", 60_000_000_000),
+            ("s", 1_000_000_000),
+            ("ms", 1_000_000),
+            ("us", 1_000),
+            ("ns", 1),
+        ];
+        let mut left = value.as_nanos();
+        if left == 0 {
+            return "0s".to_owned();
+        }
+        let mut parts = Vec::new();
+        for (unit, nanos) in UNITS {
+            let count = left / nanos;
+            if count > 0 {
+                parts.push(format!("{count}{unit}"));
+                left -= count * nanos;
+            }
+        }
+        parts.join(" ")
+    }
+
+    /// Parses `"10m"`, `"1h 30m"`, `"250ms"`, ... (see the module docs).
+    ///
+    /// # Errors
+    /// A message quoting the text when it is empty, has a number without a unit, an unknown
+    /// unit, or overflows.
+    pub fn parse(text: &str) -> Result<Duration, String> {
+        let invalid = |why: &str| format!("invalid duration {text:?}: {why}");
+        let mut rest = text.trim();
+        if rest.is_empty() {
+            return Err(invalid("empty"));
+        }
+        let mut total = Duration::ZERO;
+        while !rest.is_empty() {
+            let digits = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            if digits == 0 {
+                return Err(invalid("expected a number"));
+            }
+            let count: u64 = rest[..digits]
+                .parse()
+                .map_err(|_| invalid("number too large"))?;
+            rest = rest[digits..].trim_start();
+            let letters = rest
+                .find(|c: char| !c.is_ascii_alphabetic())
+                .unwrap_or(rest.len());
+            let unit = &rest[..letters];
+            rest = rest[letters..].trim_start();
+            let part = match unit {
+                "ns" | "nsec" => Some(Duration::from_nanos(count)),
+                "us" | "usec" => Some(Duration::from_micros(count)),
+                "ms" | "msec" => Some(Duration::from_millis(count)),
+                "s" | "sec" | "secs" | "second" | "seconds" => Some(Duration::from_secs(count)),
+                "m" | "min" | "mins" | "minute" | "minutes" => {
+                    count.checked_mul(60).map(Duration::from_secs)
+                }
+                "h" | "hr" | "hrs" | "hour" | "hours" => {
+                    count.checked_mul(3_600).map(Duration::from_secs)
+                }
+                "d" | "day" | "days" => count.checked_mul(86_400).map(Duration::from_secs),
+                "" => return Err(invalid("a number needs a unit, e.g. \"30s\"")),
+                _ => return Err(invalid(&format!("unknown unit {unit:?}"))),
+            };
+            total = part
+                .and_then(|part| total.checked_add(part))
+                .ok_or_else(|| invalid("too large"))?;
+        }
+        Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn upstream(name: &str, models: &[&str]) -> UpstreamConfig {
+        UpstreamConfig::new(name, "http://127.0.0.1:8000/v1", models.iter().copied())
+    }
+
+    fn table(upstreams: Vec<UpstreamConfig>) -> RoutingConfig {
+        RoutingConfig { upstreams }
+    }
+
+    #[test]
+    fn first_match_wins_and_the_default_route_catches_the_rest() {
+        let routing = table(vec![
+            upstream("a", &["llama", "qwen"]),
+            upstream("b", &["mistral"]),
+            upstream("c", &["*"]),
+        ]);
+        routing.validate().unwrap();
+        assert_eq!(routing.route("llama").unwrap().name, "a");
+        assert_eq!(routing.route("qwen").unwrap().name, "a");
+        assert_eq!(routing.route("mistral").unwrap().name, "b");
+        assert_eq!(routing.route("gpt-4o-mini").unwrap().name, "c");
+        assert_eq!(routing.route_index("mistral"), Some(1));
+        assert!(routing.serves("anything"));
+
+        let no_default = table(vec![upstream("a", &["llama"])]);
+        assert!(no_default.route("Llama").is_none(), "matching is exact");
+        assert!(!no_default.serves("qwen"));
+        assert!(!RoutingConfig::default().serves("llama"));
+        RoutingConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn toml_like_input_gets_defaults() {
+        let routing: RoutingConfig = serde_json::from_value(serde_json::json!({
+            "upstreams": [{"name": "vllm", "base_url": "http://h:8000/v1", "models": ["m"]}]
+        }))
+        .unwrap();
+        let u = &routing.upstreams[0];
+        assert_eq!(u.max_concurrency, 64);
+        assert_eq!(u.initial_limit(), 8);
+        assert_eq!(u.timeout, Duration::from_secs(600));
+        assert_eq!(u.max_attempts, 5);
+        assert_eq!(u.backoff_base, Duration::from_millis(250));
+        assert_eq!(u.backoff_max, Duration::from_secs(30));
+        assert_eq!(u.max_retry_after, Duration::from_secs(60));
+        assert_eq!(u.api_key_env, None);
+        assert_eq!(u, &UpstreamConfig::new("vllm", "http://h:8000/v1", ["m"]));
+
+        let empty: RoutingConfig = serde_json::from_str("{}").unwrap();
+        assert!(empty.upstreams.is_empty());
+    }
+
+    #[test]
+    fn durations_and_overrides_parse_and_round_trip() {
+        let routing: RoutingConfig = serde_json::from_value(serde_json::json!({
+            "upstreams": [{
+                "name": "vllm", "base_url": "http://h:8000/v1", "models": ["m"],
+                "api_key_env": "VLLM_KEY", "max_concurrency": 4, "initial_concurrency": 2,
+                "timeout": "1m 30s", "max_attempts": 3, "backoff_base": "10ms",
+                "backoff_max": "2s", "max_retry_after": "5m"
+            }]
+        }))
+        .unwrap();
+        routing.validate().unwrap();
+        let u = &routing.upstreams[0];
+        assert_eq!(u.timeout, Duration::from_secs(90));
+        assert_eq!(u.backoff_base, Duration::from_millis(10));
+        assert_eq!(u.max_retry_after, Duration::from_secs(300));
+        assert_eq!(u.initial_limit(), 2);
+        assert_eq!(u.api_key_env.as_deref(), Some("VLLM_KEY"));
+
+        let text = serde_json::to_value(&routing).unwrap();
+        assert_eq!(text["upstreams"][0]["timeout"], "1m 30s");
+        assert_eq!(text["upstreams"][0]["backoff_base"], "10ms");
+        let back: RoutingConfig = serde_json::from_value(text).unwrap();
+        assert_eq!(back, routing);
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_durations_are_refused() {
+        let unknown = serde_json::json!({"upstreams": [
+            {"name": "a", "base_url": "http://h/v1", "models": ["m"], "max_conurrency": 3}
+        ]});
+        assert!(serde_json::from_value::<RoutingConfig>(unknown).is_err());
+        let top = serde_json::json!({"upstream": []});
+        assert!(serde_json::from_value::<RoutingConfig>(top).is_err());
+        let bad = serde_json::json!({"upstreams": [
+            {"name": "a", "base_url": "http://h/v1", "models": ["m"], "timeout": "10"}
+        ]});
+        let error = serde_json::from_value::<RoutingConfig>(bad)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("needs a unit"), "{error}");
+    }
+
+    #[test]
+    fn duration_text_parses_and_formats() {
+        use duration_text::{format, parse};
+        for (text, expected) in [
+            ("0s", Duration::ZERO),
+            ("250ms", Duration::from_millis(250)),
+            ("30s", Duration::from_secs(30)),
+            ("10m", Duration::from_secs(600)),
+            ("1h 30m", Duration::from_secs(5400)),
+            ("1h30m", Duration::from_secs(5400)),
+            ("2 days", Duration::from_secs(172_800)),
+            ("1s 500ms", Duration::from_millis(1500)),
+            ("15us", Duration::from_micros(15)),
+            ("7ns", Duration::from_nanos(7)),
+            (" 5 min ", Duration::from_secs(300)),
+        ] {
+            assert_eq!(parse(text).unwrap(), expected, "{text}");
+        }
+        for bad in [
+            "",
+            "10",
+            "ms",
+            "5 parsecs",
+            "-1s",
+            "1.5s",
+            "99999999999999999999s",
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} should not parse");
+        }
+        assert!(parse(&format!("{}d", u64::MAX / 10)).is_err());
+        for value in [
+            Duration::ZERO,
+            Duration::from_millis(250),
+            Duration::from_secs(5400),
+            Duration::new(90_061, 1_001_001),
+        ] {
+            assert_eq!(parse(&format(value)).unwrap(), value);
+        }
+        assert_eq!(format(Duration::from_secs(5400)), "1h 30m");
+        assert_eq!(format(Duration::from_millis(1500)), "1s 500ms");
+    }
+
+    #[test]
+    fn endpoint_urls_follow_the_joining_rule() {
+        let url = |base: &str, endpoint: &str| {
+            UpstreamConfig::new("u", base, ["m"]).endpoint_url(endpoint)
+        };
+        let chat = "/v1/chat/completions";
+        assert_eq!(
+            url("http://h:8000/v1", chat),
+            "http://h:8000/v1/chat/completions"
+        );
+        assert_eq!(
+            url("http://h:8000/v1/", chat),
+            "http://h:8000/v1/chat/completions"
+        );
+        assert_eq!(
+            url("http://h:8000", chat),
+            "http://h:8000/v1/chat/completions"
+        );
+        assert_eq!(
+            url("http://h:8000/", chat),
+            "http://h:8000/v1/chat/completions"
+        );
+        assert_eq!(
+            url("https://h/api/openai/v1", "/v1/embeddings"),
+            "https://h/api/openai/v1/embeddings"
+        );
+        assert_eq!(
+            url("https://h/v1beta/openai", chat),
+            "https://h/v1beta/openai/chat/completions"
+        );
+        assert_eq!(url("http://h/v1", "/v1"), "http://h/v1/v1");
+        assert_eq!(url("http://h/v1", "/v1beta/x"), "http://h/v1/v1beta/x");
+        assert_eq!(url("http://h/v1", "custom"), "http://h/v1/custom");
+    }
+
+    #[test]
+    fn validate_refuses_ambiguous_or_dead_tables() {
+        let error = |routing: RoutingConfig| routing.validate().unwrap_err();
+
+        let e = error(table(vec![upstream("a", &["m"]), upstream("a", &["n"])]));
+        assert!(e.contains("unique"), "{e}");
+        let e = error(table(vec![upstream("a", &["*"]), upstream("b", &["*"])]));
+        assert!(e.contains("default route"), "{e}");
+        let e = error(table(vec![upstream("a", &["*"]), upstream("b", &["m"])]));
+        assert!(e.contains("never be used"), "{e}");
+        let e = error(table(vec![
+            upstream("a", &["m"]),
+            upstream("b", &["m", "n"]),
+        ]));
+        assert!(
+            e.contains("\"m\" is listed by upstreams \"a\" and \"b\""),
+            "{e}"
+        );
+        let e = error(table(vec![upstream("a", &["m", "m"])]));
+        assert!(e.contains("twice"), "{e}");
+        let e = error(table(vec![upstream("a", &[])]));
+        assert!(e.contains("serves no model"), "{e}");
+        let e = error(table(vec![upstream("a", &[""])]));
+        assert!(e.contains("empty model"), "{e}");
+
+        table(vec![upstream("a", &["m", "*"])]).validate().unwrap();
+        assert_eq!(
+            table(vec![upstream("a", &["m", "*"])])
+                .route("z")
+                .unwrap()
+                .name,
+            "a"
+        );
+    }
+
+    #[test]
+    fn validate_checks_each_field() {
+        let check = |edit: fn(&mut UpstreamConfig)| {
+            let mut u = upstream("a", &["m"]);
+            edit(&mut u);
+            table(vec![u]).validate()
+        };
+        assert!(check(|_| {}).is_ok());
+        assert!(check(|u| u.name = String::new()).is_err());
+        assert!(check(|u| u.name = "has space".into()).is_err());
+        assert!(check(|u| u.name = "x".repeat(65)).is_err());
+        assert!(check(|u| u.name = "vllm-a_1.eu".into()).is_ok());
+        assert!(check(|u| u.max_concurrency = 0).is_err());
+        assert!(check(|u| u.initial_concurrency = Some(0)).is_err());
+        assert!(check(|u| u.initial_concurrency = Some(65)).is_err());
+        assert!(check(|u| u.initial_concurrency = Some(64)).is_ok());
+        assert!(check(|u| u.timeout = Duration::ZERO).is_err());
+        assert!(check(|u| u.max_attempts = 0).is_err());
+        assert!(check(|u| u.backoff_base = Duration::from_secs(31)).is_err());
+        assert!(check(|u| u.backoff_base = Duration::ZERO).is_ok());
+        assert!(check(|u| u.api_key_env = Some(String::new())).is_err());
+        assert!(check(|u| u.api_key_env = Some("A=B".into())).is_err());
+        assert!(check(|u| u.api_key_env = Some("OPENAI_API_KEY".into())).is_ok());
+
+        let small = UpstreamConfig {
+            max_concurrency: 4,
+            ..upstream("a", &["m"])
+        };
+        assert_eq!(
+            small.initial_limit(),
+            4,
+            "the default start is capped by the max"
+        );
+    }
+
+    #[test]
+    fn base_urls_are_checked() {
+        for good in [
+            "http://127.0.0.1:8000/v1",
+            "https://api.openai.com/v1",
+            "http://vllm",
+            "HTTP://host:1/",
+            "http://[::1]:8000/v1",
+            "http://[::1]",
+        ] {
+            assert_eq!(check_base_url(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "127.0.0.1:8000/v1",
+            "ftp://h/v1",
+            "http://",
+            "http:///v1",
+            "http://h:port/v1",
+            "http://h:99999",
+            "http://h:/v1",
+            "http://user:pw@h/v1",
+            "http://h/v1?x=1",
+            "http://h/v1#x",
+            "http://h /v1",
+        ] {
+            assert!(check_base_url(bad).is_err(), "{bad} should be refused");
+        }
+        let e = table(vec![UpstreamConfig::new("a", "h:8000", ["m"])])
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("\"a\"") && e.contains("http://"), "{e}");
+    }
+}

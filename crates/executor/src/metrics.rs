@@ -1,0 +1,67 @@
+//! Every metric the executor exports, by name, and their descriptions.
+//!
+//! Names follow `nightshift_<subsystem>_<name>_<unit>`, counters end in `_total`. Label values
+//! are bounded: `upstream` is an operator-configured name from the routing table, `outcome`
+//! and `reason` come from [`upstream::AttemptKind`](crate::upstream::AttemptKind). Never a
+//! batch, tenant or request id.
+
+/// Label: the upstream's configured name.
+pub const LABEL_UPSTREAM: &str = "upstream";
+/// Label: how one HTTP attempt ended, an [`AttemptKind`](crate::upstream::AttemptKind) name.
+pub const LABEL_OUTCOME: &str = "outcome";
+/// Label: why an attempt is retried, an [`AttemptKind`](crate::upstream::AttemptKind) name.
+pub const LABEL_REASON: &str = "reason";
+
+/// Counter `{upstream, outcome}`: HTTP attempts sent to upstreams, by how they ended. A
+/// request retried twice counts three times.
+pub const UPSTREAM_REQUESTS_TOTAL: &str = "nightshift_executor_upstream_requests_total";
+/// Histogram `{upstream}`, seconds: one attempt, from sending to the last body byte (or the
+/// failure).
+pub const UPSTREAM_REQUEST_DURATION_SECONDS: &str =
+    "nightshift_executor_upstream_request_duration_seconds";
+/// Histogram `{upstream}`, seconds: one attempt, from sending until the response headers
+/// arrived.
+pub const UPSTREAM_TIME_TO_FIRST_BYTE_SECONDS: &str =
+    "nightshift_executor_upstream_time_to_first_byte_seconds";
+/// Counter `{upstream, reason}`: retries scheduled, by the failure that caused them.
+pub const UPSTREAM_RETRIES_TOTAL: &str = "nightshift_executor_upstream_retries_total";
+/// Gauge `{upstream}`: attempts in flight right now (holding a concurrency permit).
+pub const UPSTREAM_IN_FLIGHT: &str = "nightshift_executor_upstream_in_flight";
+/// Gauge `{upstream}`: the adaptive concurrency limit right now.
+pub const UPSTREAM_LIMIT: &str = "nightshift_executor_upstream_limit";
+
+/// Registers units and help texts with the installed recorder. Call once at start-up, after
+/// installing the recorder; recording works without it.
+pub fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        UPSTREAM_REQUESTS_TOTAL,
+        Unit::Count,
+        "HTTP attempts sent to upstreams, by outcome."
+    );
+    describe_histogram!(
+        UPSTREAM_REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "Duration of one upstream attempt, to the last body byte or the failure."
+    );
+    describe_histogram!(
+        UPSTREAM_TIME_TO_FIRST_BYTE_SECONDS,
+        Unit::Seconds,
+        "Time from sending an upstream attempt to its response headers."
+    );
+    describe_counter!(
+        UPSTREAM_RETRIES_TOTAL,
+        Unit::Count,
+        "Upstream retries scheduled, by the failure that caused them."
+    );
+    describe_gauge!(
+        UPSTREAM_IN_FLIGHT,
+        Unit::Count,
+        "Upstream attempts in flight."
+    );
+    describe_gauge!(
+        UPSTREAM_LIMIT,
+        Unit::Count,
+        "Adaptive (AIMD) concurrency limit of each upstream."
+    );
+}
