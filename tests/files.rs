@@ -70,6 +70,7 @@ async fn bad_input_is_a_4xx_and_leaves_nothing_behind() {
     let max = 1024 * 1024;
     let stack = Stack::start(StackOptions {
         max_upload_bytes: max,
+        ..StackOptions::default()
     })
     .await
     .expect("stack");

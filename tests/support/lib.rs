@@ -11,10 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use nightshift_core::routing::{RoutingConfig, UpstreamConfig};
 use nightshift_core::secret::Secret;
 use nightshift_gateway::GatewayConfig;
 use nightshift_metadata::{PgConfig, PgStore};
 use nightshift_proto::v1::CreateTenantRequest;
+use nightshift_scheduler::batches::BatchSettings;
 use nightshift_scheduler::{Ports, SchedulerConfig};
 use nightshift_storage::{ObjectStore, S3Config, S3Store};
 use tokio::net::TcpListener;
@@ -59,16 +61,41 @@ pub fn pg_config() -> PgConfig {
     }
 }
 
+/// Models the test routing table serves (`model_not_found` for anything else).
+pub const TEST_MODELS: [&str; 3] = [
+    "sim-chat",
+    "sim-embed",
+    "meta-llama/Meta-Llama-3.1-8B-Instruct",
+];
+
 /// Knobs a test may turn.
 #[derive(Debug, Clone)]
 pub struct StackOptions {
     pub max_upload_bytes: u64,
+    /// Batch input limits and chunk sizes (small by default, so limits are testable).
+    pub batches: BatchSettings,
+    pub routing: RoutingConfig,
+    pub completion_windows: Vec<String>,
 }
 
 impl Default for StackOptions {
     fn default() -> Self {
         Self {
             max_upload_bytes: GatewayConfig::default().max_upload_bytes,
+            batches: BatchSettings {
+                max_lines: 1000,
+                max_file_bytes: 256 * 1024,
+                chunk_max_lines: 10,
+                ..BatchSettings::default()
+            },
+            routing: RoutingConfig {
+                upstreams: vec![UpstreamConfig::new(
+                    "sim",
+                    "http://127.0.0.1:9/v1",
+                    TEST_MODELS,
+                )],
+            },
+            completion_windows: vec!["24h".into(), "1h".into()],
         }
     }
 }
@@ -124,15 +151,22 @@ impl Stack {
             listen: sched_addr,
             // tests drive sweeps themselves (sweep_once) so nothing races them
             sweep_interval: Duration::from_secs(3600),
+            batches: opts.batches.clone(),
             ..SchedulerConfig::default()
         };
+        let routing = opts.routing.clone();
         let sched_ports = ports.clone();
         tasks.push(tokio::spawn(async move {
-            if let Err(e) =
-                nightshift_scheduler::serve(sched_config, sched_ports, sched_listener, async {
+            if let Err(e) = nightshift_scheduler::serve(
+                sched_config,
+                routing,
+                sched_ports,
+                sched_listener,
+                async {
                     let _ = rx.await;
-                })
-                .await
+                },
+            )
+            .await
             {
                 panic!("scheduler failed: {e}");
             }
@@ -146,6 +180,7 @@ impl Stack {
             listen: gw_addr,
             scheduler_url: format!("http://{sched_addr}"),
             max_upload_bytes: opts.max_upload_bytes,
+            completion_windows: opts.completion_windows.clone(),
             ..GatewayConfig::default()
         };
         let gw_storage: Arc<dyn ObjectStore> = storage.clone();

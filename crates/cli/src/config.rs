@@ -5,6 +5,7 @@ use std::path::Path;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
+use nightshift_core::routing::RoutingConfig;
 use nightshift_gateway::GatewayConfig;
 use nightshift_metadata::PgConfig;
 use nightshift_scheduler::SchedulerConfig;
@@ -23,6 +24,9 @@ pub struct Config {
     pub metadata: PgConfig,
     pub gateway: GatewayConfig,
     pub scheduler: SchedulerConfig,
+    /// Which upstream serves which model (the scheduler validates against it; executors call
+    /// the upstreams).
+    pub routing: RoutingConfig,
 }
 
 impl Config {

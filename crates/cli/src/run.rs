@@ -81,7 +81,18 @@ pub async fn scheduler(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("bind {}", config.scheduler.listen))?;
     let ports = nightshift_scheduler::Ports { metadata, storage };
-    nightshift_scheduler::serve(config.scheduler, ports, listener, shutdown_signal()).await?;
+    config
+        .routing
+        .validate()
+        .map_err(|e| anyhow::anyhow!("routing: {e}"))?;
+    nightshift_scheduler::serve(
+        config.scheduler,
+        config.routing,
+        ports,
+        listener,
+        shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }
 

@@ -15,6 +15,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use nightshift_core::{ApiError, ErrorKind};
+use nightshift_proto::v1::batches_client::BatchesClient;
 use nightshift_proto::v1::files_client::FilesClient;
 use nightshift_proto::v1::tenants_client::TenantsClient;
 use nightshift_storage::ObjectStore;
@@ -33,6 +34,7 @@ use tower_http::request_id::{
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 pub mod auth;
+pub mod batches;
 pub mod error;
 pub mod files;
 mod metrics;
@@ -51,6 +53,8 @@ pub struct GatewayConfig {
     pub max_upload_bytes: u64,
     /// Largest accepted JSON request body, in bytes.
     pub max_json_body_bytes: usize,
+    /// Completion windows clients may ask for (`24h`, and e.g. `1h` or `7d` if allowed).
+    pub completion_windows: Vec<String>,
     /// Deadline of each control-plane call.
     #[serde(with = "humantime_serde")]
     pub control_timeout: Duration,
@@ -63,6 +67,7 @@ impl Default for GatewayConfig {
             scheduler_url: "http://127.0.0.1:50051".into(),
             max_upload_bytes: 2 * 1024 * 1024 * 1024,
             max_json_body_bytes: 1024 * 1024,
+            completion_windows: vec!["24h".into()],
             control_timeout: Duration::from_secs(30),
         }
     }
@@ -90,6 +95,10 @@ impl ControlPlane {
 
     pub fn files(&self) -> FilesClient<Channel> {
         FilesClient::new(self.channel.clone())
+    }
+
+    pub fn batches(&self) -> BatchesClient<Channel> {
+        BatchesClient::new(self.channel.clone())
     }
 
     /// Whether the scheduler answers its health check.
@@ -225,6 +234,9 @@ fn api_routes() -> Router<AppState> {
         )
         .route("/files/{id}", get(files::retrieve).delete(files::delete))
         .route("/files/{id}/content", get(files::content))
+        .route("/batches", get(batches::list).post(batches::create))
+        .route("/batches/{id}", get(batches::retrieve))
+        .route("/batches/{id}/cancel", axum::routing::post(batches::cancel))
 }
 
 /// The whole HTTP application (without the listener), for in-process tests.

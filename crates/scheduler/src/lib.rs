@@ -9,8 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nightshift_core::apikey;
+use nightshift_core::routing::RoutingConfig;
 use nightshift_core::secret::Secret;
 use nightshift_metadata::MetadataStore;
+use nightshift_proto::v1::batches_server::BatchesServer;
 use nightshift_proto::v1::files_server::FilesServer;
 use nightshift_proto::v1::tenants_server::TenantsServer;
 use nightshift_storage::ObjectStore;
@@ -18,6 +20,7 @@ use nightshift_telemetry::Readiness;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
+pub mod batches;
 mod files;
 mod metrics;
 mod sweeper;
@@ -39,6 +42,8 @@ pub struct SchedulerConfig {
     pub sweep_interval: Duration,
     /// Files handled per sweep round.
     pub sweep_batch: u32,
+    /// Batch input limits and chunk sizes.
+    pub batches: batches::BatchSettings,
 }
 
 impl Default for SchedulerConfig {
@@ -49,6 +54,7 @@ impl Default for SchedulerConfig {
             bootstrap_tenant: "default".into(),
             sweep_interval: Duration::from_secs(60),
             sweep_batch: 500,
+            batches: batches::BatchSettings::default(),
         }
     }
 }
@@ -63,7 +69,7 @@ pub struct Ports {
 /// Failures that stop the scheduler from starting or serving.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("bootstrap tenant: {0}")]
+    #[error("metadata store: {0}")]
     Bootstrap(#[from] nightshift_metadata::MetadataError),
     #[error("serve: {0}")]
     Io(#[from] std::io::Error),
@@ -73,6 +79,7 @@ pub enum ServeError {
 /// and stops the background tasks.
 pub async fn serve(
     config: SchedulerConfig,
+    routing: RoutingConfig,
     ports: Ports,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -85,6 +92,15 @@ pub async fn serve(
         tracing::info!(tenant_id = %tenant.id, tenant = %tenant.name, "bootstrap tenant ready");
     }
 
+    let validator = batches::Validator::new(ports.clone(), config.batches.clone(), routing);
+    let recovered = validator.recover().await.map_err(ServeError::Bootstrap)?;
+    if recovered > 0 {
+        tracing::info!(
+            batches = recovered,
+            "resuming validation of batches left validating"
+        );
+    }
+
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<FilesServer<files::FilesService>>()
@@ -94,6 +110,10 @@ pub async fn serve(
             ports.clone(),
         )))
         .add_service(FilesServer::new(files::FilesService::new(ports.clone())))
+        .add_service(BatchesServer::new(batches::BatchesService::new(
+            ports.clone(),
+            validator,
+        )))
         .prepare()
         .into_axum_router();
 

@@ -6,3 +6,7 @@ pub const FILES_DELETED: &str = "nightshift_scheduler_files_deleted_total";
 pub const FILES_SWEPT: &str = "nightshift_scheduler_files_swept_total";
 /// Sweep rounds, by `outcome` (`ok` | `error`).
 pub const SWEEPS: &str = "nightshift_scheduler_sweeps_total";
+/// Batch status transitions, by the status entered (`to`).
+pub const BATCH_TRANSITIONS: &str = "nightshift_scheduler_batch_transitions_total";
+/// Validation errors found in batch inputs, by `code`.
+pub const VALIDATION_ERRORS: &str = "nightshift_scheduler_validation_errors_total";

@@ -1,0 +1,146 @@
+//! `/v1/batches`: create, retrieve, list, cancel.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use nightshift_core::batch::{BatchObject, BatchRecord, CreateBatch, CreateBatchBody};
+use nightshift_core::page::{ListPage, parse_limit};
+use nightshift_core::{ApiError, ErrorKind};
+use nightshift_proto::v1;
+
+use crate::AppState;
+use crate::auth::Tenant;
+use crate::error::{HttpError, HttpResult};
+use crate::files::RawQuery;
+
+/// Parses a JSON request body; every failure is a 400 in OpenAI's words.
+fn parse_body(body: Result<Bytes, BytesRejection>) -> HttpResult<CreateBatchBody> {
+    let body = body.map_err(|e| {
+        HttpError(ApiError::new(
+            ErrorKind::InvalidRequest,
+            format!("Could not read the request body: {}", e.body_text()),
+        ))
+    })?;
+    serde_json::from_slice(&body).map_err(|e| {
+        let text = e.to_string();
+        // serde's "unknown field `x`, expected one of ..." → OpenAI's unrecognized argument.
+        if let Some(rest) = text.strip_prefix("unknown field `")
+            && let Some(name) = rest.split('`').next()
+        {
+            return HttpError(
+                ApiError::new(
+                    ErrorKind::InvalidRequest,
+                    format!("Unrecognized request argument supplied: {name}"),
+                )
+                .with_param(name)
+                .with_code("unknown_parameter"),
+            );
+        }
+        HttpError(ApiError::new(
+            ErrorKind::InvalidRequest,
+            format!(
+                "We could not parse the JSON body of your request. (HINT: This likely means you \
+                 aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.) \
+                 Detail: {text}"
+            ),
+        ))
+    })
+}
+
+fn object(batch: v1::Batch) -> HttpResult<BatchObject> {
+    Ok(BatchRecord::try_from(batch)?.to_object(None))
+}
+
+/// `POST /v1/batches`.
+pub async fn create(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    body: Result<Bytes, BytesRejection>,
+) -> HttpResult<Json<BatchObject>> {
+    let params = CreateBatch::check(parse_body(body)?, &state.config.completion_windows)?;
+    let has_metadata = params.metadata.is_some();
+    let batch = state
+        .control
+        .batches()
+        .create_batch(v1::CreateBatchRequest {
+            tenant_id: tenant.id.to_string(),
+            input_file_id: params.input_file_id,
+            endpoint: params.endpoint,
+            completion_window: params.completion_window.raw,
+            completion_window_seconds: params.completion_window.seconds,
+            metadata: params.metadata.unwrap_or_default().into_iter().collect(),
+            has_metadata,
+            output_expires_after_seconds: params.output_expires_after_secs,
+        })
+        .await?
+        .into_inner();
+    Ok(Json(object(batch)?))
+}
+
+/// `GET /v1/batches/{id}`.
+pub async fn retrieve(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> HttpResult<Json<BatchObject>> {
+    let batch = state
+        .control
+        .batches()
+        .get_batch(v1::GetBatchRequest {
+            tenant_id: tenant.id.to_string(),
+            id,
+        })
+        .await?
+        .into_inner();
+    Ok(Json(object(batch)?))
+}
+
+/// `GET /v1/batches`: newest first, `limit` 1..=100 (default 20), exclusive `after`.
+pub async fn list(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    query: Result<Query<RawQuery>, QueryRejection>,
+) -> HttpResult<Json<ListPage<BatchObject>>> {
+    let Query(q) = query.map_err(|e| {
+        HttpError(ApiError::new(
+            ErrorKind::InvalidRequest,
+            format!("Invalid query string: {}", e.body_text()),
+        ))
+    })?;
+    let limit = parse_limit(q.get("limit").map(String::as_str), 20, 100)?;
+    let resp = state
+        .control
+        .batches()
+        .list_batches(v1::ListBatchesRequest {
+            tenant_id: tenant.id.to_string(),
+            limit,
+            after: q.get("after").filter(|a| !a.is_empty()).cloned(),
+        })
+        .await?
+        .into_inner();
+    let data = resp
+        .batches
+        .into_iter()
+        .map(object)
+        .collect::<HttpResult<Vec<_>>>()?;
+    Ok(Json(ListPage::new(data, resp.has_more, |b| b.id.clone())))
+}
+
+/// `POST /v1/batches/{id}/cancel`.
+pub async fn cancel(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> HttpResult<Json<BatchObject>> {
+    let batch = state
+        .control
+        .batches()
+        .cancel_batch(v1::CancelBatchRequest {
+            tenant_id: tenant.id.to_string(),
+            id,
+        })
+        .await?
+        .into_inner();
+    Ok(Json(object(batch)?))
+}
