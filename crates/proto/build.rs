@@ -3,7 +3,7 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let protos = ["nightshift/v1/control.proto"].map(|p| root.join(p));
+    let protos = ["nightshift/v1/control.proto", "nightshift/v1/queue.proto"].map(|p| root.join(p));
     for p in &protos {
         println!("cargo:rerun-if-changed={}", p.display());
     }

@@ -296,6 +296,49 @@ fn check_output_expiry(map: serde_json::Map<String, serde_json::Value>) -> Resul
     }
 }
 
+/// Object key of a chunk's result part: one object per chunk, holding its output and error
+/// lines together, written whole. A redelivered chunk overwrites it, so the finalizer, which
+/// reads exactly one part per chunk, never sees a line twice.
+pub fn part_key(batch: &BatchId, chunk_index: u32) -> String {
+    format!("{}{chunk_index:08}.jsonl", parts_prefix(batch))
+}
+
+/// Prefix of every result part of a batch.
+pub fn parts_prefix(batch: &BatchId) -> String {
+    format!("batches/{batch}/parts/")
+}
+
+/// Which of a batch's two result files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResultFile {
+    Output,
+    Error,
+}
+
+impl ResultFile {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Output => "output",
+            Self::Error => "error",
+        }
+    }
+
+    /// The file's id, derived from the batch's: a finalizer that crashes and runs again
+    /// rewrites the same objects and commits the same ids, leaving no orphan behind.
+    pub fn file_id(self, batch: &BatchId) -> FileId {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(format!("{batch}:{}", self.as_str()).as_bytes());
+        let id = format!("file-{}", &hex::encode(digest)[..24]);
+        FileId::parse(&id).unwrap_or_else(|_| FileId::generate())
+    }
+
+    /// `batch_<batch id>_output.jsonl` / `batch_<batch id>_error.jsonl` (the batch id already
+    /// starts with `batch_`).
+    pub fn filename(self, batch: &BatchId) -> String {
+        format!("{batch}_{}.jsonl", self.as_str())
+    }
+}
+
 /// The request counts of a batch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestCounts {
@@ -521,6 +564,27 @@ mod tests {
         assert!(check(with("metadata", long_key)).is_err());
         let e = serde_json::from_value::<CreateBatchBody>(with("surprise", json!(1))).unwrap_err();
         assert!(e.to_string().contains("surprise"));
+    }
+
+    #[test]
+    fn result_files_are_deterministic_per_batch() {
+        let b = BatchId::parse("batch_abc").unwrap();
+        assert_eq!(
+            ResultFile::Output.file_id(&b),
+            ResultFile::Output.file_id(&b)
+        );
+        assert_ne!(
+            ResultFile::Output.file_id(&b),
+            ResultFile::Error.file_id(&b)
+        );
+        let other = BatchId::parse("batch_abd").unwrap();
+        assert_ne!(
+            ResultFile::Output.file_id(&b),
+            ResultFile::Output.file_id(&other)
+        );
+        assert_eq!(ResultFile::Error.filename(&b), "batch_abc_error.jsonl");
+        assert_eq!(part_key(&b, 7), "batches/batch_abc/parts/00000007.jsonl");
+        assert!(part_key(&b, 7).starts_with(&parts_prefix(&b)));
     }
 
     #[test]

@@ -94,6 +94,70 @@ pub enum CancelOutcome {
     Terminal(BatchRecord),
 }
 
+/// How a finished batch ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    Completed,
+    Expired,
+    Cancelled,
+}
+
+impl Ending {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Completed => "completed",
+            Self::Expired => "expired",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// The ending of a batch that is being finalized.
+    pub fn of(batch: &BatchRecord, expiring: bool) -> Self {
+        if batch.status == BatchStatus::Cancelling {
+            Self::Cancelled
+        } else if expiring {
+            Self::Expired
+        } else {
+            Self::Completed
+        }
+    }
+}
+
+/// A batch with work left to hand out, as the dispatcher sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DispatchCandidate {
+    pub batch: BatchRecord,
+    /// Chunks handed out and not yet done.
+    pub in_flight: u32,
+    /// Chunks not yet handed out.
+    pub pending: u32,
+}
+
+/// A chunk and whether its result part exists.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChunkState {
+    pub span: ChunkSpan,
+    pub done: bool,
+}
+
+/// A file produced by finalization.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProducedFile {
+    pub id: FileId,
+    pub bytes: u64,
+}
+
+/// What the finalizer commits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchCommit {
+    pub batch: BatchId,
+    pub output_file: Option<ProducedFile>,
+    pub error_file: Option<ProducedFile>,
+    pub completed: u64,
+    pub failed: u64,
+    pub usage: nightshift_core::results::Usage,
+}
+
 /// The metadata port.
 #[async_trait]
 pub trait MetadataStore: Send + Sync + fmt::Debug + 'static {
@@ -181,4 +245,41 @@ pub trait MetadataStore: Send + Sync + fmt::Debug + 'static {
 
     /// A batch's chunks in order.
     async fn chunks(&self, id: &BatchId) -> Result<Vec<ChunkSpan>>;
+
+    /// A batch's chunks in order, with whether each is done.
+    async fn chunk_states(&self, id: &BatchId) -> Result<Vec<ChunkState>>;
+
+    /// Every `in_progress` batch with its in-flight and pending chunk counts (those already
+    /// ending included, with their in-flight chunks, since they still occupy executors).
+    async fn dispatch_candidates(&self) -> Result<Vec<DispatchCandidate>>;
+
+    /// Hands out the batch's next pending chunk (lowest index): `pending` → `dispatched`.
+    /// `None` when none is left or the batch no longer runs (cancelled, expiring).
+    async fn claim_next_chunk(&self, id: &BatchId) -> Result<Option<ChunkSpan>>;
+
+    /// Chunks handed out and not done (re-published after a scheduler restart).
+    async fn dispatched_chunks(&self, id: &BatchId) -> Result<Vec<ChunkSpan>>;
+
+    /// Marks a chunk done. Idempotent: `false` if it already was (a redelivered result).
+    async fn complete_chunk(&self, id: &BatchId, index: u32) -> Result<bool>;
+
+    /// Marks every `in_progress` batch whose deadline has passed as expiring (no more chunks
+    /// are handed out) and returns them.
+    async fn expire_due(&self, now: i64) -> Result<Vec<BatchRecord>>;
+
+    /// Asks for finalization once no chunk is in flight and nothing more will run: every
+    /// chunk done (`in_progress` → `finalizing`), or the batch expiring (→ `finalizing`) or
+    /// `cancelling` (stays). At most once per batch: `None` if not ready or already asked.
+    async fn request_finalize(&self, id: &BatchId, now: i64) -> Result<Option<BatchRecord>>;
+
+    /// Batches asked to finalize and not yet terminal (a restart asks again).
+    async fn finalize_requested(&self) -> Result<Vec<BatchRecord>>;
+
+    /// How a batch being finalized ends; `None` if it is not being finalized.
+    async fn ending(&self, id: &BatchId) -> Result<Option<Ending>>;
+
+    /// Records the result files and the terminal state in one transaction at `now`.
+    /// Compare-and-set on `finalizing`/`cancelling`: a batch already terminal is returned
+    /// unchanged (a redelivered finalize job).
+    async fn commit_batch(&self, commit: &BatchCommit, now: i64) -> Result<Option<BatchRecord>>;
 }

@@ -20,8 +20,8 @@ use nightshift_core::results::Usage;
 use nightshift_core::validation::BatchError;
 
 use crate::{
-    BatchPage, CancelOutcome, FilePage, FileQuery, MetadataError, MetadataStore, Result, Tenant,
-    ValidationOutcome,
+    BatchCommit, BatchPage, CancelOutcome, ChunkState, DispatchCandidate, Ending, FilePage,
+    FileQuery, MetadataError, MetadataStore, Result, Tenant, ValidationOutcome,
 };
 
 /// Columns of a batch, in the order [`batch_from_row`] reads them by name.
@@ -80,6 +80,21 @@ fn batch_from_row(row: &PgRow) -> Result<BatchRecord> {
             failed: count_col(row, "failed")?,
         },
         usage,
+    })
+}
+
+fn span_from_row(r: &PgRow) -> Result<ChunkSpan> {
+    let idx: i32 = r.try_get("idx").map_err(backend)?;
+    let start: i64 = r.try_get("byte_start").map_err(backend)?;
+    let end: i64 = r.try_get("byte_end").map_err(backend)?;
+    let first: i64 = r.try_get("first_line").map_err(backend)?;
+    let count: i32 = r.try_get("line_count").map_err(backend)?;
+    Ok(ChunkSpan {
+        index: idx as u32,
+        byte_start: start as u64,
+        byte_end: end as u64,
+        first_line: first as u64,
+        line_count: count as u32,
     })
 }
 
@@ -598,21 +613,223 @@ impl MetadataStore for PgStore {
         .fetch_all(&self.pool)
         .await
         .map_err(backend)?;
+        rows.iter().map(span_from_row).collect()
+    }
+
+    async fn chunk_states(&self, id: &BatchId) -> Result<Vec<ChunkState>> {
+        let rows = sqlx::query(
+            "SELECT idx, byte_start, byte_end, first_line, line_count, state FROM chunks \
+             WHERE batch_id = $1 ORDER BY idx",
+        )
+        .bind(id.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend)?;
         rows.iter()
             .map(|r| {
-                let idx: i32 = r.try_get("idx").map_err(backend)?;
-                let start: i64 = r.try_get("byte_start").map_err(backend)?;
-                let end: i64 = r.try_get("byte_end").map_err(backend)?;
-                let first: i64 = r.try_get("first_line").map_err(backend)?;
-                let count: i32 = r.try_get("line_count").map_err(backend)?;
-                Ok(ChunkSpan {
-                    index: idx as u32,
-                    byte_start: start as u64,
-                    byte_end: end as u64,
-                    first_line: first as u64,
-                    line_count: count as u32,
+                let state: String = r.try_get("state").map_err(backend)?;
+                Ok(ChunkState {
+                    span: span_from_row(r)?,
+                    done: state == "done",
                 })
             })
             .collect()
+    }
+
+    async fn dispatch_candidates(&self) -> Result<Vec<DispatchCandidate>> {
+        let sql = format!(
+            "SELECT {BATCH_COLUMNS}, \
+             (SELECT count(*) FROM chunks c WHERE c.batch_id = b.id AND c.state = 'dispatched') AS in_flight, \
+             (SELECT count(*) FROM chunks c WHERE c.batch_id = b.id AND c.state = 'pending') AS pending \
+             FROM batches b WHERE status = 'in_progress' ORDER BY created_at_us, id"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.iter()
+            .map(|r| {
+                let in_flight: i64 = r.try_get("in_flight").map_err(backend)?;
+                let pending: i64 = r.try_get("pending").map_err(backend)?;
+                let ending: Option<String> = r.try_get("ending").map_err(backend)?;
+                Ok(DispatchCandidate {
+                    batch: batch_from_row(r)?,
+                    in_flight: in_flight as u32,
+                    // an expiring batch hands out nothing more
+                    pending: if ending.is_some() { 0 } else { pending as u32 },
+                })
+            })
+            .collect()
+    }
+
+    async fn claim_next_chunk(&self, id: &BatchId) -> Result<Option<ChunkSpan>> {
+        let row = sqlx::query(
+            "UPDATE chunks SET state = 'dispatched' WHERE (batch_id, idx) = ( \
+               SELECT c.batch_id, c.idx FROM chunks c JOIN batches b ON b.id = c.batch_id \
+               WHERE c.batch_id = $1 AND c.state = 'pending' AND b.status = 'in_progress' \
+               AND b.ending IS NULL ORDER BY c.idx LIMIT 1 FOR UPDATE OF c SKIP LOCKED) \
+             RETURNING idx, byte_start, byte_end, first_line, line_count",
+        )
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(backend)?;
+        row.as_ref().map(span_from_row).transpose()
+    }
+
+    async fn dispatched_chunks(&self, id: &BatchId) -> Result<Vec<ChunkSpan>> {
+        let rows = sqlx::query(
+            "SELECT idx, byte_start, byte_end, first_line, line_count FROM chunks \
+             WHERE batch_id = $1 AND state = 'dispatched' ORDER BY idx",
+        )
+        .bind(id.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend)?;
+        rows.iter().map(span_from_row).collect()
+    }
+
+    async fn complete_chunk(&self, id: &BatchId, index: u32) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE chunks SET state = 'done' WHERE batch_id = $1 AND idx = $2 AND state <> 'done'",
+        )
+        .bind(id.as_str())
+        .bind(index as i32)
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn expire_due(&self, now: i64) -> Result<Vec<BatchRecord>> {
+        let sql = format!(
+            "UPDATE batches SET ending = 'expired' WHERE status = 'in_progress' \
+             AND ending IS NULL AND expires_at <= $1 RETURNING {BATCH_COLUMNS}"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.iter().map(batch_from_row).collect()
+    }
+
+    async fn request_finalize(&self, id: &BatchId, now: i64) -> Result<Option<BatchRecord>> {
+        let sql = format!(
+            "UPDATE batches SET finalize_requested_at = $2, \
+               finalizing_at = CASE WHEN status = 'in_progress' THEN $2 ELSE finalizing_at END, \
+               status = CASE WHEN status = 'in_progress' THEN 'finalizing' ELSE status END \
+             WHERE id = $1 AND finalize_requested_at IS NULL \
+               AND status IN ('in_progress', 'cancelling') \
+               AND NOT EXISTS (SELECT 1 FROM chunks WHERE batch_id = $1 AND state = 'dispatched') \
+               AND (status = 'cancelling' OR ending IS NOT NULL \
+                    OR NOT EXISTS (SELECT 1 FROM chunks WHERE batch_id = $1 AND state <> 'done')) \
+             RETURNING {BATCH_COLUMNS}"
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(id.as_str())
+            .bind(now)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        row.as_ref().map(batch_from_row).transpose()
+    }
+
+    async fn finalize_requested(&self) -> Result<Vec<BatchRecord>> {
+        let sql = format!(
+            "SELECT {BATCH_COLUMNS} FROM batches WHERE finalize_requested_at IS NOT NULL \
+             AND status IN ('finalizing', 'cancelling') ORDER BY finalize_requested_at"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.iter().map(batch_from_row).collect()
+    }
+
+    async fn ending(&self, id: &BatchId) -> Result<Option<Ending>> {
+        let row = sqlx::query("SELECT status, ending FROM batches WHERE id = $1")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        let Some(row) = row else { return Ok(None) };
+        let status: String = row.try_get("status").map_err(backend)?;
+        let ending: Option<String> = row.try_get("ending").map_err(backend)?;
+        Ok(match status.as_str() {
+            "cancelling" => Some(Ending::Cancelled),
+            "finalizing" if ending.as_deref() == Some("expired") => Some(Ending::Expired),
+            "finalizing" => Some(Ending::Completed),
+            _ => None,
+        })
+    }
+
+    async fn commit_batch(&self, c: &BatchCommit, now: i64) -> Result<Option<BatchRecord>> {
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        let sql = format!("SELECT {BATCH_COLUMNS}, ending FROM batches WHERE id = $1 FOR UPDATE");
+        let Some(row) = sqlx::query(AssertSqlSafe(sql))
+            .bind(c.batch.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend)?
+        else {
+            return Ok(None);
+        };
+        let batch = batch_from_row(&row)?;
+        if batch.status.is_terminal() {
+            return Ok(Some(batch));
+        }
+        let ending: Option<String> = row.try_get("ending").map_err(backend)?;
+        let (status, stamp_col) = match batch.status {
+            BatchStatus::Cancelling => ("cancelled", "cancelled_at"),
+            BatchStatus::Finalizing if ending.as_deref() == Some("expired") => {
+                ("expired", "expired_at")
+            }
+            BatchStatus::Finalizing => ("completed", "completed_at"),
+            other => {
+                return Err(MetadataError::Backend(format!(
+                    "commit of batch {} in status {other}",
+                    c.batch
+                )));
+            }
+        };
+        let created_at_us = nightshift_core::time::now_unix_micros();
+        for (file, kind) in [(&c.output_file, "output"), (&c.error_file, "error")] {
+            let Some(file) = file else { continue };
+            sqlx::query(
+                "INSERT INTO files (id, tenant_id, bytes, created_at_us, expires_at, filename, \
+                 purpose, storage_key) VALUES ($1, $2, $3, $4, $5, $6, 'batch_output', $7) \
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(file.id.as_str())
+            .bind(batch.tenant_id.as_str())
+            .bind(to_i64(file.bytes, "file size")?)
+            .bind(created_at_us)
+            .bind(now + batch.output_expires_after_secs)
+            .bind(format!("{}_{kind}.jsonl", batch.id))
+            .bind(nightshift_core::file::FileRecord::storage_key_for(&file.id))
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        }
+        let sql = format!(
+            "UPDATE batches SET status = $2, {stamp_col} = $3, output_file_id = $4, \
+             error_file_id = $5, completed = $6, failed = $7, usage = $8 WHERE id = $1 \
+             RETURNING {BATCH_COLUMNS}"
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(c.batch.as_str())
+            .bind(status)
+            .bind(now)
+            .bind(c.output_file.as_ref().map(|f| f.id.to_string()))
+            .bind(c.error_file.as_ref().map(|f| f.id.to_string()))
+            .bind(to_i64(c.completed, "completed")?)
+            .bind(to_i64(c.failed, "failed")?)
+            .bind(to_json(&c.usage)?)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(backend)?;
+        tx.commit().await.map_err(backend)?;
+        batch_from_row(&row).map(Some)
     }
 }
