@@ -14,10 +14,13 @@ use anyhow::{Context, bail};
 use nightshift_core::routing::{RoutingConfig, UpstreamConfig};
 use nightshift_core::secret::Secret;
 use nightshift_gateway::GatewayConfig;
+use nightshift_inference_sim::SimConfig;
 use nightshift_metadata::{PgConfig, PgStore};
 use nightshift_proto::v1::CreateTenantRequest;
+use nightshift_queue::{QueueConfig, RabbitQueue};
 use nightshift_scheduler::batches::BatchSettings;
 use nightshift_scheduler::{Ports, SchedulerConfig};
+use nightshift_state::{RedisState, StateConfig};
 use nightshift_storage::{ObjectStore, S3Config, S3Store};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -74,8 +77,11 @@ pub struct StackOptions {
     pub max_upload_bytes: u64,
     /// Batch input limits and chunk sizes (small by default, so limits are testable).
     pub batches: BatchSettings,
-    pub routing: RoutingConfig,
+    /// Upstreams; `None` = one upstream serving [`TEST_MODELS`] at the in-process simulator.
+    pub routing: Option<RoutingConfig>,
     pub completion_windows: Vec<String>,
+    /// The in-process inference simulator's behaviour.
+    pub sim: SimConfig,
 }
 
 impl Default for StackOptions {
@@ -88,14 +94,9 @@ impl Default for StackOptions {
                 chunk_max_lines: 10,
                 ..BatchSettings::default()
             },
-            routing: RoutingConfig {
-                upstreams: vec![UpstreamConfig::new(
-                    "sim",
-                    "http://127.0.0.1:9/v1",
-                    TEST_MODELS,
-                )],
-            },
+            routing: None,
             completion_windows: vec!["24h".into(), "1h".into()],
+            sim: SimConfig::default(),
         }
     }
 }
@@ -107,7 +108,11 @@ pub struct Stack {
     /// The object store under this test's prefix.
     pub storage: Arc<S3Store>,
     pub metadata: Arc<PgStore>,
+    pub queue: Arc<RabbitQueue>,
+    pub state: Arc<RedisState>,
     pub ports: Ports,
+    /// The simulator's base URL (`http://127.0.0.1:<port>`).
+    pub sim_origin: String,
     pub scheduler_url: String,
     /// Unique per test: object-storage prefix and tenant names.
     pub prefix: String,
@@ -136,12 +141,54 @@ impl Stack {
                 .await
                 .context("postgres is not reachable: run `make up` (or `make test`)")?,
         );
+        let queue = Arc::new(
+            RabbitQueue::connect(&QueueConfig {
+                prefix: format!("e2e-{}", uuid::Uuid::new_v4()),
+                ..QueueConfig::default()
+            })
+            .await
+            .context("rabbitmq is not reachable: run `make up` (or `make test`)")?,
+        );
+        let state = Arc::new(
+            RedisState::connect(&StateConfig {
+                key_prefix: format!("e2e:{}:", uuid::Uuid::new_v4()),
+                ttl: Duration::from_secs(3600),
+                ..StateConfig::default()
+            })
+            .await
+            .context("redis is not reachable: run `make up` (or `make test`)")?,
+        );
         let ports = Ports {
             metadata: metadata.clone(),
             storage: storage.clone(),
+            queue: queue.clone(),
+            state: state.clone(),
         };
         let mut stops = Vec::new();
         let mut tasks = Vec::new();
+
+        let sim_listener = TcpListener::bind("127.0.0.1:0").await?;
+        let sim_origin = format!("http://{}", sim_listener.local_addr()?);
+        let (tx, rx) = oneshot::channel::<()>();
+        stops.push(tx);
+        let sim_config = opts.sim.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = nightshift_inference_sim::serve(sim_config, sim_listener, async {
+                let _ = rx.await;
+            })
+            .await
+            {
+                panic!("inference simulator failed: {e}");
+            }
+        }));
+        let routing = opts.routing.clone().unwrap_or_else(|| RoutingConfig {
+            upstreams: vec![UpstreamConfig {
+                max_attempts: 3,
+                backoff_base: Duration::from_millis(5),
+                backoff_max: Duration::from_millis(50),
+                ..UpstreamConfig::new("sim", format!("{sim_origin}/v1"), TEST_MODELS)
+            }],
+        });
 
         let sched_listener = TcpListener::bind("127.0.0.1:0").await?;
         let sched_addr = sched_listener.local_addr()?;
@@ -152,14 +199,19 @@ impl Stack {
             // tests drive sweeps themselves (sweep_once) so nothing races them
             sweep_interval: Duration::from_secs(3600),
             batches: opts.batches.clone(),
+            pipeline: nightshift_scheduler::pipeline::PipelineSettings {
+                dispatch_interval: Duration::from_millis(100),
+                expiry_interval: Duration::from_millis(200),
+                ..Default::default()
+            },
             ..SchedulerConfig::default()
         };
-        let routing = opts.routing.clone();
+        let sched_routing = routing.clone();
         let sched_ports = ports.clone();
         tasks.push(tokio::spawn(async move {
             if let Err(e) = nightshift_scheduler::serve(
                 sched_config,
-                routing,
+                sched_routing,
                 sched_ports,
                 sched_listener,
                 async {
@@ -184,11 +236,13 @@ impl Stack {
             ..GatewayConfig::default()
         };
         let gw_storage: Arc<dyn ObjectStore> = storage.clone();
+        let gw_state: Arc<dyn nightshift_state::LiveState> = state.clone();
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = nightshift_gateway::serve(gw_config, gw_storage, gw_listener, async {
-                let _ = rx.await;
-            })
-            .await
+            if let Err(e) =
+                nightshift_gateway::serve(gw_config, gw_storage, gw_state, gw_listener, async {
+                    let _ = rx.await;
+                })
+                .await
             {
                 panic!("gateway failed: {e}");
             }
@@ -198,7 +252,10 @@ impl Stack {
             origin: format!("http://{gw_addr}"),
             storage,
             metadata,
+            queue,
+            state,
             ports,
+            sim_origin,
             scheduler_url: format!("http://{sched_addr}"),
             prefix,
             stops,
@@ -293,6 +350,7 @@ impl Stack {
             task.await?;
         }
         self.storage.delete_prefix("").await?;
+        self.queue.delete_all().await?;
         Ok(())
     }
 }

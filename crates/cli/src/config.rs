@@ -8,7 +8,9 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use nightshift_core::routing::RoutingConfig;
 use nightshift_gateway::GatewayConfig;
 use nightshift_metadata::PgConfig;
+use nightshift_queue::QueueConfig;
 use nightshift_scheduler::SchedulerConfig;
+use nightshift_state::StateConfig;
 use nightshift_storage::S3Config;
 use nightshift_telemetry::TelemetryConfig;
 use serde::{Deserialize, Serialize};
@@ -22,6 +24,10 @@ pub struct Config {
     pub storage: S3Config,
     /// PostgreSQL (the scheduler's only).
     pub metadata: PgConfig,
+    /// RabbitMQ: chunk tasks, chunk results, finalize jobs.
+    pub queue: QueueConfig,
+    /// Redis: live counts and cancel flags.
+    pub state: StateConfig,
     pub gateway: GatewayConfig,
     pub scheduler: SchedulerConfig,
     /// Which upstream serves which model (the scheduler validates against it; executors call

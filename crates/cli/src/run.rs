@@ -7,6 +7,8 @@ use anyhow::Context;
 use clap::Subcommand;
 use nightshift_metadata::PgStore;
 use nightshift_proto::v1::CreateTenantRequest;
+use nightshift_queue::RabbitQueue;
+use nightshift_state::RedisState;
 use nightshift_storage::S3Store;
 use tokio::net::TcpListener;
 
@@ -59,13 +61,30 @@ async fn storage(config: &Config) -> anyhow::Result<Arc<S3Store>> {
     ))
 }
 
+async fn queue(config: &Config) -> anyhow::Result<Arc<RabbitQueue>> {
+    Ok(Arc::new(
+        RabbitQueue::connect(&config.queue)
+            .await
+            .context("work queue (RabbitMQ)")?,
+    ))
+}
+
+async fn live_state(config: &Config) -> anyhow::Result<Arc<RedisState>> {
+    Ok(Arc::new(
+        RedisState::connect(&config.state)
+            .await
+            .context("live state (Redis)")?,
+    ))
+}
+
 pub async fn gateway(config: Config) -> anyhow::Result<()> {
     nightshift_telemetry::init(&config.telemetry);
     let storage = storage(&config).await?;
+    let live = live_state(&config).await?;
     let listener = TcpListener::bind(config.gateway.listen)
         .await
         .with_context(|| format!("bind {}", config.gateway.listen))?;
-    nightshift_gateway::serve(config.gateway, storage, listener, shutdown_signal()).await?;
+    nightshift_gateway::serve(config.gateway, storage, live, listener, shutdown_signal()).await?;
     Ok(())
 }
 
@@ -80,7 +99,12 @@ pub async fn scheduler(config: Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.scheduler.listen)
         .await
         .with_context(|| format!("bind {}", config.scheduler.listen))?;
-    let ports = nightshift_scheduler::Ports { metadata, storage };
+    let ports = nightshift_scheduler::Ports {
+        metadata,
+        storage,
+        queue: queue(&config).await?,
+        state: live_state(&config).await?,
+    };
     config
         .routing
         .validate()

@@ -4,7 +4,9 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use nightshift_core::batch::{BatchObject, BatchRecord, CreateBatch, CreateBatchBody};
+use nightshift_core::batch::{
+    BatchObject, BatchRecord, CreateBatch, CreateBatchBody, RequestCounts,
+};
 use nightshift_core::page::{ListPage, parse_limit};
 use nightshift_core::{ApiError, ErrorKind};
 use nightshift_proto::v1;
@@ -52,6 +54,48 @@ fn object(batch: v1::Batch) -> HttpResult<BatchObject> {
     Ok(BatchRecord::try_from(batch)?.to_object(None))
 }
 
+/// The Batch objects of `batches`, with live counts and usage for those still running (one
+/// Redis round trip for all). Redis is only the live view: if it does not answer, the stored
+/// numbers are shown rather than failing the read.
+async fn with_live(state: &AppState, batches: Vec<v1::Batch>) -> HttpResult<Vec<BatchObject>> {
+    let records = batches
+        .into_iter()
+        .map(BatchRecord::try_from)
+        .collect::<Result<Vec<_>, _>>()?;
+    let running: Vec<&str> = records
+        .iter()
+        .filter(|b| !b.status.is_terminal())
+        .map(|b| b.id.as_str())
+        .collect();
+    let mut live = std::collections::HashMap::new();
+    if !running.is_empty() {
+        match state.live.counts_many(&running).await {
+            Ok(counts) => {
+                for (id, c) in running.iter().zip(counts) {
+                    live.insert(id.to_string(), c);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "live counts unavailable; showing stored counts"),
+        }
+    }
+    Ok(records
+        .iter()
+        .map(|b| {
+            let counts = live.get(b.id.as_str()).map(|c| {
+                (
+                    RequestCounts {
+                        total: b.request_counts.total,
+                        completed: c.completed,
+                        failed: c.failed,
+                    },
+                    c.usage,
+                )
+            });
+            b.to_object(counts)
+        })
+        .collect())
+}
+
 /// `POST /v1/batches`.
 pub async fn create(
     State(state): State<AppState>,
@@ -93,7 +137,11 @@ pub async fn retrieve(
         })
         .await?
         .into_inner();
-    Ok(Json(object(batch)?))
+    let mut objects = with_live(&state, vec![batch]).await?;
+    objects
+        .pop()
+        .map(Json)
+        .ok_or_else(|| HttpError(ApiError::internal("empty batch lookup")))
 }
 
 /// `GET /v1/batches`: newest first, `limit` 1..=100 (default 20), exclusive `after`.
@@ -119,11 +167,7 @@ pub async fn list(
         })
         .await?
         .into_inner();
-    let data = resp
-        .batches
-        .into_iter()
-        .map(object)
-        .collect::<HttpResult<Vec<_>>>()?;
+    let data = with_live(&state, resp.batches).await?;
     Ok(Json(ListPage::new(data, resp.has_more, |b| b.id.clone())))
 }
 

@@ -18,6 +18,7 @@ use nightshift_core::{ApiError, ErrorKind};
 use nightshift_proto::v1::batches_client::BatchesClient;
 use nightshift_proto::v1::files_client::FilesClient;
 use nightshift_proto::v1::tenants_client::TenantsClient;
+use nightshift_state::LiveState;
 use nightshift_storage::ObjectStore;
 use nightshift_telemetry::Readiness;
 use rand::Rng;
@@ -121,6 +122,8 @@ pub struct AppState {
     pub config: Arc<GatewayConfig>,
     pub control: ControlPlane,
     pub storage: Arc<dyn ObjectStore>,
+    /// Live request counts and usage of running batches.
+    pub live: Arc<dyn LiveState>,
 }
 
 /// Request ids: `req_` + 24 alphanumerics, unless the client sent its own `x-request-id`.
@@ -283,14 +286,19 @@ pub fn app(state: AppState, readiness: Readiness) -> Router {
 pub async fn serve(
     config: GatewayConfig,
     storage: Arc<dyn ObjectStore>,
+    live: Arc<dyn LiveState>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let control = ControlPlane::connect_lazy(&config.scheduler_url, config.control_timeout)
         .map_err(|e| std::io::Error::other(format!("scheduler_url: {e}")))?;
     let readiness = {
-        let (c, s) = (control.clone(), storage.clone());
+        let (c, s, l) = (control.clone(), storage.clone(), live.clone());
         Readiness::new()
+            .check("live_state", move || {
+                let l = l.clone();
+                async move { l.ping().await.map_err(|e| e.to_string()) }
+            })
             .check("scheduler", move || {
                 let c = c.clone();
                 async move { c.ping().await }
@@ -304,6 +312,7 @@ pub async fn serve(
         config: Arc::new(config),
         control,
         storage,
+        live,
     };
     tracing::info!(addr = %listener.local_addr()?, "gateway listening");
     axum::serve(listener, app(state, readiness))

@@ -257,6 +257,9 @@ pub trait MetadataStore: Send + Sync + fmt::Debug + 'static {
     /// `None` when none is left or the batch no longer runs (cancelled, expiring).
     async fn claim_next_chunk(&self, id: &BatchId) -> Result<Option<ChunkSpan>>;
 
+    /// Puts a handed-out chunk back to `pending` (its task could not be published).
+    async fn release_chunk(&self, id: &BatchId, index: u32) -> Result<()>;
+
     /// Chunks handed out and not done (re-published after a scheduler restart).
     async fn dispatched_chunks(&self, id: &BatchId) -> Result<Vec<ChunkSpan>>;
 

@@ -677,6 +677,18 @@ impl MetadataStore for PgStore {
         row.as_ref().map(span_from_row).transpose()
     }
 
+    async fn release_chunk(&self, id: &BatchId, index: u32) -> Result<()> {
+        sqlx::query(
+            "UPDATE chunks SET state = 'pending' WHERE batch_id = $1 AND idx = $2 AND state = 'dispatched'",
+        )
+        .bind(id.as_str())
+        .bind(index as i32)
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(())
+    }
+
     async fn dispatched_chunks(&self, id: &BatchId) -> Result<Vec<ChunkSpan>> {
         let rows = sqlx::query(
             "SELECT idx, byte_start, byte_end, first_line, line_count FROM chunks \

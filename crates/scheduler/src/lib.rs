@@ -14,7 +14,10 @@ use nightshift_core::secret::Secret;
 use nightshift_metadata::MetadataStore;
 use nightshift_proto::v1::batches_server::BatchesServer;
 use nightshift_proto::v1::files_server::FilesServer;
+use nightshift_proto::v1::pipeline_server::PipelineServer;
 use nightshift_proto::v1::tenants_server::TenantsServer;
+use nightshift_queue::WorkQueue;
+use nightshift_state::LiveState;
 use nightshift_storage::ObjectStore;
 use nightshift_telemetry::Readiness;
 use serde::{Deserialize, Serialize};
@@ -23,6 +26,7 @@ use tokio::net::TcpListener;
 pub mod batches;
 mod files;
 mod metrics;
+pub mod pipeline;
 mod sweeper;
 mod tenants;
 
@@ -44,6 +48,8 @@ pub struct SchedulerConfig {
     pub sweep_batch: u32,
     /// Batch input limits and chunk sizes.
     pub batches: batches::BatchSettings,
+    /// Dispatch pacing and deadline sweeps.
+    pub pipeline: pipeline::PipelineSettings,
 }
 
 impl Default for SchedulerConfig {
@@ -55,6 +61,7 @@ impl Default for SchedulerConfig {
             sweep_interval: Duration::from_secs(60),
             sweep_batch: 500,
             batches: batches::BatchSettings::default(),
+            pipeline: pipeline::PipelineSettings::default(),
         }
     }
 }
@@ -64,6 +71,10 @@ impl Default for SchedulerConfig {
 pub struct Ports {
     pub metadata: Arc<dyn MetadataStore>,
     pub storage: Arc<dyn ObjectStore>,
+    /// Chunk tasks out, chunk results in, finalize jobs out.
+    pub queue: Arc<dyn WorkQueue>,
+    /// Cancel flags for executors (Postgres stays the truth).
+    pub state: Arc<dyn LiveState>,
 }
 
 /// Failures that stop the scheduler from starting or serving.
@@ -92,13 +103,35 @@ pub async fn serve(
         tracing::info!(tenant_id = %tenant.id, tenant = %tenant.name, "bootstrap tenant ready");
     }
 
-    let validator = batches::Validator::new(ports.clone(), config.batches.clone(), routing);
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let validator =
+        batches::Validator::new(ports.clone(), config.batches.clone(), routing, wake.clone());
     let recovered = validator.recover().await.map_err(ServeError::Bootstrap)?;
     if recovered > 0 {
         tracing::info!(
             batches = recovered,
             "resuming validation of batches left validating"
         );
+    }
+
+    let dispatcher = pipeline::Dispatcher::new(ports.clone(), config.pipeline.clone());
+    match dispatcher.recover().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            chunks = n,
+            "re-published chunks handed out before a restart"
+        ),
+        Err(e) => tracing::warn!(error = %e, "could not re-publish in-flight chunks"),
+    }
+    match ports.metadata.finalize_requested().await {
+        Ok(batches) => {
+            for b in batches {
+                if let Err(e) = pipeline::publish_finalize(&ports, &b).await {
+                    tracing::warn!(batch_id = %b.id, error = %e, "could not re-publish a finalize job");
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not list batches being finalized"),
     }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -114,12 +147,24 @@ pub async fn serve(
             ports.clone(),
             validator,
         )))
+        .add_service(PipelineServer::new(pipeline::PipelineService::new(
+            ports.clone(),
+        )))
         .prepare()
         .into_axum_router();
 
     let readiness = {
         let (m, s) = (ports.metadata.clone(), ports.storage.clone());
+        let (q, st) = (ports.queue.clone(), ports.state.clone());
         Readiness::new()
+            .check("queue", move || {
+                let q = q.clone();
+                async move { q.ping().await.map_err(|e| e.to_string()) }
+            })
+            .check("live_state", move || {
+                let st = st.clone();
+                async move { st.ping().await.map_err(|e| e.to_string()) }
+            })
             .check("metadata", move || {
                 let m = m.clone();
                 async move { m.ping().await.map_err(|e| e.to_string()) }
@@ -136,15 +181,31 @@ pub async fn serve(
         ports.clone(),
         config.sweep_interval,
         config.sweep_batch,
-        stop_rx,
+        stop_rx.clone(),
     ));
+    let background = [
+        sweeper,
+        tokio::spawn(dispatcher.run(wake.clone(), stop_rx.clone())),
+        tokio::spawn(pipeline::consume_results(
+            ports.clone(),
+            wake.clone(),
+            stop_rx.clone(),
+        )),
+        tokio::spawn(pipeline::run_expiry(
+            ports.clone(),
+            config.pipeline.expiry_interval,
+            stop_rx,
+        )),
+    ];
 
     tracing::info!(addr = %listener.local_addr()?, "scheduler listening");
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
     let _ = stop_tx.send(true);
-    let _ = sweeper.await;
+    for task in background {
+        let _ = task.await;
+    }
     tracing::info!("scheduler stopped");
     served.map_err(ServeError::Io)
 }

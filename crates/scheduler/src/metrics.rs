@@ -10,3 +10,7 @@ pub const SWEEPS: &str = "nightshift_scheduler_sweeps_total";
 pub const BATCH_TRANSITIONS: &str = "nightshift_scheduler_batch_transitions_total";
 /// Validation errors found in batch inputs, by `code`.
 pub const VALIDATION_ERRORS: &str = "nightshift_scheduler_validation_errors_total";
+/// Chunk tasks handed out to executors.
+pub const CHUNKS_DISPATCHED: &str = "nightshift_scheduler_chunks_dispatched_total";
+/// Chunks whose result was recorded (each counted once, redeliveries excluded).
+pub const CHUNKS_DONE: &str = "nightshift_scheduler_chunks_done_total";

@@ -152,6 +152,14 @@ impl Batches for BatchesService {
             CancelOutcome::Cancelling(b) => {
                 ::metrics::counter!(metrics::BATCH_TRANSITIONS, "to" => "cancelling").increment(1);
                 tracing::info!(batch_id = %b.id, "batch cancelling");
+                // Executors stop starting this batch's requests when they see the flag.
+                if let Err(e) = self.ports.state.set_cancelled(b.id.as_str()).await {
+                    tracing::warn!(batch_id = %b.id, error = %e, "could not raise the cancel flag; executors will finish their chunks");
+                }
+                // Nothing in flight (validating, or no chunk handed out yet): end it now.
+                if let Err(e) = crate::pipeline::finalize_if_ready(&self.ports, &b.id).await {
+                    tracing::warn!(batch_id = %b.id, error = %e, "finalization of the cancelled batch deferred");
+                }
                 b
             }
             CancelOutcome::AlreadyCancelled(b) => b,

@@ -26,16 +26,24 @@ pub struct Validator {
     settings: Arc<BatchSettings>,
     routing: Arc<RoutingConfig>,
     permits: Arc<Semaphore>,
+    /// Wakes the dispatcher when a batch becomes runnable.
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl Validator {
-    pub fn new(ports: Ports, settings: BatchSettings, routing: RoutingConfig) -> Self {
+    pub fn new(
+        ports: Ports,
+        settings: BatchSettings,
+        routing: RoutingConfig,
+        wake: Arc<tokio::sync::Notify>,
+    ) -> Self {
         let permits = Arc::new(Semaphore::new(settings.validation_concurrency.max(1)));
         Self {
             ports,
             settings: Arc::new(settings),
             routing: Arc::new(routing),
             permits,
+            wake,
         }
     }
 
@@ -77,6 +85,7 @@ impl Validator {
                             model,
                         } => {
                             tracing::info!(batch_id = %done.id, total, chunks = chunks.len(), model = %model, "batch validated");
+                            me.wake.notify_one();
                         }
                     }
                 }

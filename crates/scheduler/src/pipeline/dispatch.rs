@@ -1,0 +1,197 @@
+//! Fair, paced dispatch of chunk tasks.
+//!
+//! For each model, at most `max_in_flight_chunks_per_model` chunks are handed out and not yet
+//! done. Each free slot goes to the tenant that has been served the fewest request lines so
+//! far (virtual-time fair queuing: a tenant that becomes active starts at the current minimum,
+//! so it neither starves others with an old low count nor waits behind their history), and
+//! within a tenant to the batch with the earliest deadline. So a 10-line batch created behind
+//! a 200,000-line batch of another tenant gets the very next free slot.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use nightshift_core::FileId;
+use nightshift_core::TenantId;
+use nightshift_core::batch::BatchRecord;
+use nightshift_core::chunking::ChunkSpan;
+use nightshift_core::file::FileRecord;
+use nightshift_metadata::DispatchCandidate;
+use nightshift_proto::v1::ChunkTask;
+use nightshift_queue::{Headers, QueueKind};
+use prost::Message;
+use tokio::sync::{Notify, watch};
+
+use super::{PipelineSettings, SCHEMA_VERSION};
+use crate::{Ports, metrics};
+
+/// The dispatcher and its fairness state (lines handed out per tenant, in memory: after a
+/// restart every tenant starts even, which is fair enough).
+pub struct Dispatcher {
+    ports: Ports,
+    settings: PipelineSettings,
+    served: HashMap<TenantId, u64>,
+}
+
+impl Dispatcher {
+    pub fn new(ports: Ports, settings: PipelineSettings) -> Self {
+        Self {
+            ports,
+            settings,
+            served: HashMap::new(),
+        }
+    }
+
+    /// Re-publishes the tasks of chunks handed out before a restart (their messages may
+    /// never have reached the queue). Duplicates are harmless: parts are replaced whole,
+    /// counts are per line, chunk completion is idempotent.
+    pub async fn recover(&self) -> Result<usize, String> {
+        let mut n = 0;
+        let candidates = self
+            .ports
+            .metadata
+            .dispatch_candidates()
+            .await
+            .map_err(|e| e.to_string())?;
+        for c in candidates.iter().filter(|c| c.in_flight > 0) {
+            let chunks = self
+                .ports
+                .metadata
+                .dispatched_chunks(&c.batch.id)
+                .await
+                .map_err(|e| e.to_string())?;
+            for span in chunks {
+                self.publish(&c.batch, &span).await?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Runs until `stop` turns true; `wake` makes it look for work at once.
+    pub async fn run(mut self, wake: Arc<Notify>, mut stop: watch::Receiver<bool>) {
+        loop {
+            if let Err(e) = self.round().await {
+                tracing::warn!(error = %e, "dispatch round failed");
+            }
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(self.settings.dispatch_interval) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// One round: fills every model's free slots. Returns how many chunks were handed out.
+    pub async fn round(&mut self) -> Result<usize, String> {
+        let candidates = self
+            .ports
+            .metadata
+            .dispatch_candidates()
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut by_model: HashMap<String, Vec<DispatchCandidate>> = HashMap::new();
+        for c in candidates {
+            let model = c.batch.model.clone().unwrap_or_default();
+            by_model.entry(model).or_default().push(c);
+        }
+        // Tenants with work waiting; a newcomer starts at the current minimum.
+        let active: Vec<TenantId> = by_model
+            .values()
+            .flatten()
+            .filter(|c| c.pending > 0)
+            .map(|c| c.batch.tenant_id.clone())
+            .collect();
+        let floor = active
+            .iter()
+            .filter_map(|t| self.served.get(t).copied())
+            .min()
+            .unwrap_or(0);
+        for t in &active {
+            let v = self.served.entry(t.clone()).or_insert(floor);
+            *v = (*v).max(floor);
+        }
+        self.served.retain(|t, _| active.contains(t));
+
+        let mut handed_out = 0;
+        for (model, mut batches) in by_model {
+            let in_flight: u32 = batches.iter().map(|c| c.in_flight).sum();
+            let mut free = self
+                .settings
+                .max_in_flight_chunks_per_model
+                .saturating_sub(in_flight);
+            while free > 0 {
+                // the least-served tenant with work, then its earliest-deadline batch
+                let Some(pick) = batches
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.pending > 0)
+                    .min_by_key(|(_, c)| {
+                        (
+                            self.served.get(&c.batch.tenant_id).copied().unwrap_or(0),
+                            c.batch.expires_at,
+                            c.batch.created_at_us,
+                        )
+                    })
+                    .map(|(i, _)| i)
+                else {
+                    break;
+                };
+                let batch = batches[pick].batch.clone();
+                let claimed = self
+                    .ports
+                    .metadata
+                    .claim_next_chunk(&batch.id)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let Some(span) = claimed else {
+                    batches[pick].pending = 0;
+                    continue;
+                };
+                if let Err(e) = self.publish(&batch, &span).await {
+                    // Put it back: it is handed out again next round.
+                    let _ = self
+                        .ports
+                        .metadata
+                        .release_chunk(&batch.id, span.index)
+                        .await;
+                    return Err(format!("publish chunk task: {e}"));
+                }
+                batches[pick].pending -= 1;
+                *self.served.entry(batch.tenant_id.clone()).or_default() +=
+                    u64::from(span.line_count);
+                ::metrics::counter!(metrics::CHUNKS_DISPATCHED).increment(1);
+                tracing::debug!(batch_id = %batch.id, chunk = span.index, model = %model, "chunk dispatched");
+                free -= 1;
+                handed_out += 1;
+            }
+        }
+        Ok(handed_out)
+    }
+
+    async fn publish(&self, batch: &BatchRecord, span: &ChunkSpan) -> Result<(), String> {
+        let input = FileId::parse(&batch.input_file_id).map_err(|e| e.to_string())?;
+        let task = ChunkTask {
+            schema_version: SCHEMA_VERSION,
+            batch_id: batch.id.to_string(),
+            tenant_id: batch.tenant_id.to_string(),
+            chunk_index: span.index,
+            input_storage_key: FileRecord::storage_key_for(&input),
+            byte_start: span.byte_start,
+            byte_end: span.byte_end,
+            first_line: span.first_line,
+            line_count: span.line_count,
+            endpoint: batch.endpoint.clone(),
+            model: batch.model.clone().unwrap_or_default(),
+            deadline: batch.expires_at,
+        };
+        self.ports
+            .queue
+            .publish(
+                QueueKind::ChunkTasks,
+                task.encode_to_vec().into(),
+                Headers::new(),
+            )
+            .await
+            .map_err(|e| e.to_string())
+    }
+}

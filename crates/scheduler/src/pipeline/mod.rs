@@ -1,0 +1,129 @@
+//! The scheduler's half of running batches: handing chunks out fairly, tracking their
+//! results, expiring batches at their deadline, and asking the finalizer to end them — plus
+//! the gRPC service the finalizer calls back.
+//!
+//! Every step is driven by the metadata store's compare-and-set transitions, so each is safe
+//! to repeat: a redelivered chunk result, a second scheduler, a restart half-way.
+
+mod dispatch;
+mod results;
+mod service;
+
+use std::time::Duration;
+
+use nightshift_core::BatchId;
+use nightshift_core::batch::BatchRecord;
+use nightshift_core::time::now_unix;
+use nightshift_proto::v1::FinalizeJob;
+use nightshift_queue::{Headers, QueueKind};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+
+pub use dispatch::Dispatcher;
+pub use results::consume_results;
+pub use service::PipelineService;
+
+use crate::{Ports, metrics};
+
+/// Version of the queue messages this scheduler writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Dispatch and tracking settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineSettings {
+    /// Chunks of one model handed out and not yet done, across all batches. Enough to keep
+    /// every executor busy (executors × their prefetch), small enough that a new batch's
+    /// first chunk waits behind at most this many.
+    pub max_in_flight_chunks_per_model: u32,
+    /// How often the dispatcher looks for work when nothing wakes it.
+    #[serde(with = "humantime_serde")]
+    pub dispatch_interval: Duration,
+    /// How often deadlines are checked.
+    #[serde(with = "humantime_serde")]
+    pub expiry_interval: Duration,
+}
+
+impl Default for PipelineSettings {
+    fn default() -> Self {
+        Self {
+            max_in_flight_chunks_per_model: 16,
+            dispatch_interval: Duration::from_millis(500),
+            expiry_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Asks the finalizer to end `batch` if it is ready (nothing in flight, nothing more to
+/// run). Safe to call any time, as often as wanted: the store grants it once per batch.
+pub async fn finalize_if_ready(ports: &Ports, batch: &BatchId) -> Result<bool, String> {
+    let Some(b) = ports
+        .metadata
+        .request_finalize(batch, now_unix())
+        .await
+        .map_err(|e| e.to_string())?
+    else {
+        return Ok(false);
+    };
+    publish_finalize(ports, &b).await?;
+    ::metrics::counter!(metrics::BATCH_TRANSITIONS, "to" => b.status.as_str()).increment(1);
+    tracing::info!(batch_id = %b.id, status = %b.status, "batch finalizing");
+    Ok(true)
+}
+
+/// Publishes the finalize job of a batch (again, after a restart: the finalizer is
+/// idempotent).
+pub async fn publish_finalize(ports: &Ports, batch: &BatchRecord) -> Result<(), String> {
+    let job = FinalizeJob {
+        schema_version: SCHEMA_VERSION,
+        batch_id: batch.id.to_string(),
+    };
+    ports
+        .queue
+        .publish(
+            QueueKind::FinalizeJobs,
+            job.encode_to_vec().into(),
+            Headers::new(),
+        )
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Deadline sweeps: batches past `expires_at` stop receiving chunks and are finalized as
+/// soon as their in-flight chunks come back (executors stop starting requests at the
+/// deadline on their own, so that is quick).
+pub async fn run_expiry(
+    ports: Ports,
+    interval: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => return,
+        }
+        match ports.metadata.expire_due(now_unix()).await {
+            Ok(expired) => {
+                for b in expired {
+                    tracing::info!(batch_id = %b.id, "batch reached its deadline; expiring");
+                    if let Err(e) = finalize_if_ready(&ports, &b.id).await {
+                        tracing::warn!(batch_id = %b.id, error = %e, "could not request finalization");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
+        }
+        // Expiring batches whose last chunks came back are caught by the result consumer;
+        // this sweep also retries any whose request failed earlier.
+        if let Ok(candidates) = ports.metadata.dispatch_candidates().await {
+            for c in candidates
+                .iter()
+                .filter(|c| c.in_flight == 0 && c.pending == 0)
+            {
+                let _ = finalize_if_ready(&ports, &c.batch.id).await;
+            }
+        }
+    }
+}
