@@ -2,8 +2,9 @@
 //!
 //! Names follow `nightshift_<subsystem>_<name>_<unit>`, counters end in `_total`. Label values
 //! are bounded: `upstream` is an operator-configured name from the routing table, `outcome`
-//! and `reason` come from [`upstream::AttemptKind`](crate::upstream::AttemptKind). Never a
-//! batch, tenant or request id.
+//! and `reason` come from [`upstream::AttemptKind`](crate::upstream::AttemptKind),
+//! [`ChunkDisposition`](crate::service::ChunkDisposition) or [`LineKind`](crate::runner::LineKind),
+//! `operation` is one of two fixed names. Never a batch, tenant or request id.
 
 /// Label: the upstream's configured name.
 pub const LABEL_UPSTREAM: &str = "upstream";
@@ -29,6 +30,26 @@ pub const UPSTREAM_RETRIES_TOTAL: &str = "nightshift_executor_upstream_retries_t
 pub const UPSTREAM_IN_FLIGHT: &str = "nightshift_executor_upstream_in_flight";
 /// Gauge `{upstream}`: the adaptive concurrency limit right now.
 pub const UPSTREAM_LIMIT: &str = "nightshift_executor_upstream_limit";
+
+/// Counter `{outcome}`: chunk deliveries handled, by how they were settled: `completed`
+/// (result published, task acked), `requeued` (an infrastructure failure; it comes back),
+/// `dead_lettered` (it can never run: undecodable, invalid), `abandoned` (shutdown
+/// interrupted it; requeued).
+pub const CHUNKS_TOTAL: &str = "nightshift_executor_chunks_total";
+/// Histogram `{outcome}`, seconds: one chunk delivery, from its decoding to its settlement;
+/// `outcome` as for [`CHUNKS_TOTAL`].
+pub const CHUNK_DURATION_SECONDS: &str = "nightshift_executor_chunk_duration_seconds";
+/// Gauge: chunks being handled right now.
+pub const CHUNKS_IN_PROGRESS: &str = "nightshift_executor_chunks_in_progress";
+/// Counter `{outcome}`: result lines written to parts: `succeeded` (2xx, output file),
+/// `cancelled` (`batch_cancelled`), `expired` (`batch_expired`), `failed` (every other error
+/// line). A chunk that runs twice counts its lines twice.
+pub const LINES_TOTAL: &str = "nightshift_executor_lines_total";
+/// Counter `{operation}`: failed calls to the live state (`record`, `is_cancelled`). The chunk
+/// goes on regardless: live counts are a view, the parts are the record.
+pub const STATE_ERRORS_TOTAL: &str = "nightshift_executor_state_errors_total";
+/// Label: which live-state call failed.
+pub const LABEL_OPERATION: &str = "operation";
 
 /// Registers units and help texts with the installed recorder. Call once at start-up, after
 /// installing the recorder; recording works without it.
@@ -63,5 +84,26 @@ pub fn describe() {
         UPSTREAM_LIMIT,
         Unit::Count,
         "Adaptive (AIMD) concurrency limit of each upstream."
+    );
+    describe_counter!(
+        CHUNKS_TOTAL,
+        Unit::Count,
+        "Chunk deliveries handled, by how they were settled."
+    );
+    describe_histogram!(
+        CHUNK_DURATION_SECONDS,
+        Unit::Seconds,
+        "Duration of one chunk delivery, from decoding to settlement."
+    );
+    describe_gauge!(CHUNKS_IN_PROGRESS, Unit::Count, "Chunks being handled.");
+    describe_counter!(
+        LINES_TOTAL,
+        Unit::Count,
+        "Result lines written to parts, by outcome."
+    );
+    describe_counter!(
+        STATE_ERRORS_TOTAL,
+        Unit::Count,
+        "Failed live-state calls (the chunk goes on)."
     );
 }

@@ -376,7 +376,7 @@ async fn a_past_deadline_expires_the_request_without_sending_it() {
 }
 
 #[tokio::test]
-async fn a_hanging_upstream_times_out_at_the_deadline() {
+async fn a_request_cut_by_the_deadline_is_batch_expired() {
     let sim = start(SimConfig::default()).await;
     let upstream = build(sim.upstream_config()); // attempt timeout: 10 minutes
     let deadline = Instant::now() + Duration::from_millis(300);
@@ -384,14 +384,35 @@ async fn a_hanging_upstream_times_out_at_the_deadline() {
     let outcome = upstream
         .call(CHAT, chat("hang", directive), deadline, &CancelFlag::new())
         .await;
-    let (code, message, attempts) = no_response(&outcome);
-    assert_eq!((code, attempts), (NoResponseCode::RequestTimeout, 1));
-    assert!(message.contains("1 attempt"), "{message}");
+    let (code, _, attempts) = no_response(&outcome);
+    // the upstream was not slow: the batch's time ran out while the request was in flight
+    assert_eq!((code, attempts), (NoResponseCode::BatchExpired, 1));
     assert_eq!(
         upstream.limit(),
         8,
         "an attempt cut by the deadline is not a congestion signal"
     );
+}
+
+#[tokio::test]
+async fn a_slow_upstream_is_request_timeout() {
+    let sim = start(SimConfig::default()).await;
+    let mut config = sim.upstream_config();
+    config.timeout = Duration::from_millis(100);
+    config.max_attempts = 2;
+    let upstream = build(config);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let outcome = upstream
+        .call(
+            CHAT,
+            chat("slow", json!({"kind": "timeout"})),
+            deadline,
+            &CancelFlag::new(),
+        )
+        .await;
+    let (code, message, attempts) = no_response(&outcome);
+    assert_eq!((code, attempts), (NoResponseCode::RequestTimeout, 2));
+    assert!(message.contains("2 attempts"), "{message}");
 }
 
 #[tokio::test]

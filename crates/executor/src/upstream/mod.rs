@@ -356,6 +356,11 @@ impl Upstream {
             .increment(1);
 
             let server_ask = attempt.server_ask;
+            if matches!(kind, AttemptKind::Timeout) && timeout < self.config.timeout {
+                // Cut short by the batch deadline, not by a slow upstream: the request did not
+                // time out, the batch expired while it was in flight.
+                return history.finish(NoResponseCode::BatchExpired);
+            }
             if !kind.is_retryable() {
                 return history.finish_with(attempt.result);
             }
