@@ -1,0 +1,491 @@
+//! Assembling a batch's output and error files from its result parts.
+//!
+//! [`finalize`] walks the plan's chunks in index order:
+//! - a **done** chunk has exactly one result part (`part_key(batch, index)`), holding one
+//!   result line per request of the chunk, successes and failures mixed, in line order. It is
+//!   read with one GET and split into lines; each line goes to the output file if it is a
+//!   success (a response with a 2xx status), to the error file otherwise. Counts and usage are
+//!   recomputed from these lines: they are the authoritative numbers, Redis only a live view;
+//! - a chunk that is **not done** never ran (the batch was cancelled or expired before it was
+//!   handed out). Its byte range of the input is read, and each request line becomes an error
+//!   line `batch_cancelled` / `batch_expired` carrying the line's `custom_id` and the
+//!   deterministic id [`BatchRequestId::for_line`] an executor would have given it.
+//!
+//! Both files are streamed to object storage (multipart uploads, see
+//! [`ObjectStore::upload`]) under `files/<id>`, where the id is
+//! [`ResultFile::file_id`] — derived from the batch id, so that running the assembly again
+//! (after a crash, a redelivered job) overwrites the same objects and the commit names the same
+//! files. An upload starts only when its first line arrives: a file with no line is not created
+//! (an all-failed batch has no output file, a batch without failures no error file).
+//!
+//! Every line written ends in `\n` (a `\r\n` in a part becomes `\n`); blank lines are dropped.
+//! Nothing is ever dropped silently otherwise: a missing part, an unreadable line, or a part or
+//! input range whose line count differs from the chunk's fails the whole assembly, and nothing
+//! becomes visible (both uploads are abandoned).
+//!
+//! Memory: one line (at most `max_line_bytes`), the byte-stream chunks in hand, a small write
+//! buffer per file, and the storage adapter's upload buffers — never a whole part or file.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use nightshift_core::FileId;
+use nightshift_core::batch::{ResultFile, part_key};
+use nightshift_core::file::FileRecord;
+use nightshift_core::jsonl::{JsonlItem, JsonlSplitter, Line};
+use nightshift_core::results::{
+    BatchRequestId, NoResponseCode, ResultLine, ResultLineSummary, Usage,
+};
+use nightshift_storage::{ByteRange, ObjectStore, ObjectUpload, StorageError};
+use serde::Deserialize;
+
+use crate::metrics;
+use crate::plan::{FinalizePlan, PlannedChunk};
+
+/// Bytes gathered per file before they are handed to the upload: fewer, larger writes.
+const WRITE_BUFFER_BYTES: usize = 256 * 1024;
+
+/// How [`finalize`] reads its inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AssembleSettings {
+    /// Longest line accepted, in a result part or in the input (terminator excluded). A longer
+    /// line fails the assembly: it must be at least the scheduler's input line limit and the
+    /// longest result line executors write.
+    pub max_line_bytes: usize,
+}
+
+impl Default for AssembleSettings {
+    fn default() -> Self {
+        Self {
+            max_line_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// A result file written to object storage (not yet registered: the commit does that).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProducedFile {
+    /// [`ResultFile::file_id`] of the batch; its bytes are at
+    /// [`FileRecord::storage_key_for`] of it.
+    pub id: FileId,
+    /// Size of the stored object.
+    pub bytes: u64,
+    /// Lines in it (each ending in `\n`).
+    pub lines: u64,
+}
+
+/// What [`finalize`] produced: the files and the numbers the commit records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchFiles {
+    /// The output file (successes), or `None` when no request succeeded.
+    pub output: Option<ProducedFile>,
+    /// The error file (failures and requests that never ran), or `None` when there is none.
+    pub error: Option<ProducedFile>,
+    /// Output lines: `request_counts.completed`.
+    pub completed: u64,
+    /// Error lines: `request_counts.failed`.
+    pub failed: u64,
+    /// Usage summed over the successful responses.
+    pub usage: Usage,
+}
+
+/// Why a batch's files could not be assembled. Nothing was made visible; running again is safe
+/// (and may succeed if the cause was transient, e.g. [`FinalizeError::Storage`]).
+#[derive(Debug, thiserror::Error)]
+pub enum FinalizeError {
+    /// A done chunk has no result part: its lines would be lost.
+    #[error("the result part {key} of done chunk {chunk} is missing")]
+    MissingPart { chunk: u32, key: String },
+    /// A chunk never ran, yet the batch ends `completed` (a scheduler bug).
+    #[error("chunk {chunk} never ran, but the batch ends completed")]
+    NeverRanInCompletedBatch { chunk: u32 },
+    /// A line of a result part is not a result line.
+    #[error("line {line} of the result part of chunk {chunk} is not a result line: {reason}")]
+    CorruptPart {
+        chunk: u32,
+        line: u64,
+        reason: String,
+    },
+    /// A request line of the input (of a chunk that never ran) has no readable `custom_id`.
+    #[error("input line {line} (chunk {chunk}) has no readable custom_id: {reason}")]
+    CorruptInput {
+        chunk: u32,
+        line: u64,
+        reason: String,
+    },
+    /// A line is longer than [`AssembleSettings::max_line_bytes`].
+    #[error("line {line} of the {what} of chunk {chunk} is longer than max_line_bytes ({max})")]
+    LineTooLong {
+        chunk: u32,
+        what: &'static str,
+        line: u64,
+        max: usize,
+    },
+    /// A part or input range does not hold as many lines as the chunk has requests.
+    #[error("chunk {chunk} has {expected} requests but its {what} holds {found} lines")]
+    LineCount {
+        chunk: u32,
+        what: &'static str,
+        expected: u64,
+        found: u64,
+    },
+    /// Object storage failed (reading a part or the input, or writing a file).
+    #[error("object storage, {context}: {source}")]
+    Storage {
+        context: String,
+        #[source]
+        source: StorageError,
+    },
+}
+
+impl FinalizeError {
+    fn storage(context: impl Into<String>) -> impl FnOnce(StorageError) -> Self {
+        let context = context.into();
+        move |source| Self::Storage { context, source }
+    }
+}
+
+/// Assembles the output and error files of `plan`'s batch and returns what to commit.
+///
+/// Contract: reads exactly one part per done chunk and the input range of each chunk that is
+/// not done, in chunk order; writes `files/<output id>` and `files/<error id>` (each only if
+/// it has a line), overwriting what an earlier attempt left there. On error the unfinished
+/// uploads are aborted, so nothing half-written is ever visible — only, if completing the
+/// error file is what failed, a complete output file, which the next attempt rewrites
+/// identically. Objects of an earlier attempt stay until overwritten.
+pub async fn finalize(
+    plan: &FinalizePlan,
+    storage: &dyn ObjectStore,
+    settings: AssembleSettings,
+) -> Result<BatchFiles, FinalizeError> {
+    let batch = &plan.batch().id;
+    let mut assembly = Assembly {
+        storage,
+        settings,
+        output: ResultWriter::new(ResultFile::Output.file_id(batch)),
+        error: ResultWriter::new(ResultFile::Error.file_id(batch)),
+        usage: Usage::default(),
+    };
+    let walked = assembly.walk(plan).await;
+    let Assembly {
+        output,
+        error,
+        usage,
+        ..
+    } = assembly;
+    if let Err(e) = walked {
+        output.abort().await;
+        error.abort().await;
+        return Err(e);
+    }
+    let output = match output.finish().await {
+        Ok(file) => file,
+        Err(e) => {
+            error.abort().await;
+            return Err(e);
+        }
+    };
+    let error = error.finish().await?;
+    for (file, label) in [(&output, "output"), (&error, "error")] {
+        if let Some(f) = file {
+            ::metrics::counter!(metrics::LINES_WRITTEN, metrics::LABEL_FILE => label)
+                .increment(f.lines);
+        }
+    }
+    Ok(BatchFiles {
+        completed: output.as_ref().map_or(0, |f| f.lines),
+        failed: error.as_ref().map_or(0, |f| f.lines),
+        output,
+        error,
+        usage,
+    })
+}
+
+/// One assembly in progress.
+struct Assembly<'a> {
+    storage: &'a dyn ObjectStore,
+    settings: AssembleSettings,
+    output: ResultWriter,
+    error: ResultWriter,
+    /// Usage of the successes so far.
+    usage: Usage,
+}
+
+impl Assembly<'_> {
+    async fn walk(&mut self, plan: &FinalizePlan) -> Result<(), FinalizeError> {
+        for chunk in plan.chunks() {
+            if chunk.done {
+                self.copy_part(plan, chunk).await?;
+            } else {
+                // FinalizePlan::new already refuses a not-done chunk in a completed batch.
+                let code = plan.ending().never_ran_code().ok_or(
+                    FinalizeError::NeverRanInCompletedBatch {
+                        chunk: chunk.span.index,
+                    },
+                )?;
+                self.never_ran(plan, chunk, code).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sorts the lines of a done chunk's part into the two files.
+    async fn copy_part(
+        &mut self,
+        plan: &FinalizePlan,
+        chunk: &PlannedChunk,
+    ) -> Result<(), FinalizeError> {
+        let index = chunk.span.index;
+        let key = part_key(&plan.batch().id, index);
+        let body = match self.storage.get(&key, None).await {
+            Ok(body) => body,
+            Err(StorageError::NotFound(_)) => {
+                return Err(FinalizeError::MissingPart { chunk: index, key });
+            }
+            Err(e) => return Err(FinalizeError::storage(format!("reading {key}"))(e)),
+        };
+        let lines = JsonlSplitter::new(self.settings.max_line_bytes).split_stream(body.stream);
+        let mut lines = std::pin::pin!(lines);
+        let mut found = 0u64;
+        while let Some(item) = lines.next().await {
+            let item = item.map_err(FinalizeError::storage(format!("reading {key}")))?;
+            let line = self.line_of(item, index, "result part")?;
+            if line.is_blank() {
+                continue;
+            }
+            found += 1;
+            let summary =
+                ResultLineSummary::parse(&line.bytes).map_err(|e| FinalizeError::CorruptPart {
+                    chunk: index,
+                    line: line.number,
+                    reason: e.to_string(),
+                })?;
+            if summary.succeeded {
+                self.usage.merge(&summary.usage);
+                self.output.write_line(self.storage, &line.bytes).await?;
+            } else {
+                self.error.write_line(self.storage, &line.bytes).await?;
+            }
+        }
+        check_count(chunk, "result part", found)
+    }
+
+    /// Writes a `code` error line for every request of a chunk that never ran.
+    async fn never_ran(
+        &mut self,
+        plan: &FinalizePlan,
+        chunk: &PlannedChunk,
+        code: NoResponseCode,
+    ) -> Result<(), FinalizeError> {
+        let span = &chunk.span;
+        let key = plan.input_storage_key();
+        let range = ByteRange::Bounded {
+            start: span.byte_start,
+            end: span.byte_end,
+        };
+        let context = || {
+            format!(
+                "reading bytes {}..{} of {key}",
+                span.byte_start, span.byte_end
+            )
+        };
+        let body = self
+            .storage
+            .get(key, Some(range))
+            .await
+            .map_err(FinalizeError::storage(context()))?;
+        let batch = plan.batch().id.as_str();
+        let lines = span
+            .splitter(self.settings.max_line_bytes)
+            .split_stream(body.stream);
+        let mut lines = std::pin::pin!(lines);
+        let mut found = 0u64;
+        while let Some(item) = lines.next().await {
+            let item = item.map_err(FinalizeError::storage(context()))?;
+            let line = self.line_of(item, span.index, "input range")?;
+            if line.is_blank() {
+                continue;
+            }
+            found += 1;
+            let custom_id = custom_id(&line.bytes).map_err(|e| FinalizeError::CorruptInput {
+                chunk: span.index,
+                line: line.number,
+                reason: e.to_string(),
+            })?;
+            let result = ResultLine::no_response(
+                BatchRequestId::for_line(batch, line.number),
+                custom_id,
+                code,
+                None,
+            );
+            self.error.write_result(self.storage, &result).await?;
+        }
+        check_count(chunk, "input range", found)
+    }
+
+    fn line_of(
+        &self,
+        item: JsonlItem,
+        chunk: u32,
+        what: &'static str,
+    ) -> Result<Line, FinalizeError> {
+        match item {
+            JsonlItem::Line(line) => Ok(line),
+            JsonlItem::Oversized(o) => Err(FinalizeError::LineTooLong {
+                chunk,
+                what,
+                line: o.number,
+                max: self.settings.max_line_bytes,
+            }),
+        }
+    }
+}
+
+fn check_count(chunk: &PlannedChunk, what: &'static str, found: u64) -> Result<(), FinalizeError> {
+    let expected = u64::from(chunk.span.line_count);
+    if found == expected {
+        Ok(())
+    } else {
+        Err(FinalizeError::LineCount {
+            chunk: chunk.span.index,
+            what,
+            expected,
+            found,
+        })
+    }
+}
+
+/// The `custom_id` of a (validated) input line; the rest of the line is skipped.
+fn custom_id(line: &[u8]) -> Result<String, serde_json::Error> {
+    #[derive(Deserialize)]
+    struct CustomIdOnly<'a> {
+        #[serde(borrow)]
+        custom_id: Cow<'a, str>,
+    }
+    serde_json::from_slice::<CustomIdOnly<'_>>(line).map(|l| l.custom_id.into_owned())
+}
+
+/// One result file being written: its upload starts with its first line.
+struct ResultWriter {
+    /// The file's id ([`ResultFile::file_id`]).
+    id: FileId,
+    /// Started on the first line; `None` while the file is empty.
+    upload: Option<Box<dyn ObjectUpload>>,
+    /// Lines not yet handed to the upload (at most about [`WRITE_BUFFER_BYTES`] plus a line).
+    buffer: Vec<u8>,
+    /// Lines written so far.
+    lines: u64,
+}
+
+impl ResultWriter {
+    fn new(id: FileId) -> Self {
+        Self {
+            id,
+            upload: None,
+            buffer: Vec::new(),
+            lines: 0,
+        }
+    }
+
+    fn key(&self) -> String {
+        FileRecord::storage_key_for(&self.id)
+    }
+
+    /// Appends `line` (without terminator) and a `\n`.
+    async fn write_line(
+        &mut self,
+        storage: &dyn ObjectStore,
+        line: &[u8],
+    ) -> Result<(), FinalizeError> {
+        self.start(storage).await?;
+        self.buffer.extend_from_slice(line);
+        self.buffer.push(b'\n');
+        self.wrote_line().await
+    }
+
+    /// Appends a result line (its JSON and a `\n`).
+    async fn write_result(
+        &mut self,
+        storage: &dyn ObjectStore,
+        line: &ResultLine,
+    ) -> Result<(), FinalizeError> {
+        self.start(storage).await?;
+        line.write_json_line(&mut self.buffer);
+        self.wrote_line().await
+    }
+
+    async fn start(&mut self, storage: &dyn ObjectStore) -> Result<(), FinalizeError> {
+        if self.upload.is_none() {
+            let key = self.key();
+            let upload = storage
+                .upload(&key)
+                .await
+                .map_err(FinalizeError::storage(format!(
+                    "starting the upload of {key}"
+                )))?;
+            self.upload = Some(upload);
+        }
+        Ok(())
+    }
+
+    async fn wrote_line(&mut self) -> Result<(), FinalizeError> {
+        self.lines += 1;
+        if self.buffer.len() >= WRITE_BUFFER_BYTES {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), FinalizeError> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(
+            &mut self.buffer,
+            Vec::with_capacity(WRITE_BUFFER_BYTES + 1024),
+        ));
+        let key = self.key();
+        if let Some(upload) = self.upload.as_mut() {
+            upload
+                .write(chunk)
+                .await
+                .map_err(FinalizeError::storage(format!("writing {key}")))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the file visible; `None` if it has no line (nothing was created).
+    async fn finish(mut self) -> Result<Option<ProducedFile>, FinalizeError> {
+        if self.upload.is_none() {
+            return Ok(None);
+        }
+        if let Err(e) = self.flush().await {
+            self.abort().await;
+            return Err(e);
+        }
+        let key = self.key();
+        let Some(upload) = self.upload.take() else {
+            return Ok(None);
+        };
+        let bytes = upload
+            .finish()
+            .await
+            .map_err(FinalizeError::storage(format!("completing {key}")))?;
+        Ok(Some(ProducedFile {
+            id: self.id,
+            bytes,
+            lines: self.lines,
+        }))
+    }
+
+    /// Abandons the upload, if any: nothing becomes visible. Best effort (the adapter also
+    /// aborts an upload dropped unfinished).
+    async fn abort(mut self) {
+        if let Some(upload) = self.upload.take()
+            && let Err(e) = upload.abort().await
+        {
+            tracing::warn!(key = %self.key(), error = %e, "could not abort an unfinished upload");
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! Every metric the finalizer exports, by name, and their descriptions.
+//!
+//! Names follow `nightshift_<subsystem>_<name>_<unit>`, counters end in `_total`. Label values
+//! are bounded: `ending` is `completed`, `expired`, `cancelled` or `unknown` (the plan was not
+//! read), `outcome` one of the `OUTCOME_*` constants, `file` `output` or `error`. Never a batch
+//! or tenant id.
+
+/// Label: how the batch ends (`completed` | `expired` | `cancelled` | `unknown`).
+pub const LABEL_ENDING: &str = "ending";
+/// Label: what became of a finalize job (one of the `OUTCOME_*` values).
+pub const LABEL_OUTCOME: &str = "outcome";
+/// Label: which result file (`output` | `error`).
+pub const LABEL_FILE: &str = "file";
+
+/// The batch's files were assembled and its terminal state committed.
+pub const OUTCOME_COMMITTED: &str = "committed";
+/// The batch was already terminal (a redelivered job): only cleaned up.
+pub const OUTCOME_ALREADY_TERMINAL: &str = "already_terminal";
+/// Something failed before the commit: the job was requeued to run again.
+pub const OUTCOME_RETRIED: &str = "retried";
+/// The job can never be processed (undecodable, unknown batch): dead-lettered.
+pub const OUTCOME_DEAD_LETTERED: &str = "dead_lettered";
+/// Shutdown interrupted the job after its grace period: requeued.
+pub const OUTCOME_ABANDONED: &str = "abandoned";
+
+/// Counter `{ending, outcome}`: finalize jobs handled, by how they ended.
+pub const FINALIZATIONS_TOTAL: &str = "nightshift_finalizer_finalizations_total";
+/// Histogram `{ending}`, seconds: one committed finalization, from the job's delivery to the
+/// end of its clean-up.
+pub const FINALIZE_DURATION_SECONDS: &str = "nightshift_finalizer_finalize_duration_seconds";
+/// Counter `{file}`: lines written to result files (again, when an assembly is retried).
+pub const LINES_WRITTEN: &str = "nightshift_finalizer_lines_written_total";
+
+/// Registers units and help texts with the installed recorder. Call once at start-up, after
+/// installing the recorder; recording works without it.
+pub fn describe() {
+    use metrics::{Unit, describe_counter, describe_histogram};
+    describe_counter!(
+        FINALIZATIONS_TOTAL,
+        Unit::Count,
+        "Finalize jobs handled, by batch ending and outcome."
+    );
+    describe_histogram!(
+        FINALIZE_DURATION_SECONDS,
+        Unit::Seconds,
+        "Duration of a committed finalization, from delivery to clean-up."
+    );
+    describe_counter!(
+        LINES_WRITTEN,
+        Unit::Count,
+        "Lines written to batch output and error files."
+    );
+}
