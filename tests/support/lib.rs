@@ -82,6 +82,10 @@ pub struct StackOptions {
     pub completion_windows: Vec<String>,
     /// The in-process inference simulator's behaviour.
     pub sim: SimConfig,
+    /// Executors sharing the chunk queue.
+    pub executors: usize,
+    /// Ceiling of requests in flight to the simulator, per executor.
+    pub upstream_max_concurrency: u32,
 }
 
 impl Default for StackOptions {
@@ -95,8 +99,10 @@ impl Default for StackOptions {
                 ..BatchSettings::default()
             },
             routing: None,
-            completion_windows: vec!["24h".into(), "1h".into()],
+            completion_windows: vec!["24h".into(), "1h".into(), "4s".into()],
             sim: SimConfig::default(),
+            executors: 1,
+            upstream_max_concurrency: 64,
         }
     }
 }
@@ -116,6 +122,8 @@ pub struct Stack {
     pub scheduler_url: String,
     /// Unique per test: object-storage prefix and tenant names.
     pub prefix: String,
+    /// This test's Postgres schema (dropped at the end).
+    pub schema: String,
     stops: Vec<oneshot::Sender<()>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -136,10 +144,15 @@ impl Stack {
             .ping()
             .await
             .context("object storage is not reachable: run `make up` (or `make test`)")?;
+        // Each test has a schema of its own: its scheduler must see only its own batches.
+        let schema = format!("e2e_{}", uuid::Uuid::new_v4().simple());
         let metadata = Arc::new(
-            PgStore::connect(&pg_config())
-                .await
-                .context("postgres is not reachable: run `make up` (or `make test`)")?,
+            PgStore::connect(&PgConfig {
+                schema: Some(schema.clone()),
+                ..pg_config()
+            })
+            .await
+            .context("postgres is not reachable: run `make up` (or `make test`)")?,
         );
         let queue = Arc::new(
             RabbitQueue::connect(&QueueConfig {
@@ -184,6 +197,8 @@ impl Stack {
         let routing = opts.routing.clone().unwrap_or_else(|| RoutingConfig {
             upstreams: vec![UpstreamConfig {
                 max_attempts: 3,
+                max_concurrency: opts.upstream_max_concurrency,
+                initial_concurrency: Some(opts.upstream_max_concurrency.min(8)),
                 backoff_base: Duration::from_millis(5),
                 backoff_max: Duration::from_millis(50),
                 ..UpstreamConfig::new("sim", format!("{sim_origin}/v1"), TEST_MODELS)
@@ -248,6 +263,55 @@ impl Stack {
             }
         }));
 
+        for _ in 0..opts.executors {
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let (tx, rx) = oneshot::channel::<()>();
+            stops.push(tx);
+            let ports = nightshift_executor::ExecutorPorts {
+                storage: storage.clone(),
+                queue: queue.clone(),
+                state: state.clone(),
+            };
+            let routing = routing.clone();
+            tasks.push(tokio::spawn(async move {
+                let config = nightshift_executor::ExecutorConfig {
+                    cancel_poll: Duration::from_millis(100),
+                    ..Default::default()
+                };
+                if let Err(e) =
+                    nightshift_executor::serve(config, routing, ports, listener, async {
+                        let _ = rx.await;
+                    })
+                    .await
+                {
+                    panic!("executor failed: {e}");
+                }
+            }));
+        }
+        {
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let (tx, rx) = oneshot::channel::<()>();
+            stops.push(tx);
+            let ports = nightshift_finalizer::FinalizerPorts {
+                storage: storage.clone(),
+                queue: queue.clone(),
+                state: state.clone(),
+            };
+            let config = nightshift_finalizer::FinalizerConfig {
+                scheduler_url: format!("http://{sched_addr}"),
+                ..Default::default()
+            };
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = nightshift_finalizer::serve(config, ports, listener, async {
+                    let _ = rx.await;
+                })
+                .await
+                {
+                    panic!("finalizer failed: {e}");
+                }
+            }));
+        }
+
         let stack = Self {
             origin: format!("http://{gw_addr}"),
             storage,
@@ -258,6 +322,7 @@ impl Stack {
             sim_origin,
             scheduler_url: format!("http://{sched_addr}"),
             prefix,
+            schema,
             stops,
             tasks,
         };
@@ -301,12 +366,36 @@ impl Stack {
         Ok((resp.tenant_id, resp.api_key))
     }
 
+    /// Like [`Stack::python`], run from `tests/python/<dir>` (scripts that open relative
+    /// paths, like seed 001's).
+    pub async fn python_in(
+        &self,
+        dir: &str,
+        script: &str,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<String> {
+        self.run_python(Some(dir), script, env).await
+    }
+
     /// Runs a Python script of `tests/python/` with the SDK virtualenv, this stack's URLs in
     /// `NS_ORIGIN` / `NS_BASE_URL`, and `env`. Fails with its output unless it exits 0.
     pub async fn python(&self, script: &str, env: &[(&str, String)]) -> anyhow::Result<String> {
+        self.run_python(None, script, env).await
+    }
+
+    async fn run_python(
+        &self,
+        dir: Option<&str>,
+        script: &str,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<String> {
         let path = python_dir().join(script);
         let mut cmd = tokio::process::Command::new(python_bin()?);
+        if let Some(dir) = dir {
+            cmd.current_dir(python_dir().join(dir));
+        }
         cmd.arg(&path)
+            .env("PYTHONPATH", python_dir())
             .env("NS_ORIGIN", &self.origin)
             .env("NS_BASE_URL", format!("{}/v1", self.origin))
             .stdin(Stdio::null())
@@ -351,6 +440,10 @@ impl Stack {
         }
         self.storage.delete_prefix("").await?;
         self.queue.delete_all().await?;
+        let drop = format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema);
+        sqlx::query(sqlx::AssertSqlSafe(drop))
+            .execute(self.metadata.pool())
+            .await?;
         Ok(())
     }
 }

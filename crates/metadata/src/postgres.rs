@@ -118,6 +118,9 @@ pub struct PgConfig {
     /// How long a query waits for a free connection before failing.
     #[serde(with = "humantime_serde")]
     pub acquire_timeout: Duration,
+    /// Schema holding nightshift's tables (created if missing); `None` = the server's default
+    /// search path (`public`). Lets several deployments — or parallel tests — share a database.
+    pub schema: Option<String>,
 }
 
 impl Default for PgConfig {
@@ -126,6 +129,7 @@ impl Default for PgConfig {
             url: Secret::new("postgres://postgres@127.0.0.1:5432/nightshift"),
             max_connections: 10,
             acquire_timeout: Duration::from_secs(5),
+            schema: None,
         }
     }
 }
@@ -180,9 +184,37 @@ impl PgStore {
     /// Connects and brings the schema up to date (migrations take an advisory lock, so
     /// several schedulers starting together are safe).
     pub async fn connect(config: &PgConfig) -> Result<Self> {
-        let pool = PgPoolOptions::new()
+        let mut options = PgPoolOptions::new()
             .max_connections(config.max_connections)
-            .acquire_timeout(config.acquire_timeout)
+            .acquire_timeout(config.acquire_timeout);
+        if let Some(schema) = &config.schema {
+            if schema.is_empty()
+                || !schema
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            {
+                return Err(MetadataError::Backend(format!(
+                    "metadata.schema must be lowercase letters, digits and '_': {schema:?}"
+                )));
+            }
+            let create = format!("CREATE SCHEMA IF NOT EXISTS {schema}");
+            let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(config.url.expose())
+                .await
+                .map_err(|e| MetadataError::Backend(format!("connect to postgres: {e}")))?;
+            sqlx::query(AssertSqlSafe(create))
+                .execute(&mut conn)
+                .await
+                .map_err(backend)?;
+            let set_path = format!("SET search_path TO {schema}");
+            options = options.after_connect(move |conn, _| {
+                let set_path = set_path.clone();
+                Box::pin(async move {
+                    sqlx::query(AssertSqlSafe(set_path)).execute(conn).await?;
+                    Ok(())
+                })
+            });
+        }
+        let pool = options
             .connect(config.url.expose())
             .await
             .map_err(|e| MetadataError::Backend(format!("connect to postgres: {e}")))?;
@@ -638,7 +670,7 @@ impl MetadataStore for PgStore {
 
     async fn dispatch_candidates(&self) -> Result<Vec<DispatchCandidate>> {
         let sql = format!(
-            "SELECT {BATCH_COLUMNS}, \
+            "SELECT {BATCH_COLUMNS}, ending, \
              (SELECT count(*) FROM chunks c WHERE c.batch_id = b.id AND c.state = 'dispatched') AS in_flight, \
              (SELECT count(*) FROM chunks c WHERE c.batch_id = b.id AND c.state = 'pending') AS pending \
              FROM batches b WHERE status = 'in_progress' ORDER BY created_at_us, id"
