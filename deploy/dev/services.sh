@@ -17,9 +17,13 @@ KEY="${NIGHTSHIFT_BOOTSTRAP_API_KEY:-ns-dev-key}"
 
 # name|readiness URL|listen address — in start order
 SERVICES=(
+  "inference-sim|http://127.0.0.1:8000/readyz|127.0.0.1:8000"
   "scheduler|http://127.0.0.1:50051/readyz|127.0.0.1:50051"
+  "executor|http://127.0.0.1:9092/readyz|127.0.0.1:9092"
+  "finalizer|http://127.0.0.1:9093/readyz|127.0.0.1:9093"
   "gateway|http://127.0.0.1:8080/readyz|127.0.0.1:8080"
 )
+SIM_BIN="${INFERENCE_SIM_BIN:-$(dirname "$BIN")/inference-sim}"
 
 mkdir -p "$RUN" "$LOGS"
 
@@ -55,8 +59,14 @@ up() {
         echo "error: $addr is taken by another process; $name cannot start" >&2
         exit 1
       fi
-      NIGHTSHIFT_SCHEDULER__BOOTSTRAP_API_KEY="$KEY" \
-        nohup "$BIN" --config "$CONFIG" "$name" >>"$LOGS/$name.log" 2>&1 </dev/null &
+      if [[ "$name" == inference-sim ]]; then
+        # the simulator: a little latency per token, so progress is visible while polling
+        nohup "$SIM_BIN" --listen "$addr" --base-latency-ms 20 --per-token-latency-ms 2 \
+          >>"$LOGS/$name.log" 2>&1 </dev/null &
+      else
+        NIGHTSHIFT_SCHEDULER__BOOTSTRAP_API_KEY="$KEY" \
+          nohup "$BIN" --config "$CONFIG" "$name" >>"$LOGS/$name.log" 2>&1 </dev/null &
+      fi
       echo $! >"$RUN/$name.pid"
       echo "$name: started (pid $!, log $LOGS/$name.log)"
     fi

@@ -4,8 +4,10 @@
 use std::path::Path;
 
 use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Env, Format, Toml};
 use nightshift_core::routing::RoutingConfig;
+use nightshift_executor::ExecutorConfig;
+use nightshift_finalizer::FinalizerConfig;
 use nightshift_gateway::GatewayConfig;
 use nightshift_metadata::PgConfig;
 use nightshift_queue::QueueConfig;
@@ -30,6 +32,8 @@ pub struct Config {
     pub state: StateConfig,
     pub gateway: GatewayConfig,
     pub scheduler: SchedulerConfig,
+    pub executor: ExecutorConfig,
+    pub finalizer: FinalizerConfig,
     /// Which upstream serves which model (the scheduler validates against it; executors call
     /// the upstreams).
     pub routing: RoutingConfig,
@@ -40,7 +44,10 @@ impl Config {
     /// Only `NIGHTSHIFT_` variables with a `__` (a section and a key) are configuration;
     /// others (`NIGHTSHIFT_DEV_DIR`, ...) belong to the scripts around the binary.
     pub fn load(file: Option<&Path>, env: Env) -> Result<Self, Box<figment::Error>> {
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        // Defaults come from the structs' `#[serde(default)]`, not from serializing
+        // `Config::default()`: secrets serialize redacted, which would replace every default
+        // secret (the AMQP URL, say) with "<redacted>".
+        let mut figment = Figment::new();
         if let Some(path) = file {
             figment = figment.merge(Toml::file_exact(path));
         }
@@ -103,6 +110,20 @@ mod tests {
             // the dump loads back
             jail.create_file("dump.toml", &dump)?;
             Config::load(Some(Path::new("dump.toml")), Env::prefixed("NONE_")).map_err(|e| *e)?;
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn default_secrets_are_real_values_not_their_redaction() {
+        Jail::expect_with(|_| {
+            let c = Config::load(None, Env::prefixed("NONE_")).map_err(|e| *e)?;
+            assert_eq!(
+                c.queue.url.expose(),
+                "amqp://guest:guest@127.0.0.1:5672/%2f"
+            );
+            assert_eq!(c.state.url.expose(), "redis://127.0.0.1:6379");
+            assert!(c.metadata.url.expose().starts_with("postgres://"));
             Ok(())
         });
     }

@@ -30,6 +30,10 @@ enum Command {
     Gateway,
     /// The control plane (gRPC); owns the metadata store.
     Scheduler,
+    /// Runs chunks of batch requests against the upstreams (scale it horizontally).
+    Executor,
+    /// Assembles finished batches' output and error files.
+    Finalizer,
     /// Administration through the scheduler.
     #[command(subcommand)]
     Admin(run::Admin),
@@ -50,6 +54,8 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Gateway => run::gateway(config).await,
             Command::Scheduler => run::scheduler(config).await,
+            Command::Executor => run::executor(config).await,
+            Command::Finalizer => run::finalizer(config).await,
             Command::Admin(cmd) => run::admin(config, cmd).await,
         }
     })

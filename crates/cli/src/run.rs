@@ -120,6 +120,45 @@ pub async fn scheduler(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub async fn executor(config: Config) -> anyhow::Result<()> {
+    nightshift_telemetry::init(&config.telemetry);
+    config
+        .routing
+        .validate()
+        .map_err(|e| anyhow::anyhow!("routing: {e}"))?;
+    let ports = nightshift_executor::ExecutorPorts {
+        storage: storage(&config).await?,
+        queue: queue(&config).await?,
+        state: live_state(&config).await?,
+    };
+    let listener = TcpListener::bind(config.executor.listen)
+        .await
+        .with_context(|| format!("bind {}", config.executor.listen))?;
+    nightshift_executor::serve(
+        config.executor,
+        config.routing,
+        ports,
+        listener,
+        shutdown_signal(),
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn finalizer(config: Config) -> anyhow::Result<()> {
+    nightshift_telemetry::init(&config.telemetry);
+    let ports = nightshift_finalizer::FinalizerPorts {
+        storage: storage(&config).await?,
+        queue: queue(&config).await?,
+        state: live_state(&config).await?,
+    };
+    let listener = TcpListener::bind(config.finalizer.listen)
+        .await
+        .with_context(|| format!("bind {}", config.finalizer.listen))?;
+    nightshift_finalizer::serve(config.finalizer, ports, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
 #[derive(Subcommand)]
 pub enum Admin {
     /// Creates a tenant and prints its API key (shown only this once).
