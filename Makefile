@@ -55,7 +55,9 @@ lint: ## cargo fmt --check and clippy with warnings denied.
 
 .PHONY: test
 test: infra venv lint ## Every test: unit, conformance suites and end-to-end, against real services.
-	NIGHTSHIFT_E2E_PYTHON=$(VENV)/bin/python cargo nextest run --workspace --no-fail-fast
+	cargo build -p nightshift-cli
+	NIGHTSHIFT_E2E_PYTHON=$(VENV)/bin/python NIGHTSHIFT_BIN=$(ROOT)/target/debug/nightshift \
+	  cargo nextest run --workspace --no-fail-fast
 
 .PHONY: bench-files
 bench-files: ## Peak gateway RSS while uploading and downloading a 1 GiB file (needs `make up PROFILE=release`).

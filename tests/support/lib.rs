@@ -5,6 +5,8 @@
 //! from the virtualenv `make test` prepares) and direct storage/database access for the
 //! checks a client cannot make ("nothing was left behind").
 
+pub mod cluster;
+
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -389,34 +391,7 @@ impl Stack {
         script: &str,
         env: &[(&str, String)],
     ) -> anyhow::Result<String> {
-        let path = python_dir().join(script);
-        let mut cmd = tokio::process::Command::new(python_bin()?);
-        if let Some(dir) = dir {
-            cmd.current_dir(python_dir().join(dir));
-        }
-        cmd.arg(&path)
-            .env("PYTHONPATH", python_dir())
-            .env("NS_ORIGIN", &self.origin)
-            .env("NS_BASE_URL", format!("{}/v1", self.origin))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
-            .await
-            .context("python script timed out after 300s")??;
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if !out.status.success() {
-            bail!(
-                "{script} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
-                out.status
-            );
-        }
-        Ok(stdout)
+        run_python(&self.origin, dir, script, env).await
     }
 
     /// Keys of every object under this test's prefix.
@@ -472,4 +447,43 @@ pub fn python_bin() -> anyhow::Result<PathBuf> {
         );
     }
     Ok(path)
+}
+
+/// Runs a Python script of `tests/python/` (from `dir` if given) with the SDK virtualenv,
+/// the stack at `origin` in `NS_ORIGIN` / `NS_BASE_URL`, and `env`. Fails with its output
+/// unless it exits 0.
+pub async fn run_python(
+    origin: &str,
+    dir: Option<&str>,
+    script: &str,
+    env: &[(&str, String)],
+) -> anyhow::Result<String> {
+    let path = python_dir().join(script);
+    let mut cmd = tokio::process::Command::new(python_bin()?);
+    if let Some(dir) = dir {
+        cmd.current_dir(python_dir().join(dir));
+    }
+    cmd.arg(&path)
+        .env("PYTHONPATH", python_dir())
+        .env("NS_ORIGIN", &origin)
+        .env("NS_BASE_URL", format!("{}/v1", origin))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
+        .await
+        .context("python script timed out after 300s")??;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!(
+            "{script} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+            out.status
+        );
+    }
+    Ok(stdout)
 }
