@@ -465,7 +465,7 @@ pub async fn run_python(
     }
     cmd.arg(&path)
         .env("PYTHONPATH", python_dir())
-        .env("NS_ORIGIN", &origin)
+        .env("NS_ORIGIN", origin)
         .env("NS_BASE_URL", format!("{}/v1", origin))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
