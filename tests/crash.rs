@@ -1,4 +1,4 @@
-//! End-to-end crash safety with real processes: `kill -9` of an executor, the finalizer or the
+//! End-to-end with real processes. Crash safety: `kill -9` of an executor, the finalizer or the
 //! scheduler in the middle of a 10,000-line batch, then a fresh process — the batch completes
 //! with every custom_id exactly once and exact counts (architecture invariants 1 and 2).
 
@@ -119,5 +119,56 @@ async fn finalizer_killed_while_finalizing() {
     cluster.kill9("finalizer").await.expect("kill");
     cluster.spawn("finalizer").await.expect("fresh finalizer");
     check(&cluster, &key, &batch).await;
+    cluster.stop().await.expect("stop");
+}
+
+/// Fetches a service's Prometheus text.
+async fn metric_sum(port: u16, family: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut text = String::new();
+    conn.read_to_string(&mut text).await.expect("read");
+    text.lines()
+        .filter(|l| l.starts_with(family))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn executors_share_chunks_and_a_small_batch_is_not_stuck_behind_a_big_one() {
+    let mut cluster = Cluster::start(sim()).await.expect("cluster");
+    cluster.spawn("executor-2").await.expect("second executor");
+    let key_a = cluster.tenant("big").await.expect("tenant a");
+    let key_b = cluster.tenant("small").await.expect("tenant b");
+    let big = create(&cluster, &key_a).await;
+    wait_progress(&cluster, &big, 500).await;
+    let out = run_python(
+        &cluster.origin,
+        None,
+        "fair_small.py",
+        &[
+            ("NS_API_KEY", key_a.clone()),
+            ("NS_OTHER_API_KEY", key_b),
+            ("NS_BIG_BATCH", big.to_string()),
+        ],
+    )
+    .await
+    .expect("small batch");
+    eprintln!("fairness: {}", out.lines().last().unwrap_or_default());
+    check(&cluster, &key_a, &big).await;
+    // both executors ran chunks of the batch
+    for name in ["executor-1", "executor-2"] {
+        let done = metric_sum(
+            cluster.port(name),
+            "nightshift_executor_chunks_total{outcome=\"completed\"}",
+        )
+        .await;
+        assert!(done > 0.0, "{name} ran no chunk");
+    }
     cluster.stop().await.expect("stop");
 }

@@ -242,6 +242,11 @@ backoff_max = "50ms"
         }
     }
 
+    /// The ops port (`/livez`, `/readyz`, `/metrics`) of a service instance.
+    pub fn port(&self, name: &str) -> u16 {
+        self.ports.get(name).copied().unwrap_or_default()
+    }
+
     /// `kill -9`: the process gets no chance to finish, ack, flush or clean up.
     pub async fn kill9(&mut self, name: &str) -> anyhow::Result<()> {
         let mut child = self.children.remove(name).context("no such process")?;

@@ -32,9 +32,10 @@ pub const SCHEMA_VERSION: u32 = 1;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PipelineSettings {
-    /// Chunks of one model handed out and not yet done, across all batches. Enough to keep
-    /// every executor busy (executors × their prefetch), small enough that a new batch's
-    /// first chunk waits behind at most this many.
+    /// Chunks of one model handed out and not yet done, across all batches. Set it near
+    /// executors × their prefetch: below, executors idle; above, the surplus waits in the
+    /// queue, and a newly arrived batch's first chunk waits behind it (fairness is decided
+    /// when a chunk is handed out, not once it is queued).
     pub max_in_flight_chunks_per_model: u32,
     /// How often the dispatcher looks for work when nothing wakes it.
     #[serde(with = "humantime_serde")]
@@ -47,7 +48,7 @@ pub struct PipelineSettings {
 impl Default for PipelineSettings {
     fn default() -> Self {
         Self {
-            max_in_flight_chunks_per_model: 16,
+            max_in_flight_chunks_per_model: 8,
             dispatch_interval: Duration::from_millis(500),
             expiry_interval: Duration::from_secs(1),
         }
