@@ -63,6 +63,11 @@ test: infra venv lint ## Every test: unit, conformance suites and end-to-end, ag
 bench-files: ## Peak gateway RSS while uploading and downloading a 1 GiB file (needs `make up PROFILE=release`).
 	python3 $(ROOT)/bench/files_rss.py --size-mib $${SIZE_MIB:-1024}
 
+.PHONY: bench-pipeline
+bench-pipeline: ## Fairness (200k vs 10 lines) and scale (1M lines: time, peak RSS per service) against `make up`.
+	python3 $(ROOT)/bench/pipeline.py fairness --big-lines $${BIG_LINES:-200000}
+	python3 $(ROOT)/bench/pipeline.py scale --lines $${LINES:-1000000}
+
 .PHONY: clean-dev
 clean-dev: down ## Stop everything and delete the local stack's data (.dev/).
 	rm -rf $(DEV_DIR)

@@ -60,9 +60,11 @@ up() {
         exit 1
       fi
       if [[ "$name" == inference-sim ]]; then
-        # the simulator: a little latency per token, so progress is visible while polling
-        nohup "$SIM_BIN" --listen "$addr" --base-latency-ms 20 --per-token-latency-ms 2 \
-          >>"$LOGS/$name.log" 2>&1 </dev/null &
+        # the simulator: a little latency per token by default, so progress is visible
+        # while polling (INFERENCE_SIM_*_LATENCY_MS=0 for benchmarks)
+        INFERENCE_SIM_BASE_LATENCY_MS="${INFERENCE_SIM_BASE_LATENCY_MS:-20}" \
+          INFERENCE_SIM_PER_TOKEN_LATENCY_MS="${INFERENCE_SIM_PER_TOKEN_LATENCY_MS:-2}" \
+          nohup "$SIM_BIN" --listen "$addr" >>"$LOGS/$name.log" 2>&1 </dev/null &
       else
         NIGHTSHIFT_SCHEDULER__BOOTSTRAP_API_KEY="$KEY" \
           nohup "$BIN" --config "$CONFIG" "$name" >>"$LOGS/$name.log" 2>&1 </dev/null &
