@@ -499,14 +499,24 @@ impl S3Upload {
 
 #[async_trait]
 impl ObjectUpload for S3Upload {
-    async fn write(&mut self, chunk: Bytes) -> Result<()> {
+    async fn write(&mut self, mut chunk: Bytes) -> Result<()> {
         self.size += chunk.len() as u64;
-        self.buf.extend_from_slice(&chunk);
-        while self.buf.len() >= self.store.part_size {
-            let part = self.buf.split_to(self.store.part_size).freeze();
-            if let Err(e) = self.send_part(part).await {
-                let _ = self.abort_remote().await;
-                return Err(e);
+        let part_size = self.store.part_size;
+        while !chunk.is_empty() {
+            // Each part gets a buffer of exactly `part_size`: growing one buffer by doubling
+            // and splitting parts off it would pin up to twice the part size per part in
+            // flight.
+            if self.buf.is_empty() && self.buf.capacity() < part_size {
+                self.buf = BytesMut::with_capacity(part_size);
+            }
+            let take = (part_size - self.buf.len()).min(chunk.len());
+            self.buf.extend_from_slice(&chunk.split_to(take));
+            if self.buf.len() == part_size {
+                let part = std::mem::take(&mut self.buf).freeze();
+                if let Err(e) = self.send_part(part).await {
+                    let _ = self.abort_remote().await;
+                    return Err(e);
+                }
             }
         }
         Ok(())
