@@ -399,11 +399,18 @@ ensure_garage_running() {
     fi
     rm -f -- "$GARAGE_PID"
     if s3_port_open; then
-        # Something else holds :3900. Accept it only when it is a garage that shares our RPC
-        # secret (e.g. started by hand with this config); never start a second one.
-        garage_rpc_ok ||
+        # Something else holds :3900; never start a second one. Use it when it is a garage
+        # that shares our RPC secret (started by hand with this config), or an S3 service
+        # that already stores and returns objects in our bucket with our key (e.g. the dev
+        # garage of another checkout on this machine) -- then there is nothing to bootstrap.
+        if garage_rpc_ok; then
+            log "garage: a garage not started by infra.sh already answers with our config; using it"
+        elif s3_roundtrip; then
+            log "garage: the S3 service already on $S3_HOST:$S3_PORT accepts our key and bucket; using it"
+            FOREIGN_S3=1
+        else
             die "port $S3_PORT is in use by a process that is not our garage; stop it first"
-        log "garage: a garage not started by infra.sh already answers with our config; using it"
+        fi
         return
     fi
     start_garage
@@ -505,8 +512,9 @@ cmd_up() {
     ensure_redis
     ensure_rabbitmq
     ensure_garage_installed
+    FOREIGN_S3=0
     ensure_garage_running
-    bootstrap_garage
+    [[ $FOREIGN_S3 == 1 ]] || bootstrap_garage
     verify_s3
     cat <<EOF
 nightshift dev stack is up
