@@ -2,7 +2,13 @@
 //! scheduler, executors, finalizer — over PostgreSQL, RabbitMQ, Redis, Garage and the
 //! inference simulator, driven by the official OpenAI Python SDK.
 
+use std::time::Duration;
+
+use nightshift_core::BatchId;
+use nightshift_core::batch::BatchStatus;
 use nightshift_e2e::{Stack, StackOptions};
+use nightshift_metadata::MetadataStore;
+use nightshift_queue::{QueueKind, WorkQueue};
 
 #[tokio::test]
 async fn seed_001_script_runs_unchanged() {
@@ -76,5 +82,72 @@ async fn expiry_keeps_finished_work() {
         .python("pipeline_expiry.py", &[("NS_API_KEY", key)])
         .await
         .expect("script");
+    stack.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn a_lost_finalize_job_is_published_again() {
+    // No finalizer at first, and a short grace period before a job is re-published.
+    let mut stack = Stack::start(StackOptions {
+        finalizer: false,
+        finalize_retry_after: Duration::from_secs(2),
+        ..StackOptions::default()
+    })
+    .await
+    .expect("stack");
+    let (_, key) = stack.tenant("redrive").await.expect("tenant");
+    let out = stack
+        .python(
+            "crash_create.py",
+            &[("NS_API_KEY", key.clone()), ("NS_LINES", "30".into())],
+        )
+        .await
+        .expect("create");
+    let v: serde_json::Value =
+        serde_json::from_str(out.lines().last().unwrap_or_default()).expect("result line");
+    let batch = BatchId::parse(v["batch"].as_str().expect("id")).expect("batch id");
+
+    // Wait for its finalize job, and lose it: dead-letter it as a poison message would be.
+    let mut jobs = stack
+        .queue
+        .consume(QueueKind::FinalizeJobs, 1)
+        .await
+        .expect("consume");
+    let job = tokio::time::timeout(Duration::from_secs(60), jobs.next())
+        .await
+        .expect("a finalize job within 60s")
+        .expect("consumer open")
+        .expect("delivery");
+    job.dead_letter().await.expect("dead-letter");
+    drop(jobs);
+    let b = stack
+        .metadata
+        .batch(&batch)
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(b.status, BatchStatus::Finalizing);
+
+    // A finalizer now runs; the scheduler publishes the job again after the grace period.
+    stack.start_finalizer().await.expect("finalizer");
+    stack
+        .python(
+            "crash_check.py",
+            &[
+                ("NS_API_KEY", key),
+                ("NS_LINES", "30".into()),
+                ("NS_BATCH", batch.to_string()),
+            ],
+        )
+        .await
+        .expect("the batch completes anyway");
+    assert_eq!(
+        stack
+            .queue
+            .dead_lettered(QueueKind::FinalizeJobs)
+            .await
+            .expect("dlq"),
+        1
+    );
     stack.stop().await.expect("stop");
 }

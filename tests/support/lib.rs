@@ -88,6 +88,10 @@ pub struct StackOptions {
     pub executors: usize,
     /// Ceiling of requests in flight to the simulator, per executor.
     pub upstream_max_concurrency: u32,
+    /// Start the finalizer with the stack (else [`Stack::start_finalizer`] does later).
+    pub finalizer: bool,
+    /// The scheduler's grace period before re-publishing an unfinished finalize job.
+    pub finalize_retry_after: Duration,
 }
 
 impl Default for StackOptions {
@@ -105,6 +109,8 @@ impl Default for StackOptions {
             sim: SimConfig::default(),
             executors: 1,
             upstream_max_concurrency: 64,
+            finalizer: true,
+            finalize_retry_after: Duration::from_secs(300),
         }
     }
 }
@@ -219,6 +225,7 @@ impl Stack {
             pipeline: nightshift_scheduler::pipeline::PipelineSettings {
                 dispatch_interval: Duration::from_millis(100),
                 expiry_interval: Duration::from_millis(200),
+                finalize_retry_after: opts.finalize_retry_after,
                 ..Default::default()
             },
             ..SchedulerConfig::default()
@@ -290,30 +297,6 @@ impl Stack {
                 }
             }));
         }
-        {
-            let listener = TcpListener::bind("127.0.0.1:0").await?;
-            let (tx, rx) = oneshot::channel::<()>();
-            stops.push(tx);
-            let ports = nightshift_finalizer::FinalizerPorts {
-                storage: storage.clone(),
-                queue: queue.clone(),
-                state: state.clone(),
-            };
-            let config = nightshift_finalizer::FinalizerConfig {
-                scheduler_url: format!("http://{sched_addr}"),
-                ..Default::default()
-            };
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = nightshift_finalizer::serve(config, ports, listener, async {
-                    let _ = rx.await;
-                })
-                .await
-                {
-                    panic!("finalizer failed: {e}");
-                }
-            }));
-        }
-
         let stack = Self {
             origin: format!("http://{gw_addr}"),
             storage,
@@ -328,6 +311,10 @@ impl Stack {
             stops,
             tasks,
         };
+        let mut stack = stack;
+        if opts.finalizer {
+            stack.start_finalizer().await?;
+        }
         stack.wait_ready().await?;
         Ok(stack)
     }
@@ -345,6 +332,32 @@ impl Stack {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Starts a finalizer on this stack's queues.
+    pub async fn start_finalizer(&mut self) -> anyhow::Result<()> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let (tx, rx) = oneshot::channel::<()>();
+        self.stops.push(tx);
+        let ports = nightshift_finalizer::FinalizerPorts {
+            storage: self.storage.clone(),
+            queue: self.queue.clone(),
+            state: self.state.clone(),
+        };
+        let config = nightshift_finalizer::FinalizerConfig {
+            scheduler_url: self.scheduler_url.clone(),
+            ..Default::default()
+        };
+        self.tasks.push(tokio::spawn(async move {
+            if let Err(e) = nightshift_finalizer::serve(config, ports, listener, async {
+                let _ = rx.await;
+            })
+            .await
+            {
+                panic!("finalizer failed: {e}");
+            }
+        }));
+        Ok(())
     }
 
     pub fn control(&self) -> anyhow::Result<nightshift_gateway::ControlPlane> {

@@ -35,6 +35,9 @@ pub const CHECKS: &[Check] = &[
         Box::pin(batch_validation_and_cancel(s))
     }),
     ("batch_list_pages", |s| Box::pin(batch_list_pages(s))),
+    ("stalled_finalizations_are_claimed_once_per_period", |s| {
+        Box::pin(stalled_finalizations_are_claimed_once_per_period(s))
+    }),
 ];
 
 async fn new_tenant(store: &dyn MetadataStore) -> Tenant {
@@ -582,4 +585,86 @@ async fn batch_list_pages(store: &dyn MetadataStore) {
         .await
         .expect("list");
     assert!(page.batches.is_empty() && !page.has_more);
+}
+
+async fn stalled_finalizations_are_claimed_once_per_period(store: &dyn MetadataStore) {
+    let t = new_tenant(store).await;
+    // a cancelled batch with nothing in flight is asked to finalize at NOW
+    let b = batch(&t.id, NOW * 1_000_000);
+    store.insert_batch(&b).await.expect("insert");
+    store
+        .cancel_batch(&t.id, &b.id, NOW)
+        .await
+        .expect("cancel")
+        .expect("exists");
+    assert!(
+        store
+            .request_finalize(&b.id, NOW)
+            .await
+            .expect("request")
+            .is_some()
+    );
+    let ours = |v: Vec<BatchRecord>| v.into_iter().filter(|x| x.id == b.id).count();
+    // not stalled yet
+    assert_eq!(
+        ours(
+            store
+                .claim_stalled_finalizations(NOW - 1, NOW + 10)
+                .await
+                .expect("claim")
+        ),
+        0
+    );
+    // stalled: claimed once, then not again until another period has passed
+    assert_eq!(
+        ours(
+            store
+                .claim_stalled_finalizations(NOW, NOW + 300)
+                .await
+                .expect("claim")
+        ),
+        1
+    );
+    assert_eq!(
+        ours(
+            store
+                .claim_stalled_finalizations(NOW + 299, NOW + 301)
+                .await
+                .expect("claim")
+        ),
+        0
+    );
+    assert_eq!(
+        ours(
+            store
+                .claim_stalled_finalizations(NOW + 300, NOW + 600)
+                .await
+                .expect("claim")
+        ),
+        1
+    );
+    // a terminal batch is never claimed
+    let commit = crate::BatchCommit {
+        batch: b.id.clone(),
+        output_file: None,
+        error_file: None,
+        completed: 0,
+        failed: 0,
+        usage: Default::default(),
+    };
+    let done = store
+        .commit_batch(&commit, NOW + 601)
+        .await
+        .expect("commit")
+        .expect("exists");
+    assert_eq!(done.status, BatchStatus::Cancelled);
+    assert_eq!(
+        ours(
+            store
+                .claim_stalled_finalizations(i64::MAX, NOW + 900)
+                .await
+                .expect("claim")
+        ),
+        0
+    );
 }

@@ -278,6 +278,15 @@ pub trait MetadataStore: Send + Sync + fmt::Debug + 'static {
     /// Batches asked to finalize and not yet terminal (a restart asks again).
     async fn finalize_requested(&self) -> Result<Vec<BatchRecord>>;
 
+    /// Batches asked to finalize at or before `asked_before` and still not terminal (their job
+    /// was lost or dead-lettered): re-stamps them with `now` and returns them, so each stalled
+    /// batch is handed out once per grace period.
+    async fn claim_stalled_finalizations(
+        &self,
+        asked_before: i64,
+        now: i64,
+    ) -> Result<Vec<BatchRecord>>;
+
     /// How a batch being finalized ends; `None` if it is not being finalized.
     async fn ending(&self, id: &BatchId) -> Result<Option<Ending>>;
 

@@ -791,6 +791,24 @@ impl MetadataStore for PgStore {
         rows.iter().map(batch_from_row).collect()
     }
 
+    async fn claim_stalled_finalizations(
+        &self,
+        asked_before: i64,
+        now: i64,
+    ) -> Result<Vec<BatchRecord>> {
+        let sql = format!(
+            "UPDATE batches SET finalize_requested_at = $2 WHERE finalize_requested_at <= $1 \
+             AND status IN ('finalizing', 'cancelling') RETURNING {BATCH_COLUMNS}"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(asked_before)
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.iter().map(batch_from_row).collect()
+    }
+
     async fn ending(&self, id: &BatchId) -> Result<Option<Ending>> {
         let row = sqlx::query("SELECT status, ending FROM batches WHERE id = $1")
             .bind(id.as_str())

@@ -43,4 +43,5 @@ checks!(
     ping,
     batch_validation_and_cancel,
     batch_list_pages,
+    stalled_finalizations_are_claimed_once_per_period,
 );

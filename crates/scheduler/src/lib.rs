@@ -194,6 +194,7 @@ pub async fn serve(
         tokio::spawn(pipeline::run_expiry(
             ports.clone(),
             config.pipeline.expiry_interval,
+            config.pipeline.finalize_retry_after,
             stop_rx,
         )),
     ];

@@ -43,6 +43,11 @@ pub struct PipelineSettings {
     /// How often deadlines are checked.
     #[serde(with = "humantime_serde")]
     pub expiry_interval: Duration,
+    /// A batch asked to finalize that is still not terminal after this long gets its finalize
+    /// job published again (the job was lost or dead-lettered; the finalizer is idempotent).
+    /// Cancelled and expired batches thus always reach their terminal state.
+    #[serde(with = "humantime_serde")]
+    pub finalize_retry_after: Duration,
 }
 
 impl Default for PipelineSettings {
@@ -51,6 +56,7 @@ impl Default for PipelineSettings {
             max_in_flight_chunks_per_model: 8,
             dispatch_interval: Duration::from_millis(500),
             expiry_interval: Duration::from_secs(1),
+            finalize_retry_after: Duration::from_secs(300),
         }
     }
 }
@@ -96,8 +102,10 @@ pub async fn publish_finalize(ports: &Ports, batch: &BatchRecord) -> Result<(), 
 pub async fn run_expiry(
     ports: Ports,
     interval: Duration,
+    finalize_retry_after: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let retry_secs = i64::try_from(finalize_retry_after.as_secs()).unwrap_or(i64::MAX);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -115,6 +123,22 @@ pub async fn run_expiry(
                 }
             }
             Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
+        }
+        let now = now_unix();
+        match ports
+            .metadata
+            .claim_stalled_finalizations(now.saturating_sub(retry_secs), now)
+            .await
+        {
+            Ok(stalled) => {
+                for b in stalled {
+                    tracing::warn!(batch_id = %b.id, status = %b.status, "finalization did not complete; publishing its job again");
+                    if let Err(e) = publish_finalize(&ports, &b).await {
+                        tracing::warn!(batch_id = %b.id, error = %e, "could not re-publish a finalize job");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "stalled-finalization sweep failed"),
         }
         // Expiring batches whose last chunks came back are caught by the result consumer;
         // this sweep also retries any whose request failed earlier.
