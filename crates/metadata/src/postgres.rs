@@ -180,6 +180,39 @@ fn tenant_from_row(row: &PgRow) -> Result<Tenant> {
     })
 }
 
+/// The tables that are listed with cursors.
+#[derive(Clone, Copy)]
+enum ListTable {
+    Files,
+    Batches,
+}
+
+/// Where a list page starts.
+enum Cursor {
+    /// No `after`: from the first row.
+    Start,
+    /// Strictly after this `(created_at_us, id)`.
+    After(i64, String),
+    /// `after` names no row of the tenant: the page is empty.
+    Unknown,
+}
+
+impl Cursor {
+    fn bounds(self) -> (Option<i64>, Option<String>) {
+        match self {
+            Cursor::After(us, id) => (Some(us), Some(id)),
+            Cursor::Start | Cursor::Unknown => (None, None),
+        }
+    }
+}
+
+/// Cuts a page fetched with `limit + 1` rows down to `limit`; whether a row was left over.
+fn split_page<T>(mut rows: Vec<T>, limit: u32) -> (Vec<T>, bool) {
+    let has_more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    (rows, has_more)
+}
+
 impl PgStore {
     /// Connects and brings the schema up to date (migrations take an advisory lock, so
     /// several schedulers starting together are safe).
@@ -228,6 +261,41 @@ impl PgStore {
     /// The pool, for the scheduler's own transactions in later stages.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// The position of `after` among the tenant's rows of `table`, looked up even if that row
+    /// has since been deleted or has expired, so paging through a list that shrinks meanwhile
+    /// still moves forward.
+    async fn cursor(
+        &self,
+        table: ListTable,
+        tenant: &TenantId,
+        after: Option<&str>,
+    ) -> Result<Cursor> {
+        let Some(after) = after else {
+            return Ok(Cursor::Start);
+        };
+        let sql = match table {
+            ListTable::Files => {
+                "SELECT created_at_us, id FROM files WHERE id = $1 AND tenant_id = $2"
+            }
+            ListTable::Batches => {
+                "SELECT created_at_us, id FROM batches WHERE id = $1 AND tenant_id = $2"
+            }
+        };
+        let row = sqlx::query(sql)
+            .bind(after)
+            .bind(tenant.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(match row {
+            None => Cursor::Unknown,
+            Some(r) => Cursor::After(
+                r.try_get("created_at_us").map_err(backend)?,
+                r.try_get("id").map_err(backend)?,
+            ),
+        })
     }
 }
 
@@ -337,33 +405,19 @@ impl MetadataStore for PgStore {
     }
 
     async fn list_files(&self, tenant: &TenantId, q: &FileQuery, now: i64) -> Result<FilePage> {
-        // The cursor's position is looked up even if that file has since been deleted or has
-        // expired, so paging through a list that shrinks meanwhile still moves forward.
-        let cursor: Option<(i64, String)> = match &q.after {
-            None => None,
-            Some(after) => {
-                let row = sqlx::query(
-                    "SELECT created_at_us, id FROM files WHERE id = $1 AND tenant_id = $2",
-                )
-                .bind(after.as_str())
-                .bind(tenant.as_str())
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(backend)?;
-                match row {
-                    None => {
-                        return Ok(FilePage {
-                            files: vec![],
-                            has_more: false,
-                        });
-                    }
-                    Some(r) => Some((
-                        r.try_get("created_at_us").map_err(backend)?,
-                        r.try_get("id").map_err(backend)?,
-                    )),
-                }
-            }
-        };
+        let cursor = self
+            .cursor(
+                ListTable::Files,
+                tenant,
+                q.after.as_ref().map(FileId::as_str),
+            )
+            .await?;
+        if matches!(cursor, Cursor::Unknown) {
+            return Ok(FilePage {
+                files: vec![],
+                has_more: false,
+            });
+        }
         // Static statements (one per order) rather than string-built SQL.
         let sql = match q.order {
             Order::Desc => {
@@ -381,10 +435,7 @@ impl MetadataStore for PgStore {
                  ORDER BY created_at_us ASC, id ASC LIMIT $6"
             }
         };
-        let (cursor_us, cursor_id) = match cursor {
-            Some((us, id)) => (Some(us), Some(id)),
-            None => (None, None),
-        };
+        let (cursor_us, cursor_id) = cursor.bounds();
         let rows = sqlx::query(sql)
             .bind(tenant.as_str())
             .bind(now)
@@ -395,9 +446,8 @@ impl MetadataStore for PgStore {
             .fetch_all(&self.pool)
             .await
             .map_err(backend)?;
-        let mut files = rows.iter().map(file_from_row).collect::<Result<Vec<_>>>()?;
-        let has_more = files.len() > q.limit as usize;
-        files.truncate(q.limit as usize);
+        let files = rows.iter().map(file_from_row).collect::<Result<Vec<_>>>()?;
+        let (files, has_more) = split_page(files, q.limit);
         Ok(FilePage { files, has_more })
     }
 
@@ -494,32 +544,16 @@ impl MetadataStore for PgStore {
         limit: u32,
         after: Option<&BatchId>,
     ) -> Result<BatchPage> {
-        let cursor: Option<(i64, String)> = match after {
-            None => None,
-            Some(after) => {
-                let row = sqlx::query(
-                    "SELECT created_at_us, id FROM batches WHERE id = $1 AND tenant_id = $2",
-                )
-                .bind(after.as_str())
-                .bind(tenant.as_str())
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(backend)?;
-                match row {
-                    None => {
-                        return Ok(BatchPage {
-                            batches: vec![],
-                            has_more: false,
-                        });
-                    }
-                    Some(r) => Some((
-                        r.try_get("created_at_us").map_err(backend)?,
-                        r.try_get("id").map_err(backend)?,
-                    )),
-                }
-            }
-        };
-        let (cursor_us, cursor_id) = cursor.unzip();
+        let cursor = self
+            .cursor(ListTable::Batches, tenant, after.map(BatchId::as_str))
+            .await?;
+        if matches!(cursor, Cursor::Unknown) {
+            return Ok(BatchPage {
+                batches: vec![],
+                has_more: false,
+            });
+        }
+        let (cursor_us, cursor_id) = cursor.bounds();
         let sql = format!(
             "SELECT {BATCH_COLUMNS} FROM batches WHERE tenant_id = $1 \
              AND ($2::bigint IS NULL OR (created_at_us, id) < ($2, $3)) \
