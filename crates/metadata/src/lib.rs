@@ -24,6 +24,7 @@ use nightshift_core::{BatchId, FileId, TenantId};
 
 pub mod conformance;
 mod postgres;
+mod rows;
 
 pub use postgres::{PgConfig, PgStore};
 

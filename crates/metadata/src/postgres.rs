@@ -3,103 +3,47 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use nightshift_core::file::{FileRecord, Purpose};
+use nightshift_core::BatchId;
+use nightshift_core::batch::{BatchRecord, BatchStatus};
+use nightshift_core::chunking::ChunkSpan;
+use nightshift_core::file::FileRecord;
 use nightshift_core::page::Order;
 use nightshift_core::secret::Secret;
 use nightshift_core::time::now_unix_micros;
 use nightshift_core::{FileId, TenantId};
 use serde::{Deserialize, Serialize};
 use sqlx::AssertSqlSafe;
-use sqlx::Row;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 
-use nightshift_core::BatchId;
-use nightshift_core::batch::{BatchRecord, BatchStatus, RequestCounts};
-use nightshift_core::chunking::ChunkSpan;
-use nightshift_core::results::Usage;
-use nightshift_core::validation::BatchError;
-
+use crate::rows::{
+    BATCH_COLUMNS, Columns, Cursor, backend, batch_from_row, file_from_row, get, span_from_row,
+    split_page, tenant_from_row, to_i64,
+};
 use crate::{
     BatchCommit, BatchPage, CancelOutcome, ChunkState, DispatchCandidate, Ending, FilePage,
     FileQuery, MetadataError, MetadataStore, Result, Tenant, ValidationOutcome,
 };
 
-/// Columns of a batch, in the order [`batch_from_row`] reads them by name.
-const BATCH_COLUMNS: &str = "id, tenant_id, endpoint, input_file_id, completion_window, status, \
-     model, errors, metadata, output_expires_after, output_file_id, error_file_id, created_at_us, \
-     in_progress_at, expires_at, finalizing_at, completed_at, failed_at, expired_at, \
-     cancelling_at, cancelled_at, total, completed, failed, usage";
-
-fn json_col<T: serde::de::DeserializeOwned>(row: &PgRow, col: &str) -> Result<T> {
-    let v: serde_json::Value = row.try_get(col).map_err(backend)?;
-    serde_json::from_value(v).map_err(|e| corrupt(col, &e.to_string()))
-}
-
-fn count_col(row: &PgRow, col: &str) -> Result<u64> {
-    let v: i64 = row.try_get(col).map_err(backend)?;
-    u64::try_from(v).map_err(|_| corrupt(col, &v.to_string()))
-}
-
-fn batch_from_row(row: &PgRow) -> Result<BatchRecord> {
-    let id: String = row.try_get("id").map_err(backend)?;
-    let tenant: String = row.try_get("tenant_id").map_err(backend)?;
-    let status: String = row.try_get("status").map_err(backend)?;
-    let file_id = |col: &str| -> Result<Option<FileId>> {
-        let v: Option<String> = row.try_get(col).map_err(backend)?;
-        v.map(|v| FileId::parse(&v).map_err(|_| corrupt(col, &v)))
-            .transpose()
-    };
-    let errors: Vec<BatchError> = json_col(row, "errors")?;
-    let metadata: Option<std::collections::BTreeMap<String, String>> = json_col(row, "metadata")?;
-    let usage: Usage = json_col(row, "usage")?;
-    Ok(BatchRecord {
-        id: BatchId::parse(&id).map_err(|_| corrupt("batch id", &id))?,
-        tenant_id: TenantId::parse(&tenant).map_err(|_| corrupt("tenant id", &tenant))?,
-        endpoint: row.try_get("endpoint").map_err(backend)?,
-        input_file_id: row.try_get("input_file_id").map_err(backend)?,
-        completion_window: row.try_get("completion_window").map_err(backend)?,
-        status: BatchStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?,
-        model: row.try_get("model").map_err(backend)?,
-        errors,
-        metadata,
-        output_expires_after_secs: row.try_get("output_expires_after").map_err(backend)?,
-        output_file_id: file_id("output_file_id")?,
-        error_file_id: file_id("error_file_id")?,
-        created_at_us: row.try_get("created_at_us").map_err(backend)?,
-        in_progress_at: row.try_get("in_progress_at").map_err(backend)?,
-        expires_at: row.try_get("expires_at").map_err(backend)?,
-        finalizing_at: row.try_get("finalizing_at").map_err(backend)?,
-        completed_at: row.try_get("completed_at").map_err(backend)?,
-        failed_at: row.try_get("failed_at").map_err(backend)?,
-        expired_at: row.try_get("expired_at").map_err(backend)?,
-        cancelling_at: row.try_get("cancelling_at").map_err(backend)?,
-        cancelled_at: row.try_get("cancelled_at").map_err(backend)?,
-        request_counts: RequestCounts {
-            total: count_col(row, "total")?,
-            completed: count_col(row, "completed")?,
-            failed: count_col(row, "failed")?,
-        },
-        usage,
-    })
-}
-
-fn span_from_row(r: &PgRow) -> Result<ChunkSpan> {
-    let idx: i32 = r.try_get("idx").map_err(backend)?;
-    let start: i64 = r.try_get("byte_start").map_err(backend)?;
-    let end: i64 = r.try_get("byte_end").map_err(backend)?;
-    let first: i64 = r.try_get("first_line").map_err(backend)?;
-    let count: i32 = r.try_get("line_count").map_err(backend)?;
-    Ok(ChunkSpan {
-        index: idx as u32,
-        byte_start: start as u64,
-        byte_end: end as u64,
-        first_line: first as u64,
-        line_count: count as u32,
-    })
-}
-
-fn to_i64(v: u64, what: &str) -> Result<i64> {
-    i64::try_from(v).map_err(|_| MetadataError::Backend(format!("{what} out of range")))
+impl Columns for PgRow {
+    fn text(&self, col: &str) -> Result<String> {
+        get(self, col)
+    }
+    fn opt_text(&self, col: &str) -> Result<Option<String>> {
+        get(self, col)
+    }
+    fn int(&self, col: &str) -> Result<i64> {
+        get(self, col)
+    }
+    fn opt_int(&self, col: &str) -> Result<Option<i64>> {
+        get(self, col)
+    }
+    fn int4(&self, col: &str) -> Result<i32> {
+        get(self, col)
+    }
+    /// `JSONB`.
+    fn json(&self, col: &str) -> Result<serde_json::Value> {
+        get(self, col)
+    }
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Result<serde_json::Value> {
@@ -140,77 +84,11 @@ pub struct PgStore {
     pool: PgPool,
 }
 
-fn backend(e: sqlx::Error) -> MetadataError {
-    if let sqlx::Error::Database(db) = &e
-        && db.is_unique_violation()
-    {
-        return MetadataError::Conflict(db.message().to_owned());
-    }
-    MetadataError::Backend(e.to_string())
-}
-
-fn corrupt(what: &str, value: &str) -> MetadataError {
-    MetadataError::Backend(format!("corrupt {what} in the database: {value:?}"))
-}
-
-fn file_from_row(row: &PgRow) -> Result<FileRecord> {
-    let id: String = row.try_get("id").map_err(backend)?;
-    let tenant: String = row.try_get("tenant_id").map_err(backend)?;
-    let purpose: String = row.try_get("purpose").map_err(backend)?;
-    let bytes: i64 = row.try_get("bytes").map_err(backend)?;
-    let created_at_us: i64 = row.try_get("created_at_us").map_err(backend)?;
-    Ok(FileRecord {
-        id: FileId::parse(&id).map_err(|_| corrupt("file id", &id))?,
-        tenant_id: TenantId::parse(&tenant).map_err(|_| corrupt("tenant id", &tenant))?,
-        bytes: u64::try_from(bytes).map_err(|_| corrupt("size", &bytes.to_string()))?,
-        created_at: created_at_us.div_euclid(1_000_000),
-        created_at_us,
-        expires_at: row.try_get("expires_at").map_err(backend)?,
-        filename: row.try_get("filename").map_err(backend)?,
-        purpose: Purpose::parse(&purpose).ok_or_else(|| corrupt("purpose", &purpose))?,
-        storage_key: row.try_get("storage_key").map_err(backend)?,
-    })
-}
-
-fn tenant_from_row(row: &PgRow) -> Result<Tenant> {
-    let id: String = row.try_get("id").map_err(backend)?;
-    Ok(Tenant {
-        id: TenantId::parse(&id).map_err(|_| corrupt("tenant id", &id))?,
-        name: row.try_get("name").map_err(backend)?,
-    })
-}
-
 /// The tables that are listed with cursors.
 #[derive(Clone, Copy)]
 enum ListTable {
     Files,
     Batches,
-}
-
-/// Where a list page starts.
-enum Cursor {
-    /// No `after`: from the first row.
-    Start,
-    /// Strictly after this `(created_at_us, id)`.
-    After(i64, String),
-    /// `after` names no row of the tenant: the page is empty.
-    Unknown,
-}
-
-impl Cursor {
-    fn bounds(self) -> (Option<i64>, Option<String>) {
-        match self {
-            Cursor::After(us, id) => (Some(us), Some(id)),
-            Cursor::Start | Cursor::Unknown => (None, None),
-        }
-    }
-}
-
-/// Cuts a page fetched with `limit + 1` rows down to `limit`; whether a row was left over.
-fn split_page<T>(mut rows: Vec<T>, limit: u32) -> (Vec<T>, bool) {
-    let has_more = rows.len() > limit as usize;
-    rows.truncate(limit as usize);
-    (rows, has_more)
 }
 
 impl PgStore {
@@ -291,10 +169,7 @@ impl PgStore {
             .map_err(backend)?;
         Ok(match row {
             None => Cursor::Unknown,
-            Some(r) => Cursor::After(
-                r.try_get("created_at_us").map_err(backend)?,
-                r.try_get("id").map_err(backend)?,
-            ),
+            Some(r) => Cursor::After(r.int("created_at_us")?, r.text("id")?),
         })
     }
 }
@@ -693,7 +568,7 @@ impl MetadataStore for PgStore {
         .map_err(backend)?;
         rows.iter()
             .map(|r| {
-                let state: String = r.try_get("state").map_err(backend)?;
+                let state = r.text("state")?;
                 Ok(ChunkState {
                     span: span_from_row(r)?,
                     done: state == "done",
@@ -715,9 +590,9 @@ impl MetadataStore for PgStore {
             .map_err(backend)?;
         rows.iter()
             .map(|r| {
-                let in_flight: i64 = r.try_get("in_flight").map_err(backend)?;
-                let pending: i64 = r.try_get("pending").map_err(backend)?;
-                let ending: Option<String> = r.try_get("ending").map_err(backend)?;
+                let in_flight = r.int("in_flight")?;
+                let pending = r.int("pending")?;
+                let ending = r.opt_text("ending")?;
                 Ok(DispatchCandidate {
                     batch: batch_from_row(r)?,
                     in_flight: in_flight as u32,
@@ -850,8 +725,8 @@ impl MetadataStore for PgStore {
             .await
             .map_err(backend)?;
         let Some(row) = row else { return Ok(None) };
-        let status: String = row.try_get("status").map_err(backend)?;
-        let ending: Option<String> = row.try_get("ending").map_err(backend)?;
+        let status = row.text("status")?;
+        let ending = row.opt_text("ending")?;
         Ok(match status.as_str() {
             "cancelling" => Some(Ending::Cancelled),
             "finalizing" if ending.as_deref() == Some("expired") => Some(Ending::Expired),
@@ -875,7 +750,7 @@ impl MetadataStore for PgStore {
         if batch.status.is_terminal() {
             return Ok(Some(batch));
         }
-        let ending: Option<String> = row.try_get("ending").map_err(backend)?;
+        let ending = row.opt_text("ending")?;
         let (status, stamp_col) = match batch.status {
             BatchStatus::Cancelling => ("cancelled", "cancelled_at"),
             BatchStatus::Finalizing if ending.as_deref() == Some("expired") => {

@@ -1,0 +1,192 @@
+//! Rows to records, the same for every adapter.
+//!
+//! Both adapters store the same columns in the same units — ids and enums as text, times as
+//! `i64` (seconds, or microseconds for `created_at_us`), counts as non-negative `i64`, errors,
+//! metadata and usage as JSON documents — so decoding is written once, over [`Columns`], and
+//! both return identical records. Only reading one column is adapter-specific (a JSON document
+//! is `JSONB` in Postgres and `TEXT` in SQLite).
+
+use nightshift_core::batch::{BatchRecord, BatchStatus, RequestCounts};
+use nightshift_core::chunking::ChunkSpan;
+use nightshift_core::file::{FileRecord, Purpose};
+use nightshift_core::results::Usage;
+use nightshift_core::validation::BatchError;
+use nightshift_core::{BatchId, FileId, TenantId};
+use sqlx::{ColumnIndex, Decode, Row, Type};
+
+use crate::{MetadataError, Result, Tenant};
+
+/// Columns of a batch, in the order [`batch_from_row`] reads them by name.
+pub(crate) const BATCH_COLUMNS: &str = "id, tenant_id, endpoint, input_file_id, \
+     completion_window, status, model, errors, metadata, output_expires_after, output_file_id, \
+     error_file_id, created_at_us, in_progress_at, expires_at, finalizing_at, completed_at, \
+     failed_at, expired_at, cancelling_at, cancelled_at, total, completed, failed, usage";
+
+/// Reading one column of a row, by name, as the type the schema gives it.
+pub(crate) trait Columns {
+    fn text(&self, col: &str) -> Result<String>;
+    fn opt_text(&self, col: &str) -> Result<Option<String>>;
+    /// A 64-bit integer column (times, sizes, counts).
+    fn int(&self, col: &str) -> Result<i64>;
+    fn opt_int(&self, col: &str) -> Result<Option<i64>>;
+    /// A 32-bit integer column (chunk index and line count).
+    fn int4(&self, col: &str) -> Result<i32>;
+    /// A JSON document.
+    fn json(&self, col: &str) -> Result<serde_json::Value>;
+}
+
+/// One column of any sqlx row, its error mapped; what the adapters' [`Columns`] build on.
+pub(crate) fn get<'r, R, T>(row: &'r R, col: &str) -> Result<T>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    T: Decode<'r, R::Database> + Type<R::Database>,
+{
+    row.try_get(col).map_err(backend)
+}
+
+/// A database error as the port's error: a unique violation is a [`MetadataError::Conflict`],
+/// anything else a [`MetadataError::Backend`].
+pub(crate) fn backend(e: sqlx::Error) -> MetadataError {
+    if let sqlx::Error::Database(db) = &e
+        && db.is_unique_violation()
+    {
+        return MetadataError::Conflict(db.message().to_owned());
+    }
+    MetadataError::Backend(e.to_string())
+}
+
+pub(crate) fn corrupt(what: &str, value: &str) -> MetadataError {
+    MetadataError::Backend(format!("corrupt {what} in the database: {value:?}"))
+}
+
+pub(crate) fn to_i64(v: u64, what: &str) -> Result<i64> {
+    i64::try_from(v).map_err(|_| MetadataError::Backend(format!("{what} out of range")))
+}
+
+fn json_col<T: serde::de::DeserializeOwned>(row: &impl Columns, col: &str) -> Result<T> {
+    serde_json::from_value(row.json(col)?).map_err(|e| corrupt(col, &e.to_string()))
+}
+
+fn count_col(row: &impl Columns, col: &str) -> Result<u64> {
+    let v = row.int(col)?;
+    u64::try_from(v).map_err(|_| corrupt(col, &v.to_string()))
+}
+
+pub(crate) fn batch_from_row(row: &impl Columns) -> Result<BatchRecord> {
+    let id = row.text("id")?;
+    let tenant = row.text("tenant_id")?;
+    let status = row.text("status")?;
+    let file_id = |col: &str| -> Result<Option<FileId>> {
+        row.opt_text(col)?
+            .map(|v| FileId::parse(&v).map_err(|_| corrupt(col, &v)))
+            .transpose()
+    };
+    let errors: Vec<BatchError> = json_col(row, "errors")?;
+    let metadata: Option<std::collections::BTreeMap<String, String>> = json_col(row, "metadata")?;
+    let usage: Usage = json_col(row, "usage")?;
+    Ok(BatchRecord {
+        id: BatchId::parse(&id).map_err(|_| corrupt("batch id", &id))?,
+        tenant_id: TenantId::parse(&tenant).map_err(|_| corrupt("tenant id", &tenant))?,
+        endpoint: row.text("endpoint")?,
+        input_file_id: row.text("input_file_id")?,
+        completion_window: row.text("completion_window")?,
+        status: BatchStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?,
+        model: row.opt_text("model")?,
+        errors,
+        metadata,
+        output_expires_after_secs: row.int("output_expires_after")?,
+        output_file_id: file_id("output_file_id")?,
+        error_file_id: file_id("error_file_id")?,
+        created_at_us: row.int("created_at_us")?,
+        in_progress_at: row.opt_int("in_progress_at")?,
+        expires_at: row.int("expires_at")?,
+        finalizing_at: row.opt_int("finalizing_at")?,
+        completed_at: row.opt_int("completed_at")?,
+        failed_at: row.opt_int("failed_at")?,
+        expired_at: row.opt_int("expired_at")?,
+        cancelling_at: row.opt_int("cancelling_at")?,
+        cancelled_at: row.opt_int("cancelled_at")?,
+        request_counts: RequestCounts {
+            total: count_col(row, "total")?,
+            completed: count_col(row, "completed")?,
+            failed: count_col(row, "failed")?,
+        },
+        usage,
+    })
+}
+
+pub(crate) fn span_from_row(r: &impl Columns) -> Result<ChunkSpan> {
+    Ok(ChunkSpan {
+        index: r.int4("idx")? as u32,
+        byte_start: r.int("byte_start")? as u64,
+        byte_end: r.int("byte_end")? as u64,
+        first_line: r.int("first_line")? as u64,
+        line_count: r.int4("line_count")? as u32,
+    })
+}
+
+pub(crate) fn file_from_row(row: &impl Columns) -> Result<FileRecord> {
+    let id = row.text("id")?;
+    let tenant = row.text("tenant_id")?;
+    let purpose = row.text("purpose")?;
+    let bytes = row.int("bytes")?;
+    let created_at_us = row.int("created_at_us")?;
+    Ok(FileRecord {
+        id: FileId::parse(&id).map_err(|_| corrupt("file id", &id))?,
+        tenant_id: TenantId::parse(&tenant).map_err(|_| corrupt("tenant id", &tenant))?,
+        bytes: u64::try_from(bytes).map_err(|_| corrupt("size", &bytes.to_string()))?,
+        created_at: created_at_us.div_euclid(1_000_000),
+        created_at_us,
+        expires_at: row.opt_int("expires_at")?,
+        filename: row.text("filename")?,
+        purpose: Purpose::parse(&purpose).ok_or_else(|| corrupt("purpose", &purpose))?,
+        storage_key: row.text("storage_key")?,
+    })
+}
+
+pub(crate) fn tenant_from_row(row: &impl Columns) -> Result<Tenant> {
+    let id = row.text("id")?;
+    Ok(Tenant {
+        id: TenantId::parse(&id).map_err(|_| corrupt("tenant id", &id))?,
+        name: row.text("name")?,
+    })
+}
+
+/// Where a list page starts.
+pub(crate) enum Cursor {
+    /// No `after`: from the first row.
+    Start,
+    /// Strictly after this `(created_at_us, id)`.
+    After(i64, String),
+    /// `after` names no row of the tenant: the page is empty.
+    Unknown,
+}
+
+impl Cursor {
+    pub(crate) fn bounds(self) -> (Option<i64>, Option<String>) {
+        match self {
+            Cursor::After(us, id) => (Some(us), Some(id)),
+            Cursor::Start | Cursor::Unknown => (None, None),
+        }
+    }
+}
+
+/// Cuts a page fetched with `limit + 1` rows down to `limit`; whether a row was left over.
+pub(crate) fn split_page<T>(mut rows: Vec<T>, limit: u32) -> (Vec<T>, bool) {
+    let has_more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    (rows, has_more)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_page_reports_the_row_left_over() {
+        assert_eq!(split_page(vec![1, 2, 3], 2), (vec![1, 2], true));
+        assert_eq!(split_page(vec![1, 2], 2), (vec![1, 2], false));
+        assert_eq!(split_page(Vec::<u8>::new(), 2), (vec![], false));
+    }
+}
