@@ -48,6 +48,16 @@ $(VENV)/.ok:
 .PHONY: venv
 venv: $(VENV)/.ok ## The Python virtualenv with the official openai SDK (for the e2e tests).
 
+$(VENV)/.ops-ok: $(ROOT)/deploy/check/requirements.txt | $(VENV)/.ok
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r $<
+	touch $@
+
+.PHONY: ops-check
+ops-check: $(VENV)/.ops-ok ## Check deploy/ and helm/ (compose, Dockerfile, chart render + schemas, alerts, dashboards).
+	@$(ROOT)/deploy/check/tools.sh
+	@$(VENV)/bin/python $(ROOT)/deploy/check/check_ops.py --tools $(DEV_DIR)/tools \
+	  --nightshift-bin $(ROOT)/target/debug/nightshift
+
 .PHONY: lint
 lint: ## cargo fmt --check and clippy with warnings denied.
 	cargo fmt --all -- --check
@@ -56,6 +66,7 @@ lint: ## cargo fmt --check and clippy with warnings denied.
 .PHONY: test
 test: infra venv lint ## Every test: unit, conformance suites and end-to-end, against real services.
 	cargo build -p nightshift-cli
+	@$(MAKE) --no-print-directory ops-check
 	NIGHTSHIFT_E2E_PYTHON=$(VENV)/bin/python NIGHTSHIFT_BIN=$(ROOT)/target/debug/nightshift \
 	  cargo nextest run --workspace --no-fail-fast
 
