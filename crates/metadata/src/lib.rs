@@ -1,8 +1,11 @@
 //! The metadata port: tenants, API keys and files (batches join them in the pipeline).
 //!
 //! Only the scheduler holds a [`MetadataStore`]; every other service reaches metadata through
-//! the scheduler's gRPC API. Adapters: [`PgStore`] (PostgreSQL, production) and an embedded
-//! SQLite one for the single-process deployment; both must pass [`conformance`].
+//! the scheduler's gRPC API. Two adapters, one schema (`migrations/postgres` and its SQLite
+//! twin `migrations/sqlite`), both passing the whole [`conformance`] suite:
+//! - [`PgStore`]: PostgreSQL, for production (several schedulers may share it);
+//! - [`SqliteStore`]: an SQLite file, for the single-process `nightshift standalone`
+//!   deployment and fast tests (one process per file).
 //!
 //! Contract:
 //! - every read and write of a tenant's object is scoped by its tenant id: another tenant's
@@ -25,8 +28,10 @@ use nightshift_core::{BatchId, FileId, TenantId};
 pub mod conformance;
 mod postgres;
 mod rows;
+mod sqlite;
 
 pub use postgres::{PgConfig, PgStore};
+pub use sqlite::{SqliteConfig, SqliteStore, SqliteSync};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetadataError {

@@ -1,0 +1,95 @@
+//! The metadata conformance suite against the embedded SQLite adapter: each check on a fresh
+//! database file in its own temporary directory.
+
+use nightshift_core::batch::{BatchRecord, BatchStatus, RequestCounts};
+use nightshift_core::{BatchId, FileId, apikey};
+use nightshift_metadata::conformance::CHECKS;
+use nightshift_metadata::{MetadataStore, SqliteConfig, SqliteStore};
+
+/// A store on a new file; the directory lives as long as the returned guard.
+async fn fresh() -> (tempfile::TempDir, SqliteConfig, SqliteStore) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = SqliteConfig {
+        path: dir.path().join("metadata.sqlite"),
+        ..SqliteConfig::default()
+    };
+    let store = SqliteStore::open(&config).await.expect("open sqlite");
+    (dir, config, store)
+}
+
+async fn run(name: &str) {
+    let (_dir, _, store) = fresh().await;
+    let (_, check) = CHECKS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .expect("known check");
+    check(&store).await;
+}
+
+macro_rules! checks {
+    ($($name:ident),* $(,)?) => {
+        $( #[tokio::test] async fn $name() { run(stringify!($name)).await } )*
+
+        #[test]
+        fn every_check_is_run() {
+            let ran = [$(stringify!($name)),*];
+            for (name, _) in CHECKS {
+                assert!(ran.contains(name), "conformance check {name} is not run against sqlite");
+            }
+        }
+    };
+}
+
+checks!(
+    tenants_and_keys,
+    files_are_scoped_to_their_tenant,
+    list_pages_and_cursors,
+    expiry_delete_and_sweep,
+    ping,
+    batch_validation_and_cancel,
+    batch_list_pages,
+    stalled_finalizations_are_claimed_once_per_period,
+);
+
+#[tokio::test]
+async fn data_survives_closing_and_reopening_the_file() {
+    let (_dir, config, store) = fresh().await;
+    let tenant = store
+        .create_tenant("acme", &apikey::digest(&apikey::generate()))
+        .await
+        .expect("tenant");
+    let batch = BatchRecord {
+        id: BatchId::generate(),
+        tenant_id: tenant.id.clone(),
+        endpoint: "/v1/chat/completions".into(),
+        input_file_id: FileId::generate().to_string(),
+        completion_window: "24h".into(),
+        status: BatchStatus::Validating,
+        model: None,
+        errors: vec![],
+        metadata: Some([("team".to_string(), "ml".to_string())].into()),
+        output_expires_after_secs: 3600,
+        output_file_id: None,
+        error_file_id: None,
+        created_at_us: 1_800_000_000_000_000,
+        in_progress_at: None,
+        expires_at: 1_800_086_400,
+        finalizing_at: None,
+        completed_at: None,
+        failed_at: None,
+        expired_at: None,
+        cancelling_at: None,
+        cancelled_at: None,
+        request_counts: RequestCounts::default(),
+        usage: Default::default(),
+    };
+    store.insert_batch(&batch).await.expect("insert");
+    drop(store);
+
+    // Opening again runs the migrations again: already applied, they must be a no-op.
+    let store = SqliteStore::open(&config).await.expect("reopen");
+    assert_eq!(
+        store.get_batch(&tenant.id, &batch.id).await.expect("get"),
+        Some(batch)
+    );
+}
