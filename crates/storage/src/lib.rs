@@ -2,12 +2,13 @@
 //!
 //! nightshift keeps file bytes (batch inputs and outputs) and executor result parts in object
 //! storage. Services depend on the [`ObjectStore`] trait; binaries choose the adapter: [`S3Store`]
-//! (AWS S3, Garage, Ceph RGW, R2, MinIO — path-style, custom endpoint) in production; an
-//! embedded local-directory adapter for the single-process deployment. Every adapter must pass
-//! [`conformance`].
+//! (AWS S3, Garage, Ceph RGW, R2, MinIO — path-style, custom endpoint) in production;
+//! [`LocalStore`] (one file per object under a local directory) for the single-process
+//! deployment and tests. Every adapter must pass [`conformance`].
 //!
 //! Contract shared by all adapters:
-//! - keys are relative to the store's own prefix, `/`-separated, never starting with `/`;
+//! - keys are relative to the store's own prefix (or root), `/`-separated, never starting
+//!   with `/`; [`LocalStore`] also refuses empty, `.` and `..` segments and NUL bytes;
 //! - writes are whole-object: an object appears complete or not at all (no reader ever sees a
 //!   half-written object), and writing a key again replaces it;
 //! - `delete` of a missing key succeeds (idempotent);
@@ -22,8 +23,10 @@ use bytes::Bytes;
 use futures::Stream;
 
 pub mod conformance;
+mod local;
 mod s3;
 
+pub use local::LocalStore;
 pub use s3::{S3Config, S3Store};
 
 /// Errors of the object-storage port.
