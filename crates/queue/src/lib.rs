@@ -3,9 +3,9 @@
 //! nightshift moves work between its services through three durable queues ([`QueueKind`]):
 //! chunk tasks (scheduler → executors), chunk results (executors → scheduler) and finalize jobs
 //! (scheduler → finalizer). Services depend on the [`WorkQueue`] trait; binaries choose the
-//! adapter: [`RabbitQueue`] (RabbitMQ quorum queues) in production; an in-process adapter with
-//! the same contract, for the single-process deployment, is still to be written (the trait and
-//! [`Delivery::new`] / [`Settle`] are shaped for it). Every adapter must pass [`conformance`].
+//! adapter: [`RabbitQueue`] (RabbitMQ quorum queues) in production; [`EmbeddedQueue`] (in the
+//! process, durable in an SQLite file, same contract) for the single-process deployment and
+//! tests. Every adapter must pass [`conformance`].
 //!
 //! Contract shared by all adapters:
 //! - **At-least-once.** A published message is delivered until a consumer settles it with
@@ -34,8 +34,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub mod conformance;
+mod embedded;
 mod rabbit;
 
+pub use embedded::{EmbeddedQueue, EmbeddedQueueConfig};
 pub use rabbit::{QueueConfig, RabbitQueue};
 
 /// The queues nightshift uses. Each kind has its own queue and its own dead-letter queue.
