@@ -78,7 +78,10 @@ async fn live_state(config: &Config) -> anyhow::Result<Arc<RedisState>> {
 }
 
 pub async fn gateway(config: Config) -> anyhow::Result<()> {
-    nightshift_telemetry::init(&config.telemetry);
+    let _telemetry = nightshift_telemetry::init_with(
+        &config.telemetry,
+        nightshift_telemetry::OtelSettings::from_env("nightshift-gateway"),
+    );
     let storage = storage(&config).await?;
     let live = live_state(&config).await?;
     let listener = TcpListener::bind(config.gateway.listen)
@@ -89,7 +92,10 @@ pub async fn gateway(config: Config) -> anyhow::Result<()> {
 }
 
 pub async fn scheduler(config: Config) -> anyhow::Result<()> {
-    nightshift_telemetry::init(&config.telemetry);
+    let _telemetry = nightshift_telemetry::init_with(
+        &config.telemetry,
+        nightshift_telemetry::OtelSettings::from_env("nightshift-scheduler"),
+    );
     let storage = storage(&config).await?;
     let metadata = Arc::new(
         PgStore::connect(&config.metadata)
@@ -121,7 +127,10 @@ pub async fn scheduler(config: Config) -> anyhow::Result<()> {
 }
 
 pub async fn executor(config: Config) -> anyhow::Result<()> {
-    nightshift_telemetry::init(&config.telemetry);
+    let _telemetry = nightshift_telemetry::init_with(
+        &config.telemetry,
+        nightshift_telemetry::OtelSettings::from_env("nightshift-executor"),
+    );
     config
         .routing
         .validate()
@@ -146,7 +155,10 @@ pub async fn executor(config: Config) -> anyhow::Result<()> {
 }
 
 pub async fn finalizer(config: Config) -> anyhow::Result<()> {
-    nightshift_telemetry::init(&config.telemetry);
+    let _telemetry = nightshift_telemetry::init_with(
+        &config.telemetry,
+        nightshift_telemetry::OtelSettings::from_env("nightshift-finalizer"),
+    );
     let ports = nightshift_finalizer::FinalizerPorts {
         storage: storage(&config).await?,
         queue: queue(&config).await?,

@@ -1,7 +1,12 @@
-//! Telemetry: one call sets up logs and metrics for a service; one router serves the health
-//! and metrics endpoints every service exposes.
+//! Telemetry: one call sets up logs, traces and metrics for a service; one router serves the
+//! health and metrics endpoints every service exposes.
 //!
 //! - Logs: JSON (default) or pretty, filtered by `RUST_LOG` or the configured filter.
+//! - Traces: `tracing` spans of the nightshift crates (level INFO and up) become OpenTelemetry
+//!   spans, whatever the log filter says. They are exported (OTLP over HTTP/protobuf) only when
+//!   `OTEL_EXPORTER_OTLP_ENDPOINT` is set; without it spans still get trace ids, so the W3C
+//!   `traceparent` passes through the service, but nothing leaves the process. See
+//!   [`propagation`] for carrying the context across gRPC and the work queues.
 //! - Metrics: a process-wide Prometheus recorder, rendered at `/metrics`. Several services in
 //!   one process (standalone mode, tests) share it.
 //! - Health: `/livez` answers while the process serves requests; `/readyz` runs the service's
@@ -15,11 +20,19 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use futures::future::BoxFuture;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::Registry;
 use tracing_subscriber::util::SubscriberInitExt;
+
+pub mod metrics;
+mod otel;
+pub mod propagation;
+
+pub use otel::{OtelSettings, TelemetryGuard};
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -36,7 +49,8 @@ pub enum LogFormat {
 #[serde(default, deny_unknown_fields)]
 pub struct TelemetryConfig {
     pub log_format: LogFormat,
-    /// An `EnvFilter` directive; `RUST_LOG` wins when set.
+    /// An `EnvFilter` directive; `RUST_LOG` wins when set. Logs only: traces always record
+    /// the nightshift crates' spans at INFO and up.
     pub log_filter: String,
 }
 
@@ -49,36 +63,66 @@ impl Default for TelemetryConfig {
     }
 }
 
-/// Installs the global log subscriber and the metrics recorder. Call once at the binary's
-/// edge; calling again (tests) keeps the first setup.
-pub fn init(config: &TelemetryConfig) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_filter));
-    let registry = tracing_subscriber::registry().with(filter);
-    let _ = match config.log_format {
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
+/// [`init_with`] for a process named `nightshift`, exporting traces as the environment says
+/// ([`OtelSettings::from_env`]).
+pub fn init(config: &TelemetryConfig) -> TelemetryGuard {
+    init_with(config, OtelSettings::from_env("nightshift"))
+}
+
+/// Installs the global log and trace subscriber, the W3C trace-context propagator and the
+/// metrics recorder. Call once at the binary's edge and keep the guard until the end: dropping
+/// it flushes the spans not yet exported.
+///
+/// Calling again (tests, several services in one process) keeps the first setup, `otel`
+/// included, and returns a guard that flushes that setup.
+pub fn init_with(config: &TelemetryConfig, otel: OtelSettings) -> TelemetryGuard {
+    static FIRST: OnceLock<TelemetryGuard> = OnceLock::new();
+    metrics_handle();
+    FIRST
+        .get_or_init(|| {
+            let (guard, otel_layer) = otel::install(&otel);
+            let filter = EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new(&config.log_filter));
+            let fmt_layer = match config.log_format {
+                LogFormat::Json => tracing_subscriber::fmt::layer()
                     .json()
                     .flatten_event(true)
                     .with_current_span(true)
-                    .with_span_list(false),
-            )
-            .try_init(),
-        LogFormat::Pretty => registry.with(tracing_subscriber::fmt::layer()).try_init(),
-    };
-    metrics_handle();
+                    .with_span_list(false)
+                    .boxed(),
+                LogFormat::Pretty => tracing_subscriber::fmt::layer().boxed(),
+            };
+            // Each layer has its own filter: quiet logs must not switch traces off.
+            let layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> =
+                vec![fmt_layer.with_filter(filter).boxed(), otel_layer];
+            let installed = tracing_subscriber::registry().with(layers).try_init();
+            if installed.is_err() {
+                // Another subscriber was installed first (a test harness): spans go there.
+                tracing::debug!("a global subscriber is already installed; keeping it");
+            }
+            guard
+        })
+        .clone()
 }
 
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn metrics_handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new().build_recorder();
+        // Histograms render as summaries unless given buckets; those that dashboards
+        // aggregate across processes get buckets.
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full(metrics::QUEUE_DELIVERY_LAG_SECONDS.to_owned()),
+                metrics::DELIVERY_LAG_BUCKETS,
+            )
+            .unwrap_or_else(|_| PrometheusBuilder::new());
+        let recorder = builder.build_recorder();
         let handle = recorder.handle();
         // Another recorder may already be installed (a test harness); ours then renders
         // only what is recorded through it, which is nothing — acceptable outside services.
-        let _ = metrics::set_global_recorder(recorder);
+        let _ = ::metrics::set_global_recorder(recorder);
+        metrics::describe();
         handle
     })
 }
@@ -190,7 +234,7 @@ mod tests {
     #[tokio::test]
     async fn metrics_are_rendered() {
         metrics_handle();
-        metrics::counter!("nightshift_telemetry_test_total").increment(3);
+        ::metrics::counter!("nightshift_telemetry_test_total").increment(3);
         let (status, body) = get(ops_router(Readiness::new()), "/metrics").await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("nightshift_telemetry_test_total 3"), "{body}");
