@@ -109,7 +109,10 @@ async fn dashboards_and_alerts_read_only_exported_metrics() {
         for name in instances {
             exported.add(&scrape(cluster.port(name)).await);
         }
-        if used.keys().all(|m| exported.has_series(m)) || tokio::time::Instant::now() > deadline {
+        let complete = used
+            .keys()
+            .all(|m| PROMETHEUS_SERIES.contains(&m.as_str()) || exported.has_series(m));
+        if complete || tokio::time::Instant::now() > deadline {
             break;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
