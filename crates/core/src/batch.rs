@@ -376,6 +376,10 @@ pub struct BatchRecord {
     pub request_counts: RequestCounts,
     /// Final usage once terminal.
     pub usage: Usage,
+    /// The W3C `traceparent` of the span that created the batch: every later step of its
+    /// life (validation, chunk dispatch, results, finalization) is a span of that trace, even
+    /// after a restart. `None` when traces were not set up; never shown to clients.
+    pub traceparent: Option<String>,
 }
 
 impl BatchRecord {

@@ -6,6 +6,10 @@
 //! [`ChunkDisposition`](crate::service::ChunkDisposition) or [`LineKind`](crate::runner::LineKind),
 //! `operation` is one of two fixed names. Never a batch, tenant or request id.
 
+use crate::runner::LineKind;
+use crate::service::ChunkDisposition;
+use crate::upstream::{AttemptKind, Upstreams};
+
 /// Label: the upstream's configured name.
 pub const LABEL_UPSTREAM: &str = "upstream";
 /// Label: how one HTTP attempt ended, an [`AttemptKind`](crate::upstream::AttemptKind) name.
@@ -50,6 +54,8 @@ pub const LINES_TOTAL: &str = "nightshift_executor_lines_total";
 pub const STATE_ERRORS_TOTAL: &str = "nightshift_executor_state_errors_total";
 /// Label: which live-state call failed.
 pub const LABEL_OPERATION: &str = "operation";
+/// Every value of [`LABEL_OPERATION`].
+pub const OPERATIONS: [&str; 2] = ["record", "is_cancelled"];
 
 /// Registers units and help texts with the installed recorder. Call once at start-up, after
 /// installing the recorder; recording works without it.
@@ -106,4 +112,32 @@ pub fn describe() {
         Unit::Count,
         "Failed live-state calls (the chunk goes on)."
     );
+}
+
+/// Makes every counter appear at zero with the label values known up front (each upstream of
+/// the routing table × every outcome, ...), so "no failure yet" reads as 0 rather than as no
+/// series.
+pub fn register(upstreams: &Upstreams) {
+    use metrics::{counter, gauge};
+    for upstream in upstreams.iter() {
+        let name = upstream.name().to_owned();
+        for kind in AttemptKind::ALL {
+            counter!(UPSTREAM_REQUESTS_TOTAL, LABEL_UPSTREAM => name.clone(), LABEL_OUTCOME => kind.as_str())
+                .increment(0);
+            if kind.is_retryable() {
+                counter!(UPSTREAM_RETRIES_TOTAL, LABEL_UPSTREAM => name.clone(), LABEL_REASON => kind.as_str())
+                    .increment(0);
+            }
+        }
+    }
+    for disposition in ChunkDisposition::ALL {
+        counter!(CHUNKS_TOTAL, LABEL_OUTCOME => disposition.as_str()).increment(0);
+    }
+    for kind in LineKind::ALL {
+        counter!(LINES_TOTAL, LABEL_OUTCOME => kind.as_str()).increment(0);
+    }
+    for operation in OPERATIONS {
+        counter!(STATE_ERRORS_TOTAL, LABEL_OPERATION => operation).increment(0);
+    }
+    gauge!(CHUNKS_IN_PROGRESS).increment(0.0);
 }

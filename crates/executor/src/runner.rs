@@ -167,6 +167,14 @@ pub enum LineKind {
 }
 
 impl LineKind {
+    /// Every kind.
+    pub const ALL: [Self; 4] = [
+        Self::Succeeded,
+        Self::Cancelled,
+        Self::Expired,
+        Self::Failed,
+    ];
+
     /// Classifies a result line.
     pub fn of(line: &ResultLine) -> Self {
         if line.is_success() {
@@ -505,7 +513,7 @@ impl LineContext<'_> {
             not_started(NoResponseCode::BatchExpired, None)
         } else if let Some(upstream) = self.upstream {
             upstream
-                .call(self.endpoint, body, self.deadline, self.cancel)
+                .call(self.model, self.endpoint, body, self.deadline, self.cancel)
                 .await
         } else {
             not_started(

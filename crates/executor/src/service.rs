@@ -14,8 +14,9 @@
 //!      dead-lettered at once (it can never run);
 //!   2. [`run_chunk`]: its part is written to object storage;
 //!   3. publish the [`ChunkResult`](nightshift_proto::v1::ChunkResult) to
-//!      [`QueueKind::ChunkResults`] (`schema_version` 1; the task's `traceparent` header is
-//!      passed on) and wait for the broker's confirm;
+//!      [`QueueKind::ChunkResults`] (`schema_version` 1; headers: the `traceparent` of the
+//!      chunk's span — a child of the task's — and `published-at`) and wait for the broker's
+//!      confirm;
 //!   4. only then ack the task (invariant 2: nothing is acked before its result is durable).
 //!      A lost ack means the chunk runs again: its part is rewritten identically (modulo
 //!      upstream answers) and its result published again, which the scheduler absorbs.
@@ -40,10 +41,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use nightshift_core::routing::RoutingConfig;
 use nightshift_proto::v1::ChunkTask;
-use nightshift_queue::{Consumer, Delivery, Headers, QueueKind, WorkQueue};
+use nightshift_queue::{Consumer, Delivery, QueueKind, WorkQueue};
 use nightshift_state::LiveState;
 use nightshift_storage::ObjectStore;
 use nightshift_telemetry::Readiness;
+use nightshift_telemetry::propagation;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -63,8 +65,9 @@ pub const CONSUME_RETRY_MAX: Duration = Duration::from_secs(10);
 /// Longest wait, once the grace period is over, for the unfinished chunks to be requeued;
 /// past it their tasks are aborted (their deliveries, dropped, return to the queue anyway).
 pub const REQUEUE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The header carrying the W3C trace context, passed from a task to its result.
-pub const TRACEPARENT: &str = "traceparent";
+/// The header carrying the W3C trace context, from a task to its chunk span and from that
+/// span to the chunk's result.
+pub const TRACEPARENT: &str = propagation::TRACEPARENT;
 
 /// The executor's settings (the `[executor]` section of the config file).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,6 +175,14 @@ pub enum ChunkDisposition {
 }
 
 impl ChunkDisposition {
+    /// Every disposition.
+    pub const ALL: [Self; 4] = [
+        Self::Completed,
+        Self::Requeued,
+        Self::DeadLettered,
+        Self::Abandoned,
+    ];
+
     /// The metric label value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -213,6 +224,7 @@ pub async fn serve(
     config.validate().map_err(ServeError::Config)?;
     let upstreams = Arc::new(Upstreams::new(&routing)?);
     metrics::describe();
+    metrics::register(&upstreams);
 
     let readiness = {
         let (storage, queue, state) = (
@@ -433,8 +445,10 @@ impl Worker {
         let started = Instant::now();
         ::metrics::gauge!(metrics::CHUNKS_IN_PROGRESS).increment(1.0);
         let _in_progress = InProgress;
+        propagation::observe_delivery(QueueKind::ChunkTasks.as_str(), &delivery.headers);
         let disposition = match ChunkTask::decode(delivery.payload.clone()) {
             Ok(task) if task.schema_version == SCHEMA_VERSION => {
+                // A span of the batch's trace: its parent is the scheduler's dispatch.
                 let span = tracing::info_span!(
                     "chunk",
                     batch_id = %task.batch_id,
@@ -445,6 +459,7 @@ impl Worker {
                     line_count = task.line_count,
                     delivery_count = delivery.delivery_count,
                 );
+                propagation::set_parent_from_headers(&span, &delivery.headers);
                 self.process(task, delivery, phase).instrument(span).await
             }
             Ok(task) => {
@@ -502,8 +517,12 @@ impl Worker {
         };
 
         let message = outcome.result_message(&task).encode_to_vec();
-        let mut headers = Headers::new();
-        if let Some(traceparent) = delivery.headers.get(TRACEPARENT) {
+        // The result continues the trace from this chunk's span; without a trace pipeline,
+        // the task's own context is passed on.
+        let mut headers = propagation::message_headers(&tracing::Span::current());
+        if !headers.contains_key(TRACEPARENT)
+            && let Some(traceparent) = delivery.headers.get(TRACEPARENT)
+        {
             headers.insert(TRACEPARENT.to_owned(), traceparent.clone());
         }
         if let Err(error) = self

@@ -155,9 +155,20 @@ async fn a_chunk_task_becomes_a_part_and_a_chunk_result() {
     let mut results = queue.consume(QueueKind::ChunkResults, 1).await.unwrap();
     let delivery = next(results.as_mut()).await;
     let result = ChunkResult::decode(delivery.payload.clone()).unwrap();
+    // the result is in the task's trace (the chunk's span's context when traces are set up,
+    // the task's own otherwise), and says when it was published
+    let trace_id = |tp: &str| tp.split('-').nth(1).map(str::to_owned);
     assert_eq!(
-        delivery.headers.get("traceparent").map(String::as_str),
-        Some(traceparent)
+        delivery
+            .headers
+            .get("traceparent")
+            .and_then(|tp| trace_id(tp)),
+        trace_id(traceparent)
+    );
+    assert!(
+        delivery.headers.contains_key("published-at"),
+        "{:?}",
+        delivery.headers
     );
     delivery.ack().await.unwrap();
     assert_eq!(result.schema_version, 1);

@@ -142,7 +142,13 @@ async fn success_returns_the_body_and_the_request_id() {
     let sim = start(SimConfig::default()).await;
     let upstream = build(sim.upstream_config());
     let outcome = upstream
-        .call(CHAT, chat("hello", Value::Null), far(), &CancelFlag::new())
+        .call(
+            "m",
+            CHAT,
+            chat("hello", Value::Null),
+            far(),
+            &CancelFlag::new(),
+        )
         .await;
     let (status, request_id, body, attempts) = response(&outcome);
     assert_eq!((status, attempts), (200, 1));
@@ -169,6 +175,7 @@ async fn a_client_error_is_not_retried() {
     let upstream = build(sim.upstream_config());
     let outcome = upstream
         .call(
+            "m",
             CHAT,
             chat("bad", json!({"status": 400})),
             far(),
@@ -196,7 +203,13 @@ async fn server_errors_are_retried_until_success() {
     let upstream = build(sim.upstream_config());
     let directive = json!({"fail_times": 2, "status": 503, "retry_after": 0.005});
     let outcome = upstream
-        .call(CHAT, chat("flaky", directive), far(), &CancelFlag::new())
+        .call(
+            "m",
+            CHAT,
+            chat("flaky", directive),
+            far(),
+            &CancelFlag::new(),
+        )
         .await;
     let (status, _, body, attempts) = response(&outcome);
     assert_eq!((status, attempts), (200, 3));
@@ -214,6 +227,7 @@ async fn a_persistent_server_error_returns_the_last_answer_after_max_attempts() 
     let upstream = build(config);
     let outcome = upstream
         .call(
+            "m",
             CHAT,
             chat("down", json!({"status": 503})),
             far(),
@@ -234,7 +248,13 @@ async fn rate_limits_with_retry_after_are_retried() {
     let upstream = build(sim.upstream_config());
     let directive = json!({"fail_times": 2, "status": 429, "retry_after": 0.01});
     let outcome = upstream
-        .call(CHAT, chat("busy", directive), far(), &CancelFlag::new())
+        .call(
+            "m",
+            CHAT,
+            chat("busy", directive),
+            far(),
+            &CancelFlag::new(),
+        )
         .await;
     let (status, _, _, attempts) = response(&outcome);
     assert_eq!((status, attempts), (200, 3));
@@ -249,7 +269,13 @@ async fn a_huge_retry_after_is_capped_by_max_retry_after() {
     let upstream = build(sim.upstream_config()); // max_retry_after: 20 ms
     let directive = json!({"fail_times": 1, "status": 429, "retry_after": 3600});
     let outcome = upstream
-        .call(CHAT, chat("an hour", directive), far(), &CancelFlag::new())
+        .call(
+            "m",
+            CHAT,
+            chat("an hour", directive),
+            far(),
+            &CancelFlag::new(),
+        )
         .await;
     assert_eq!(response(&outcome).3, 2, "retried after the capped wait");
 }
@@ -263,7 +289,13 @@ async fn a_retry_after_beyond_the_deadline_ends_the_call_with_that_answer() {
     let directive = json!({"fail_times": 1, "status": 429, "retry_after": 3600});
     let deadline = Instant::now() + Duration::from_secs(600);
     let outcome = upstream
-        .call(CHAT, chat("later", directive), deadline, &CancelFlag::new())
+        .call(
+            "m",
+            CHAT,
+            chat("later", directive),
+            deadline,
+            &CancelFlag::new(),
+        )
         .await;
     let (status, _, _, attempts) = response(&outcome);
     assert_eq!((status, attempts), (429, 1), "no sleep past the deadline");
@@ -279,6 +311,7 @@ async fn a_timed_out_attempt_is_retried() {
     let directive = json!({"fail_times": 1, "kind": "timeout"});
     let outcome = upstream
         .call(
+            "m",
             CHAT,
             chat("slow once", directive),
             far(),
@@ -301,7 +334,13 @@ async fn a_dropped_connection_is_retried() {
     let upstream = build(sim.upstream_config());
     let directive = json!({"fail_times": 2, "kind": "drop"});
     let outcome = upstream
-        .call(CHAT, chat("dropped", directive), far(), &CancelFlag::new())
+        .call(
+            "m",
+            CHAT,
+            chat("dropped", directive),
+            far(),
+            &CancelFlag::new(),
+        )
         .await;
     let (status, _, _, attempts) = response(&outcome);
     assert_eq!((status, attempts), (200, 3));
@@ -320,6 +359,7 @@ async fn a_malformed_success_is_retried() {
     let directive = json!({"fail_times": 1, "kind": "malformed"});
     let outcome = upstream
         .call(
+            "m",
             CHAT,
             chat("truncated", directive),
             far(),
@@ -341,6 +381,7 @@ async fn a_persistently_malformed_success_becomes_an_error_line() {
     let directive = json!({"kind": "malformed"});
     let outcome = upstream
         .call(
+            "m",
             CHAT,
             chat("always truncated", directive),
             far(),
@@ -363,6 +404,7 @@ async fn a_past_deadline_expires_the_request_without_sending_it() {
     let upstream = build(sim.upstream_config());
     let outcome = upstream
         .call(
+            "m",
             CHAT,
             chat("late", Value::Null),
             Instant::now(),
@@ -382,7 +424,13 @@ async fn a_request_cut_by_the_deadline_is_batch_expired() {
     let deadline = Instant::now() + Duration::from_millis(300);
     let directive = json!({"kind": "timeout"});
     let outcome = upstream
-        .call(CHAT, chat("hang", directive), deadline, &CancelFlag::new())
+        .call(
+            "m",
+            CHAT,
+            chat("hang", directive),
+            deadline,
+            &CancelFlag::new(),
+        )
         .await;
     let (code, _, attempts) = no_response(&outcome);
     // the upstream was not slow: the batch's time ran out while the request was in flight
@@ -404,6 +452,7 @@ async fn a_slow_upstream_is_request_timeout() {
     let deadline = Instant::now() + Duration::from_secs(600);
     let outcome = upstream
         .call(
+            "m",
             CHAT,
             chat("slow", json!({"kind": "timeout"})),
             deadline,
@@ -429,6 +478,7 @@ async fn an_unreachable_upstream_is_retried_then_reported() {
     let upstream = build(config);
     let outcome = upstream
         .call(
+            "m",
             CHAT,
             chat("anyone?", Value::Null),
             far(),
@@ -449,7 +499,7 @@ async fn a_cancelled_batch_sends_nothing() {
     let cancel = CancelFlag::new();
     cancel.cancel();
     let outcome = upstream
-        .call(CHAT, chat("never", Value::Null), far(), &cancel)
+        .call("m", CHAT, chat("never", Value::Null), far(), &cancel)
         .await;
     assert_eq!(
         no_response(&outcome),
@@ -477,7 +527,7 @@ async fn a_cancel_during_backoff_returns_the_last_answer() {
             // Asks for an hour's wait after the first 503.
             let directive = json!({"status": 503, "retry_after": 3600});
             upstream
-                .call(CHAT, chat("wait", directive), deadline, &cancel)
+                .call("m", CHAT, chat("wait", directive), deadline, &cancel)
                 .await
         }
     });
@@ -506,6 +556,7 @@ async fn never_more_in_flight_than_max_concurrency() {
             tokio::spawn(async move {
                 upstream
                     .call(
+                        "m",
                         CHAT,
                         chat(&format!("n{i}"), Value::Null),
                         far(),
@@ -550,6 +601,7 @@ async fn the_limit_adapts_to_a_small_upstream_and_every_call_succeeds() {
             tokio::spawn(async move {
                 upstream
                     .call(
+                        "m",
                         CHAT,
                         chat(&format!("a{i}"), Value::Null),
                         far(),
@@ -642,7 +694,7 @@ async fn the_body_goes_verbatim_with_the_configured_key() {
     let upstream = upstreams.for_model("m").unwrap();
     let body = Bytes::from_static(b"{\"z\": 1,  \"model\": \"m\",\n\"a\": [ ]}");
     let outcome = upstream
-        .call(CHAT, body.clone(), far(), &CancelFlag::new())
+        .call("m", CHAT, body.clone(), far(), &CancelFlag::new())
         .await;
     let (status, request_id, value, attempts) = response(&outcome);
     assert_eq!((status, attempts), (200, 1));
@@ -676,6 +728,7 @@ async fn no_key_configured_sends_no_authorization() {
     )));
     let outcome = upstream
         .call(
+            "m",
             "/v1/embeddings",
             Bytes::from_static(b"{}"),
             far(),

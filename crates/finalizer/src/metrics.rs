@@ -31,6 +31,33 @@ pub const FINALIZE_DURATION_SECONDS: &str = "nightshift_finalizer_finalize_durat
 /// Counter `{file}`: lines written to result files (again, when an assembly is retried).
 pub const LINES_WRITTEN: &str = "nightshift_finalizer_lines_written_total";
 
+/// Every value of [`LABEL_OUTCOME`].
+pub const OUTCOMES: [&str; 5] = [
+    OUTCOME_COMMITTED,
+    OUTCOME_ALREADY_TERMINAL,
+    OUTCOME_RETRIED,
+    OUTCOME_DEAD_LETTERED,
+    OUTCOME_ABANDONED,
+];
+
+/// Makes every counter appear at zero with its label values (each ending × each outcome,
+/// each file), so "no failure yet" reads as 0 rather than as no series.
+pub fn register() {
+    let endings = crate::plan::Ending::ALL
+        .map(crate::plan::Ending::as_str)
+        .into_iter()
+        .chain(["unknown"]);
+    for ending in endings {
+        for outcome in OUTCOMES {
+            metrics::counter!(FINALIZATIONS_TOTAL, LABEL_ENDING => ending, LABEL_OUTCOME => outcome)
+                .increment(0);
+        }
+    }
+    for file in ["output", "error"] {
+        metrics::counter!(LINES_WRITTEN, LABEL_FILE => file).increment(0);
+    }
+}
+
 /// Registers units and help texts with the installed recorder. Call once at start-up, after
 /// installing the recorder; recording works without it.
 pub fn describe() {

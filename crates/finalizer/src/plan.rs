@@ -286,6 +286,7 @@ mod tests {
                 failed: 0,
             },
             usage: Usage::default(),
+            traceparent: None,
         }
     }
 

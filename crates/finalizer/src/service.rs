@@ -34,11 +34,13 @@ use nightshift_queue::{Consumer, Delivery, QueueKind, WorkQueue};
 use nightshift_state::LiveState;
 use nightshift_storage::ObjectStore;
 use nightshift_telemetry::Readiness;
+use nightshift_telemetry::propagation::{self, TraceContextInterceptor};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::{JoinError, JoinSet};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
@@ -158,6 +160,7 @@ pub async fn serve(
     let scheduler = Scheduler::connect_lazy(&config.scheduler_url, config.control_timeout)
         .map_err(|e| ServeError::Config(format!("finalizer.scheduler_url: {e}")))?;
     metrics::describe();
+    metrics::register();
 
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -237,8 +240,11 @@ impl Scheduler {
         Ok(Self { channel })
     }
 
-    fn pipeline(&self) -> PipelineClient<Channel> {
-        PipelineClient::new(self.channel.clone()).max_decoding_message_size(MAX_PLAN_BYTES)
+    /// The `Pipeline` client; each call carries the trace context of the span it is made in
+    /// (the job's `finalize` span).
+    fn pipeline(&self) -> PipelineClient<InterceptedService<Channel, TraceContextInterceptor>> {
+        PipelineClient::with_interceptor(self.channel.clone(), TraceContextInterceptor)
+            .max_decoding_message_size(MAX_PLAN_BYTES)
     }
 
     /// Whether the scheduler answers the standard gRPC health check.
@@ -447,13 +453,16 @@ impl Worker {
         drop(consumer);
     }
 
-    /// Handles one delivery and settles it, in a `finalize` span.
+    /// Handles one delivery and settles it, in a `finalize` span of the batch's trace (its
+    /// parent is the scheduler's request to finalize, from the job's headers).
     async fn handle(self: Arc<Self>, delivery: Delivery, signals: JobSignals) {
+        propagation::observe_delivery(QueueKind::FinalizeJobs.as_str(), &delivery.headers);
         let span = tracing::info_span!(
             "finalize",
             batch_id = tracing::field::Empty,
             delivery_count = delivery.delivery_count
         );
+        propagation::set_parent_from_headers(&span, &delivery.headers);
         self.handle_in_span(delivery, signals)
             .instrument(span)
             .await;

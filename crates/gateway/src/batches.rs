@@ -119,6 +119,8 @@ pub async fn create(
         })
         .await?
         .into_inner();
+    // The request's span is the root of the batch's trace: say which batch it is.
+    tracing::Span::current().record("batch_id", batch.id.as_str());
     Ok(Json(object(batch)?))
 }
 

@@ -21,10 +21,12 @@ use nightshift_proto::v1::tenants_client::TenantsClient;
 use nightshift_state::LiveState;
 use nightshift_storage::ObjectStore;
 use nightshift_telemetry::Readiness;
+use nightshift_telemetry::propagation::TraceContextInterceptor;
 use rand::Rng;
 use rand::distr::Alphanumeric;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
@@ -74,7 +76,12 @@ impl Default for GatewayConfig {
     }
 }
 
-/// gRPC clients of the scheduler, sharing one lazily connected channel.
+/// A channel to the scheduler whose calls carry the caller's trace context.
+pub type TracedChannel = InterceptedService<Channel, TraceContextInterceptor>;
+
+/// gRPC clients of the scheduler, sharing one lazily connected channel. Every call carries
+/// the trace context of the span it is made in (the HTTP request's), so the scheduler's work
+/// joins the client's trace.
 #[derive(Clone, Debug)]
 pub struct ControlPlane {
     channel: Channel,
@@ -90,16 +97,16 @@ impl ControlPlane {
         Ok(Self { channel })
     }
 
-    pub fn tenants(&self) -> TenantsClient<Channel> {
-        TenantsClient::new(self.channel.clone())
+    pub fn tenants(&self) -> TenantsClient<TracedChannel> {
+        TenantsClient::with_interceptor(self.channel.clone(), TraceContextInterceptor)
     }
 
-    pub fn files(&self) -> FilesClient<Channel> {
-        FilesClient::new(self.channel.clone())
+    pub fn files(&self) -> FilesClient<TracedChannel> {
+        FilesClient::with_interceptor(self.channel.clone(), TraceContextInterceptor)
     }
 
-    pub fn batches(&self) -> BatchesClient<Channel> {
-        BatchesClient::new(self.channel.clone())
+    pub fn batches(&self) -> BatchesClient<TracedChannel> {
+        BatchesClient::with_interceptor(self.channel.clone(), TraceContextInterceptor)
     }
 
     /// Whether the scheduler answers its health check.
@@ -227,6 +234,40 @@ async fn json_errors(req: Request, next: Next) -> Response {
     out
 }
 
+/// The span of one HTTP request: the root of its trace (or a child of the client's
+/// `traceparent`). `tenant_id` and `batch_id` are recorded once known. Probes and scrapes get
+/// a DEBUG span: logged as before, never exported as traces of their own.
+fn request_span<B>(req: &http::Request<B>) -> tracing::Span {
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let path = req.uri().path();
+    let span = if matches!(path, "/livez" | "/readyz" | "/metrics") {
+        tracing::debug_span!("http", method = %req.method(), path, request_id)
+    } else {
+        tracing::info_span!(
+            "http",
+            otel.name = %format_args!("{} {path}", req.method()),
+            otel.kind = "server",
+            method = %req.method(),
+            path,
+            request_id,
+            tenant_id = tracing::field::Empty,
+            batch_id = tracing::field::Empty,
+        )
+    };
+    let headers = req
+        .headers()
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .filter(|(k, _)| k == "traceparent" || k == "tracestate")
+        .collect();
+    nightshift_telemetry::propagation::set_parent_from_headers(&span, &headers);
+    span
+}
+
 fn api_routes() -> Router<AppState> {
     Router::new()
         .route(
@@ -260,20 +301,7 @@ pub fn app(state: AppState, readiness: Readiness) -> Router {
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(
             TraceLayer::new_for_http()
-                .make_span_with(|req: &http::Request<_>| {
-                    let request_id = req
-                        .headers()
-                        .get("x-request-id")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("");
-                    tracing::info_span!(
-                        "http",
-                        method = %req.method(),
-                        path = %req.uri().path(),
-                        request_id,
-                        tenant_id = tracing::field::Empty,
-                    )
-                })
+                .make_span_with(request_span)
                 .on_request(())
                 .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
         )
@@ -308,6 +336,7 @@ pub async fn serve(
                 async move { s.ping().await.map_err(|e| e.to_string()) }
             })
     };
+    metrics::register();
     let state = AppState {
         config: Arc::new(config),
         control,

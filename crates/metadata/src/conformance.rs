@@ -395,6 +395,49 @@ fn batch(tenant: &TenantId, created_at_us: i64) -> BatchRecord {
         cancelled_at: None,
         request_counts: RequestCounts::default(),
         usage: Default::default(),
+        traceparent: None,
+    }
+}
+
+/// A batch keeps the trace context it was created with, in every record the store returns
+/// (reads, transitions, dispatch candidates). Not in [`CHECKS`] yet: only the Postgres
+/// adapter stores it; it joins them when every adapter's schema has the column.
+pub async fn batch_keeps_its_trace_context(store: &dyn MetadataStore) {
+    let t = new_tenant(store).await;
+    let traced = BatchRecord {
+        traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+        ..batch(&t.id, NOW * 1_000_000)
+    };
+    let untraced = batch(&t.id, NOW * 1_000_000 + 1);
+    for b in [&traced, &untraced] {
+        store.insert_batch(b).await.expect("insert");
+        assert_eq!(
+            store.get_batch(&t.id, &b.id).await.expect("get"),
+            Some(b.clone())
+        );
+        let ready = ValidationOutcome::Ready {
+            model: "m".into(),
+            total: 1,
+            chunks: vec![ChunkSpan {
+                index: 0,
+                byte_start: 0,
+                byte_end: 10,
+                first_line: 1,
+                line_count: 1,
+            }],
+        };
+        let running = store
+            .finish_validation(&b.id, &ready, NOW + 1)
+            .await
+            .expect("finish")
+            .expect("moved");
+        assert_eq!(running.traceparent, b.traceparent);
+        let candidates = store.dispatch_candidates().await.expect("candidates");
+        let candidate = candidates
+            .iter()
+            .find(|c| c.batch.id == b.id)
+            .expect("a candidate");
+        assert_eq!(candidate.batch.traceparent, b.traceparent);
     }
 }
 

@@ -16,7 +16,7 @@ use sqlx::AssertSqlSafe;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 
 use crate::rows::{
-    BATCH_COLUMNS, Columns, Cursor, backend, batch_from_row, file_from_row, get, span_from_row,
+    Columns, TRACED_BATCH_COLUMNS as BATCH_COLUMNS, Cursor, backend, batch_from_row, file_from_row, get, span_from_row,
     split_page, tenant_from_row, to_i64,
 };
 use crate::{
@@ -43,6 +43,9 @@ impl Columns for PgRow {
     /// `JSONB`.
     fn json(&self, col: &str) -> Result<serde_json::Value> {
         get(self, col)
+    }
+    fn traceparent(&self) -> Result<Option<String>> {
+        get(self, "traceparent")
     }
 }
 
@@ -373,8 +376,8 @@ impl MetadataStore for PgStore {
     async fn insert_batch(&self, b: &BatchRecord) -> Result<()> {
         sqlx::query(
             "INSERT INTO batches (id, tenant_id, endpoint, input_file_id, completion_window, \
-             status, metadata, output_expires_after, created_at_us, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+             status, metadata, output_expires_after, created_at_us, expires_at, traceparent) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         )
         .bind(b.id.as_str())
         .bind(b.tenant_id.as_str())
@@ -386,6 +389,7 @@ impl MetadataStore for PgStore {
         .bind(b.output_expires_after_secs)
         .bind(b.created_at_us)
         .bind(b.expires_at)
+        .bind(b.traceparent.as_deref())
         .execute(&self.pool)
         .await
         .map_err(backend)?;

@@ -16,11 +16,24 @@ use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use crate::{MetadataError, Result, Tenant};
 
-/// Columns of a batch, in the order [`batch_from_row`] reads them by name.
-pub(crate) const BATCH_COLUMNS: &str = "id, tenant_id, endpoint, input_file_id, \
-     completion_window, status, model, errors, metadata, output_expires_after, output_file_id, \
-     error_file_id, created_at_us, in_progress_at, expires_at, finalizing_at, completed_at, \
-     failed_at, expired_at, cancelling_at, cancelled_at, total, completed, failed, usage";
+macro_rules! batch_columns {
+    () => {
+        "id, tenant_id, endpoint, input_file_id, \
+         completion_window, status, model, errors, metadata, output_expires_after, \
+         output_file_id, error_file_id, created_at_us, in_progress_at, expires_at, \
+         finalizing_at, completed_at, failed_at, expired_at, cancelling_at, cancelled_at, \
+         total, completed, failed, usage"
+    };
+}
+
+/// Columns of a batch every adapter stores, in the order [`batch_from_row`] reads them by
+/// name.
+pub(crate) const BATCH_COLUMNS: &str = batch_columns!();
+
+/// [`BATCH_COLUMNS`] and `traceparent`, for an adapter that stores the batch's trace context
+/// (its [`Columns::traceparent`] reads it). Postgres does; once every adapter does, this is
+/// `BATCH_COLUMNS`.
+pub(crate) const TRACED_BATCH_COLUMNS: &str = concat!(batch_columns!(), ", traceparent");
 
 /// Reading one column of a row, by name, as the type the schema gives it.
 pub(crate) trait Columns {
@@ -33,6 +46,11 @@ pub(crate) trait Columns {
     fn int4(&self, col: &str) -> Result<i32>;
     /// A JSON document.
     fn json(&self, col: &str) -> Result<serde_json::Value>;
+    /// The batch's `traceparent` column, for an adapter that selects
+    /// [`TRACED_BATCH_COLUMNS`]; by default the adapter does not store it (`None`).
+    fn traceparent(&self) -> Result<Option<String>> {
+        Ok(None)
+    }
 }
 
 /// One column of any sqlx row, its error mapped; what the adapters' [`Columns`] build on.
@@ -113,6 +131,7 @@ pub(crate) fn batch_from_row(row: &impl Columns) -> Result<BatchRecord> {
             failed: count_col(row, "failed")?,
         },
         usage,
+        traceparent: row.traceparent()?,
     })
 }
 

@@ -944,6 +944,7 @@ mod tests {
             cancelled_at: None,
             request_counts: RequestCounts::default(),
             usage: Default::default(),
+            traceparent: None,
         }
     }
 

@@ -82,6 +82,7 @@ async fn data_survives_closing_and_reopening_the_file() {
         cancelled_at: None,
         request_counts: RequestCounts::default(),
         usage: Default::default(),
+        traceparent: None,
     };
     store.insert_batch(&batch).await.expect("insert");
     drop(store);

@@ -187,6 +187,8 @@ impl TryFrom<v1::Batch> for BatchRecord {
                 failed: b.failed,
             },
             usage: b.usage.as_ref().map(Usage::from).unwrap_or_default(),
+            // The scheduler keeps the batch's trace context; it never crosses the API.
+            traceparent: None,
         })
     }
 }
@@ -256,6 +258,7 @@ mod tests {
                 failed: 2,
             },
             usage,
+            traceparent: None,
         };
         assert_eq!(BatchRecord::try_from(v1::Batch::from(&rec)).unwrap(), rec);
         let empty_meta = BatchRecord {

@@ -20,6 +20,7 @@ use nightshift_queue::WorkQueue;
 use nightshift_state::LiveState;
 use nightshift_storage::ObjectStore;
 use nightshift_telemetry::Readiness;
+use nightshift_telemetry::propagation::GrpcServerTraceLayer;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
@@ -27,9 +28,11 @@ pub mod batches;
 mod files;
 mod metrics;
 pub mod pipeline;
+mod sampler;
 mod sweeper;
 mod tenants;
 
+pub use sampler::sample_once;
 pub use sweeper::sweep_once;
 
 /// The scheduler's own settings.
@@ -50,6 +53,10 @@ pub struct SchedulerConfig {
     pub batches: batches::BatchSettings,
     /// Dispatch pacing and deadline sweeps.
     pub pipeline: pipeline::PipelineSettings,
+    /// How often the batch and queue gauges (`nightshift_scheduler_batches`,
+    /// `nightshift_queue_ready_messages`, ...) are sampled.
+    #[serde(with = "humantime_serde")]
+    pub metrics_interval: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -62,6 +69,7 @@ impl Default for SchedulerConfig {
             sweep_batch: 500,
             batches: batches::BatchSettings::default(),
             pipeline: pipeline::PipelineSettings::default(),
+            metrics_interval: Duration::from_secs(15),
         }
     }
 }
@@ -95,6 +103,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    metrics::register();
     if let Some(key) = config.bootstrap_api_key.as_ref().filter(|k| !k.is_empty()) {
         let tenant = ports
             .metadata
@@ -151,7 +160,9 @@ pub async fn serve(
             ports.clone(),
         )))
         .prepare()
-        .into_axum_router();
+        .into_axum_router()
+        // every call joins its caller's trace
+        .layer(GrpcServerTraceLayer);
 
     let readiness = {
         let (m, s) = (ports.metadata.clone(), ports.storage.clone());
@@ -185,6 +196,11 @@ pub async fn serve(
     ));
     let background = [
         sweeper,
+        tokio::spawn(sampler::run(
+            ports.clone(),
+            config.metrics_interval,
+            stop_rx.clone(),
+        )),
         tokio::spawn(dispatcher.run(wake.clone(), stop_rx.clone())),
         tokio::spawn(pipeline::consume_results(
             ports.clone(),

@@ -270,22 +270,28 @@ impl Upstream {
     /// `deadline`; `cancel` stops it between attempts. The module docs give every rule.
     ///
     /// Never fails and never panics on anything the network does: every ending is a
-    /// [`CallOutcome`]. Runs in an `upstream_call` span (`upstream`, `endpoint`, then
-    /// `attempts`, `status`, `outcome`); the caller's span should carry the batch and model.
+    /// [`CallOutcome`]. Runs in an `upstream_request` span (a span of the batch's trace:
+    /// `upstream`, `model` — for observability only, the body says what is asked —
+    /// `endpoint`, then `attempts`, `retries`, `http.response.status_code` and `outcome`: the
+    /// no-response code, or `response`); the caller's span should carry the batch.
     /// Cancel-safe: dropping the future releases its permit.
     pub async fn call(
         &self,
+        model: &str,
         endpoint: &str,
         body: Bytes,
         deadline: Instant,
         cancel: &CancelFlag,
     ) -> CallOutcome {
         let span = tracing::info_span!(
-            "upstream_call",
+            "upstream_request",
+            otel.kind = "client",
             upstream = %self.name,
+            model,
             endpoint,
             attempts = field::Empty,
-            status = field::Empty,
+            retries = field::Empty,
+            http.response.status_code = field::Empty,
             outcome = field::Empty,
         );
         let outcome = self
@@ -293,9 +299,10 @@ impl Upstream {
             .instrument(span.clone())
             .await;
         span.record("attempts", outcome.attempts());
+        span.record("retries", outcome.attempts().saturating_sub(1));
         match &outcome {
             CallOutcome::Response { status, .. } => {
-                span.record("status", status);
+                span.record("http.response.status_code", status);
                 span.record("outcome", "response");
             }
             CallOutcome::NoResponse { code, .. } => {

@@ -69,6 +69,7 @@ pub fn batch(status: BatchStatus) -> BatchRecord {
         cancelled_at: None,
         request_counts: RequestCounts::default(),
         usage: Usage::default(),
+        traceparent: None,
     }
 }
 

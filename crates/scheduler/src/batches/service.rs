@@ -10,6 +10,7 @@ use nightshift_proto::v1::{
     ListBatchesResponse, batches_server::Batches,
 };
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::Validator;
 use crate::{Ports, metrics};
@@ -50,44 +51,55 @@ impl Batches for BatchesService {
         request: Request<CreateBatchRequest>,
     ) -> Result<Response<v1::Batch>, Status> {
         let req = request.into_inner();
-        let created_at_us = now_unix_micros();
-        let batch = BatchRecord {
-            id: BatchId::generate(),
-            tenant_id: tenant(&req.tenant_id)?,
-            endpoint: req.endpoint,
-            input_file_id: req.input_file_id,
-            completion_window: req.completion_window,
-            status: BatchStatus::Validating,
-            model: None,
-            errors: vec![],
-            metadata: req.has_metadata.then(|| req.metadata.into_iter().collect()),
-            output_expires_after_secs: req.output_expires_after_seconds,
-            output_file_id: None,
-            error_file_id: None,
-            created_at_us,
-            in_progress_at: None,
-            expires_at: created_at_us.div_euclid(1_000_000) + req.completion_window_seconds,
-            finalizing_at: None,
-            completed_at: None,
-            failed_at: None,
-            expired_at: None,
-            cancelling_at: None,
-            cancelled_at: None,
-            request_counts: RequestCounts::default(),
-            usage: Default::default(),
-        };
-        self.ports
-            .metadata
-            .insert_batch(&batch)
-            .await
-            .map_err(store_err)?;
-        ::metrics::counter!(metrics::BATCH_TRANSITIONS, "to" => "validating").increment(1);
-        tracing::info!(
-            batch_id = %batch.id, tenant_id = %batch.tenant_id, input_file_id = %batch.input_file_id,
-            endpoint = %batch.endpoint, "batch created"
-        );
-        self.validator.spawn(batch.clone());
-        Ok(Response::new(v1::Batch::from(&batch)))
+        let id = BatchId::generate();
+        // The batch's trace: every later step of its life (validation, chunks, results,
+        // finalization) is parented on this span, remembered in the record.
+        let span = tracing::info_span!("create_batch", batch_id = %id, tenant_id = %req.tenant_id);
+        async {
+            let created_at_us = now_unix_micros();
+            let batch = BatchRecord {
+                id,
+                tenant_id: tenant(&req.tenant_id)?,
+                endpoint: req.endpoint,
+                input_file_id: req.input_file_id,
+                completion_window: req.completion_window,
+                status: BatchStatus::Validating,
+                model: None,
+                errors: vec![],
+                metadata: req.has_metadata.then(|| req.metadata.into_iter().collect()),
+                output_expires_after_secs: req.output_expires_after_seconds,
+                output_file_id: None,
+                error_file_id: None,
+                created_at_us,
+                in_progress_at: None,
+                expires_at: created_at_us.div_euclid(1_000_000) + req.completion_window_seconds,
+                finalizing_at: None,
+                completed_at: None,
+                failed_at: None,
+                expired_at: None,
+                cancelling_at: None,
+                cancelled_at: None,
+                request_counts: RequestCounts::default(),
+                usage: Default::default(),
+                traceparent: nightshift_telemetry::propagation::traceparent(
+                    &tracing::Span::current(),
+                ),
+            };
+            self.ports
+                .metadata
+                .insert_batch(&batch)
+                .await
+                .map_err(store_err)?;
+            ::metrics::counter!(metrics::BATCH_TRANSITIONS, "to" => "validating").increment(1);
+            tracing::info!(
+                batch_id = %batch.id, tenant_id = %batch.tenant_id, input_file_id = %batch.input_file_id,
+                endpoint = %batch.endpoint, "batch created"
+            );
+            self.validator.spawn(batch.clone());
+            Ok(Response::new(v1::Batch::from(&batch)))
+        }
+        .instrument(span)
+        .await
     }
 
     async fn get_batch(

@@ -15,6 +15,7 @@ use nightshift_core::time::now_unix;
 use nightshift_core::validation::{BatchError, LineValidator, ValidationLimits};
 use nightshift_metadata::ValidationOutcome;
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 use super::BatchSettings;
 use crate::{Ports, metrics};
@@ -50,8 +51,12 @@ impl Validator {
     /// Validates `batch` in a background task and records the outcome. If the input cannot
     /// be read (storage down), the batch stays `validating` and is retried at the next
     /// scheduler start — it never fails for an infrastructure fault.
+    ///
+    /// Runs in a `validate` span of the batch's trace.
     pub fn spawn(&self, batch: BatchRecord) {
         let me = self.clone();
+        let span = tracing::info_span!("validate", batch_id = %batch.id, input_file_id = %batch.input_file_id);
+        nightshift_telemetry::propagation::set_parent(&span, crate::pipeline::batch_trace(&batch));
         tokio::spawn(async move {
             let Ok(_permit) = me.permits.clone().acquire_owned().await else {
                 return;
@@ -96,7 +101,7 @@ impl Validator {
                     tracing::error!(batch_id = %batch.id, error = %e, "could not record the validation outcome");
                 }
             }
-        });
+        }.instrument(span));
     }
 
     /// Re-validates every batch left `validating` (after a restart).

@@ -17,11 +17,13 @@ use nightshift_core::chunking::ChunkSpan;
 use nightshift_core::file::FileRecord;
 use nightshift_metadata::DispatchCandidate;
 use nightshift_proto::v1::ChunkTask;
-use nightshift_queue::{Headers, QueueKind};
+use nightshift_queue::QueueKind;
+use nightshift_telemetry::propagation;
 use prost::Message;
 use tokio::sync::{Notify, watch};
+use tracing::Instrument;
 
-use super::{PipelineSettings, SCHEMA_VERSION};
+use super::{PipelineSettings, SCHEMA_VERSION, batch_trace};
 use crate::{Ports, metrics};
 
 /// The dispatcher and its fairness state (lines handed out per tenant, in memory: after a
@@ -168,7 +170,16 @@ impl Dispatcher {
         Ok(handed_out)
     }
 
+    /// Publishes a chunk's task in a `dispatch_chunk` span of the batch's trace; the task
+    /// carries the span's context to the executor.
     async fn publish(&self, batch: &BatchRecord, span: &ChunkSpan) -> Result<(), String> {
+        let trace = tracing::info_span!(
+            "dispatch_chunk",
+            batch_id = %batch.id,
+            chunk_index = span.index,
+            line_count = span.line_count,
+        );
+        propagation::set_parent(&trace, batch_trace(batch));
         let input = FileId::parse(&batch.input_file_id).map_err(|e| e.to_string())?;
         let task = ChunkTask {
             schema_version: SCHEMA_VERSION,
@@ -184,13 +195,11 @@ impl Dispatcher {
             model: batch.model.clone().unwrap_or_default(),
             deadline: batch.expires_at,
         };
+        let headers = propagation::message_headers(&trace);
         self.ports
             .queue
-            .publish(
-                QueueKind::ChunkTasks,
-                task.encode_to_vec().into(),
-                Headers::new(),
-            )
+            .publish(QueueKind::ChunkTasks, task.encode_to_vec().into(), headers)
+            .instrument(trace)
             .await
             .map_err(|e| e.to_string())
     }

@@ -15,9 +15,11 @@ use nightshift_core::BatchId;
 use nightshift_core::batch::BatchRecord;
 use nightshift_core::time::now_unix;
 use nightshift_proto::v1::FinalizeJob;
-use nightshift_queue::{Headers, QueueKind};
+use nightshift_queue::QueueKind;
+use nightshift_telemetry::propagation;
 use prost::Message;
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 pub use dispatch::Dispatcher;
 pub use results::consume_results;
@@ -79,21 +81,28 @@ pub async fn finalize_if_ready(ports: &Ports, batch: &BatchId) -> Result<bool, S
 }
 
 /// Publishes the finalize job of a batch (again, after a restart: the finalizer is
-/// idempotent).
+/// idempotent), in a `request_finalize` span of the batch's trace whose context the job
+/// carries to the finalizer.
 pub async fn publish_finalize(ports: &Ports, batch: &BatchRecord) -> Result<(), String> {
+    let span =
+        tracing::info_span!("request_finalize", batch_id = %batch.id, status = %batch.status);
+    propagation::set_parent(&span, batch_trace(batch));
     let job = FinalizeJob {
         schema_version: SCHEMA_VERSION,
         batch_id: batch.id.to_string(),
     };
+    let headers = propagation::message_headers(&span);
     ports
         .queue
-        .publish(
-            QueueKind::FinalizeJobs,
-            job.encode_to_vec().into(),
-            Headers::new(),
-        )
+        .publish(QueueKind::FinalizeJobs, job.encode_to_vec().into(), headers)
+        .instrument(span)
         .await
         .map_err(|e| e.to_string())
+}
+
+/// The trace context the batch was created in: the parent of every span of its life.
+pub(crate) fn batch_trace(batch: &BatchRecord) -> Option<&str> {
+    batch.traceparent.as_deref()
 }
 
 /// Deadline sweeps: batches past `expires_at` stop receiving chunks and are finalized as

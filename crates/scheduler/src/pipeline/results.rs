@@ -7,8 +7,10 @@ use std::time::Duration;
 use nightshift_core::BatchId;
 use nightshift_proto::v1::ChunkResult;
 use nightshift_queue::{Consumer, QueueKind};
+use nightshift_telemetry::propagation;
 use prost::Message;
 use tokio::sync::{Notify, watch};
+use tracing::Instrument;
 
 use super::finalize_if_ready;
 use crate::{Ports, metrics};
@@ -50,6 +52,7 @@ pub async fn consume_results(
                 tracing::warn!("chunk result consumer ended; reconnecting");
                 break;
             };
+            propagation::observe_delivery(QueueKind::ChunkResults.as_str(), &delivery.headers);
             let result = match ChunkResult::decode(delivery.payload.as_ref()) {
                 Ok(r) => r,
                 Err(e) => {
@@ -58,7 +61,16 @@ pub async fn consume_results(
                     continue;
                 }
             };
-            match handle(&ports, &result).await {
+            // A child of the executor's chunk span, in the batch's trace.
+            let span = tracing::info_span!(
+                "chunk_result",
+                batch_id = %result.batch_id,
+                chunk_index = result.chunk_index,
+                completed = result.completed,
+                failed = result.failed,
+            );
+            propagation::set_parent_from_headers(&span, &delivery.headers);
+            match handle(&ports, &result).instrument(span).await {
                 Ok(()) => {
                     wake.notify_one();
                     if let Err(e) = delivery.ack().await {

@@ -10,6 +10,7 @@ use nightshift_proto::v1::{
     self, CommitBatchRequest, FinalizePlan, GetFinalizePlanRequest, pipeline_server::Pipeline,
 };
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::{Ports, metrics};
 
@@ -104,10 +105,17 @@ impl Pipeline for PipelineService {
             failed: req.failed,
             usage: req.usage.as_ref().map(Usage::from).unwrap_or_default(),
         };
+        let span = tracing::info_span!(
+            "commit_batch",
+            batch_id = %id,
+            completed = commit.completed,
+            failed = commit.failed
+        );
         let batch = self
             .ports
             .metadata
             .commit_batch(&commit, now_unix())
+            .instrument(span)
             .await
             .map_err(store_err)?
             .ok_or_else(|| err(ApiError::no_such("Batch", id.as_str())))?;
