@@ -13,7 +13,9 @@ use nightshift_core::batch::{BatchRecord, BatchStatus, RequestCounts};
 use nightshift_core::chunking::ChunkSpan;
 use nightshift_core::validation::BatchError;
 
-use crate::{CancelOutcome, FileQuery, MetadataError, MetadataStore, Tenant, ValidationOutcome};
+use crate::{
+    CancelOutcome, Ending, FileQuery, MetadataError, MetadataStore, Tenant, ValidationOutcome,
+};
 
 /// A named check.
 pub type Check = (&'static str, fn(&dyn MetadataStore) -> BoxFuture<'_, ()>);
@@ -35,6 +37,12 @@ pub const CHECKS: &[Check] = &[
         Box::pin(batch_validation_and_cancel(s))
     }),
     ("batch_list_pages", |s| Box::pin(batch_list_pages(s))),
+    ("batch_keeps_its_trace_context", |s| {
+        Box::pin(batch_keeps_its_trace_context(s))
+    }),
+    ("a_batch_finished_after_its_deadline_expires", |s| {
+        Box::pin(a_batch_finished_after_its_deadline_expires(s))
+    }),
     ("stalled_finalizations_are_claimed_once_per_period", |s| {
         Box::pin(stalled_finalizations_are_claimed_once_per_period(s))
     }),
@@ -400,9 +408,8 @@ fn batch(tenant: &TenantId, created_at_us: i64) -> BatchRecord {
 }
 
 /// A batch keeps the trace context it was created with, in every record the store returns
-/// (reads, transitions, dispatch candidates). Not in [`CHECKS`] yet: only the Postgres
-/// adapter stores it; it joins them when every adapter's schema has the column.
-pub async fn batch_keeps_its_trace_context(store: &dyn MetadataStore) {
+/// (reads, transitions, dispatch candidates).
+async fn batch_keeps_its_trace_context(store: &dyn MetadataStore) {
     let t = new_tenant(store).await;
     let traced = BatchRecord {
         traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
@@ -628,6 +635,50 @@ async fn batch_list_pages(store: &dyn MetadataStore) {
         .await
         .expect("list");
     assert!(page.batches.is_empty() && !page.has_more);
+}
+
+/// A batch whose last chunk is done after its deadline, before the expiry sweep saw it, ends
+/// `expired` (its late lines were cut as `batch_expired`); one done in time ends `completed`.
+async fn a_batch_finished_after_its_deadline_expires(store: &dyn MetadataStore) {
+    let t = new_tenant(store).await;
+    for (late, want) in [(false, Ending::Completed), (true, Ending::Expired)] {
+        let b = batch(&t.id, NOW * 1_000_000 + i64::from(late));
+        store.insert_batch(&b).await.expect("insert");
+        let ready = ValidationOutcome::Ready {
+            model: "m".into(),
+            total: 1,
+            chunks: vec![ChunkSpan {
+                index: 0,
+                byte_start: 0,
+                byte_end: 10,
+                first_line: 1,
+                line_count: 1,
+            }],
+        };
+        store
+            .finish_validation(&b.id, &ready, NOW + 1)
+            .await
+            .expect("finish")
+            .expect("moved");
+        store
+            .claim_next_chunk(&b.id)
+            .await
+            .expect("claim")
+            .expect("a chunk");
+        assert!(store.complete_chunk(&b.id, 0).await.expect("complete"));
+        let now = if late { b.expires_at } else { b.expires_at - 1 };
+        let finalizing = store
+            .request_finalize(&b.id, now)
+            .await
+            .expect("request")
+            .expect("ready to finalize");
+        assert_eq!(finalizing.status, BatchStatus::Finalizing);
+        assert_eq!(
+            store.ending(&b.id).await.expect("ending"),
+            Some(want),
+            "late: {late}"
+        );
+    }
 }
 
 async fn stalled_finalizations_are_claimed_once_per_period(store: &dyn MetadataStore) {

@@ -279,6 +279,8 @@ pub trait MetadataStore: Send + Sync + fmt::Debug + 'static {
     /// Asks for finalization once no chunk is in flight and nothing more will run: every
     /// chunk done (`in_progress` → `finalizing`), or the batch expiring (→ `finalizing`) or
     /// `cancelling` (stays). At most once per batch: `None` if not ready or already asked.
+    /// An `in_progress` batch asked at or after its `expires_at` ends `expired` even if the
+    /// expiry sweep has not marked it yet (its late lines were cut as `batch_expired`).
     async fn request_finalize(&self, id: &BatchId, now: i64) -> Result<Option<BatchRecord>>;
 
     /// Batches asked to finalize and not yet terminal (a restart asks again).

@@ -16,7 +16,7 @@ use sqlx::AssertSqlSafe;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 
 use crate::rows::{
-    Columns, TRACED_BATCH_COLUMNS as BATCH_COLUMNS, Cursor, backend, batch_from_row, file_from_row, get, span_from_row,
+    BATCH_COLUMNS, Columns, Cursor, backend, batch_from_row, file_from_row, get, span_from_row,
     split_page, tenant_from_row, to_i64,
 };
 use crate::{
@@ -675,7 +675,9 @@ impl MetadataStore for PgStore {
         let sql = format!(
             "UPDATE batches SET finalize_requested_at = $2, \
                finalizing_at = CASE WHEN status = 'in_progress' THEN $2 ELSE finalizing_at END, \
-               status = CASE WHEN status = 'in_progress' THEN 'finalizing' ELSE status END \
+               status = CASE WHEN status = 'in_progress' THEN 'finalizing' ELSE status END, \
+               ending = CASE WHEN status = 'in_progress' AND ending IS NULL AND expires_at <= $2 \
+                 THEN 'expired' ELSE ending END \
              WHERE id = $1 AND finalize_requested_at IS NULL \
                AND status IN ('in_progress', 'cancelling') \
                AND NOT EXISTS (SELECT 1 FROM chunks WHERE batch_id = $1 AND state = 'dispatched') \

@@ -26,14 +26,8 @@ macro_rules! batch_columns {
     };
 }
 
-/// Columns of a batch every adapter stores, in the order [`batch_from_row`] reads them by
-/// name.
-pub(crate) const BATCH_COLUMNS: &str = batch_columns!();
-
-/// [`BATCH_COLUMNS`] and `traceparent`, for an adapter that stores the batch's trace context
-/// (its [`Columns::traceparent`] reads it). Postgres does; once every adapter does, this is
-/// `BATCH_COLUMNS`.
-pub(crate) const TRACED_BATCH_COLUMNS: &str = concat!(batch_columns!(), ", traceparent");
+/// Columns of a batch, in the order [`batch_from_row`] reads them by name.
+pub(crate) const BATCH_COLUMNS: &str = concat!(batch_columns!(), ", traceparent");
 
 /// Reading one column of a row, by name, as the type the schema gives it.
 pub(crate) trait Columns {
@@ -46,11 +40,8 @@ pub(crate) trait Columns {
     fn int4(&self, col: &str) -> Result<i32>;
     /// A JSON document.
     fn json(&self, col: &str) -> Result<serde_json::Value>;
-    /// The batch's `traceparent` column, for an adapter that selects
-    /// [`TRACED_BATCH_COLUMNS`]; by default the adapter does not store it (`None`).
-    fn traceparent(&self) -> Result<Option<String>> {
-        Ok(None)
-    }
+    /// The batch's `traceparent` column (the W3C context it was created in).
+    fn traceparent(&self) -> Result<Option<String>>;
 }
 
 /// One column of any sqlx row, its error mapped; what the adapters' [`Columns`] build on.

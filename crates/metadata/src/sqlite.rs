@@ -72,6 +72,9 @@ impl Columns for SqliteRow {
         let text: String = get(self, col)?;
         serde_json::from_str(&text).map_err(|e| crate::rows::corrupt(col, &e.to_string()))
     }
+    fn traceparent(&self) -> Result<Option<String>> {
+        get(self, "traceparent")
+    }
 }
 
 /// A value as the JSON text stored in a `TEXT` column (where Postgres has `JSONB`).
@@ -158,6 +161,12 @@ enum ListTable {
 }
 
 impl SqliteStore {
+    /// The writing connection: direct SQL for tools and tests (writes queue with the store's
+    /// own, so they never see `SQLITE_BUSY`).
+    pub fn pool(&self) -> &SqlitePool {
+        &self.writer
+    }
+
     /// Opens the database (creating the file and its directory if missing) and brings the
     /// schema up to date. One process only: migrations take no cross-process lock.
     pub async fn open(config: &SqliteConfig) -> Result<Self> {
@@ -439,8 +448,8 @@ impl MetadataStore for SqliteStore {
     async fn insert_batch(&self, b: &BatchRecord) -> Result<()> {
         sqlx::query(
             "INSERT INTO batches (id, tenant_id, endpoint, input_file_id, completion_window, \
-             status, metadata, output_expires_after, created_at_us, expires_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+             status, metadata, output_expires_after, created_at_us, expires_at, traceparent) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         )
         .bind(b.id.as_str())
         .bind(b.tenant_id.as_str())
@@ -452,6 +461,7 @@ impl MetadataStore for SqliteStore {
         .bind(b.output_expires_after_secs)
         .bind(b.created_at_us)
         .bind(b.expires_at)
+        .bind(b.traceparent.as_deref())
         .execute(&self.writer)
         .await
         .map_err(backend)?;
@@ -748,7 +758,9 @@ impl MetadataStore for SqliteStore {
         let sql = format!(
             "UPDATE batches SET finalize_requested_at = ?2, \
                finalizing_at = CASE WHEN status = 'in_progress' THEN ?2 ELSE finalizing_at END, \
-               status = CASE WHEN status = 'in_progress' THEN 'finalizing' ELSE status END \
+               status = CASE WHEN status = 'in_progress' THEN 'finalizing' ELSE status END, \
+               ending = CASE WHEN status = 'in_progress' AND ending IS NULL AND expires_at <= ?2 \
+                 THEN 'expired' ELSE ending END \
              WHERE id = ?1 AND finalize_requested_at IS NULL \
                AND status IN ('in_progress', 'cancelling') \
                AND NOT EXISTS (SELECT 1 FROM chunks WHERE batch_id = ?1 AND state = 'dispatched') \

@@ -43,19 +43,7 @@ checks!(
     ping,
     batch_validation_and_cancel,
     batch_list_pages,
+    a_batch_finished_after_its_deadline_expires,
+    batch_keeps_its_trace_context,
     stalled_finalizations_are_claimed_once_per_period,
 );
-
-/// Postgres stores each batch's trace context (not every adapter does yet).
-#[tokio::test]
-async fn batch_keeps_its_trace_context() {
-    let url = std::env::var("NIGHTSHIFT_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/nightshift_test".into());
-    let store = PgStore::connect(&PgConfig {
-        url: Secret::new(url),
-        ..PgConfig::default()
-    })
-    .await
-    .expect("connect to postgres");
-    nightshift_metadata::conformance::batch_keeps_its_trace_context(&store).await;
-}

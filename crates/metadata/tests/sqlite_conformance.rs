@@ -48,6 +48,8 @@ checks!(
     ping,
     batch_validation_and_cancel,
     batch_list_pages,
+    a_batch_finished_after_its_deadline_expires,
+    batch_keeps_its_trace_context,
     stalled_finalizations_are_claimed_once_per_period,
 );
 
@@ -82,7 +84,7 @@ async fn data_survives_closing_and_reopening_the_file() {
         cancelled_at: None,
         request_counts: RequestCounts::default(),
         usage: Default::default(),
-        traceparent: None,
+        traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
     };
     store.insert_batch(&batch).await.expect("insert");
     drop(store);
