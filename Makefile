@@ -79,6 +79,22 @@ bench-pipeline: ## Fairness (200k vs 10 lines) and scale (1M lines: time, peak R
 	python3 $(ROOT)/bench/pipeline.py fairness --big-lines $${BIG_LINES:-200000}
 	python3 $(ROOT)/bench/pipeline.py scale --lines $${LINES:-1000000}
 
+.PHONY: standalone
+standalone: ## The whole product in one process, no infrastructure (ARGS="--upstream http://host:8000/v1"; default --simulate).
+	cargo run --release -p nightshift-cli -- standalone $${ARGS:---simulate}
+
+.PHONY: bench-standalone
+bench-standalone: ## A 1M-line batch through one release `nightshift standalone` process: wall time, peak RSS.
+	cargo build --release -p nightshift-cli
+	rm -rf $(ROOT)/target/bench-standalone
+	INFERENCE_SIM_BASE_LATENCY_MS=0 INFERENCE_SIM_PER_TOKEN_LATENCY_MS=0 \
+	  $(ROOT)/target/release/nightshift standalone --simulate --quiet --listen 127.0.0.1:18080 \
+	  --data-dir $(ROOT)/target/bench-standalone & pid=$$!; \
+	trap "kill $$pid" EXIT; \
+	for i in $$(seq 1 600); do curl -sf http://127.0.0.1:18080/readyz >/dev/null && break; sleep 0.1; done; \
+	python3 $(ROOT)/bench/pipeline.py scale --lines $${LINES:-1000000} --base-url http://127.0.0.1:18080/v1 \
+	  --key "$$(cat $(ROOT)/target/bench-standalone/api-key)" --pid $$pid
+
 .PHONY: clean-dev
 clean-dev: down ## Stop everything and delete the local stack's data (.dev/).
 	rm -rf $(DEV_DIR)

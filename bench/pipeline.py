@@ -10,6 +10,12 @@
 
     python3 bench/pipeline.py fairness --big-lines 200000
     python3 bench/pipeline.py scale --lines 1000000
+
+Against `nightshift standalone` (one process): pass its key and pid, e.g.
+    INFERENCE_SIM_PER_TOKEN_LATENCY_MS=0 target/release/nightshift standalone --simulate \
+        --data-dir /tmp/ns-bench & PID=$!
+    python3 bench/pipeline.py scale --lines 1000000 --key "$(cat /tmp/ns-bench/api-key)" --pid "$PID"
+(`make bench-standalone` does exactly that.)
 """
 
 import argparse
@@ -70,14 +76,20 @@ def new_key(name):
     return dict(l.split("=", 1) for l in out.stdout.split())["api_key"]
 
 
+def vm_hwm(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return f"{int(line.split()[1]) / 1024:.1f} MiB"
+    return "n/a"
+
+
 def peak_rss():
+    if ARGS.pid:
+        return {"standalone": vm_hwm(ARGS.pid)}
     out = {}
     for s in SERVICES:
         try:
-            pid = int(open(os.path.join(DEV, "run", f"{s}.pid")).read())
-            for line in open(f"/proc/{pid}/status"):
-                if line.startswith("VmHWM:"):
-                    out[s] = f"{int(line.split()[1]) / 1024:.1f} MiB"
+            out[s] = vm_hwm(int(open(os.path.join(DEV, "run", f"{s}.pid")).read()))
         except (OSError, ValueError):
             out[s] = "n/a"
     return out
@@ -137,5 +149,6 @@ if __name__ == "__main__":
     ap.add_argument("--bin", default=os.environ.get("NIGHTSHIFT_BIN", os.path.join(ROOT, "target/debug/nightshift")))
     ap.add_argument("--big-lines", type=int, default=200_000)
     ap.add_argument("--lines", type=int, default=1_000_000)
+    ap.add_argument("--pid", type=int, help="peak RSS of this one process (nightshift standalone)")
     ARGS = ap.parse_args()
     {"fairness": fairness, "scale": scale}[ARGS.scenario]()

@@ -2,12 +2,10 @@
 //! list, cancel) through the official OpenAI Python SDK, against the real services.
 
 use nightshift_core::BatchId;
-use nightshift_e2e::{Stack, StackOptions};
-use nightshift_metadata::MetadataStore;
+use nightshift_e2e::{Deployment, Stack, StackOptions};
 
-#[tokio::test]
-async fn create_validate_retrieve_cancel() {
-    let opts = StackOptions::default();
+async fn create_validate_retrieve_cancel(deployment: Deployment) {
+    let opts = StackOptions::on(deployment);
     let (max_lines, max_file) = (opts.batches.max_lines, opts.batches.max_file_bytes);
     let stack = Stack::start(opts).await.expect("stack");
     let (_, key) = stack.tenant("batches").await.expect("tenant");
@@ -25,9 +23,8 @@ async fn create_validate_retrieve_cancel() {
     stack.stop().await.expect("stop");
 }
 
-#[tokio::test]
-async fn valid_inputs_are_cut_into_contiguous_chunks() {
-    let opts = StackOptions::default();
+async fn valid_inputs_are_cut_into_contiguous_chunks(deployment: Deployment) {
+    let opts = StackOptions::on(deployment);
     let per_chunk = opts.batches.chunk_max_lines as u64;
     let stack = Stack::start(opts).await.expect("stack");
     let (tenant, key) = stack.tenant("chunks").await.expect("tenant");
@@ -68,9 +65,10 @@ async fn valid_inputs_are_cut_into_contiguous_chunks() {
     stack.stop().await.expect("stop");
 }
 
-#[tokio::test]
-async fn pagination_visits_every_batch_once_newest_first() {
-    let stack = Stack::start(StackOptions::default()).await.expect("stack");
+async fn pagination_visits_every_batch_once_newest_first(deployment: Deployment) {
+    let stack = Stack::start(StackOptions::on(deployment))
+        .await
+        .expect("stack");
     let (_, key) = stack.tenant("pages").await.expect("tenant");
     stack
         .python(
@@ -81,3 +79,9 @@ async fn pagination_visits_every_batch_once_newest_first() {
         .expect("script");
     stack.stop().await.expect("stop");
 }
+
+nightshift_e2e::for_both_deployments!(
+    create_validate_retrieve_cancel,
+    valid_inputs_are_cut_into_contiguous_chunks,
+    pagination_visits_every_batch_once_newest_first,
+);

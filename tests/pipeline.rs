@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use nightshift_core::BatchId;
 use nightshift_core::batch::BatchStatus;
-use nightshift_e2e::{Stack, StackOptions};
-use nightshift_metadata::MetadataStore;
-use nightshift_queue::{QueueKind, WorkQueue};
+use nightshift_e2e::{Deployment, Stack, StackOptions};
+use nightshift_queue::QueueKind;
 
-#[tokio::test]
-async fn seed_001_script_runs_unchanged() {
-    let stack = Stack::start(StackOptions::default()).await.expect("stack");
+async fn seed_001_script_runs_unchanged(deployment: Deployment) {
+    let stack = Stack::start(StackOptions::on(deployment))
+        .await
+        .expect("stack");
     let (_, key) = stack.tenant("seed").await.expect("tenant");
     let out = stack
         .python_in("fixtures", "seed_001.py", &[("DEEPINFRA_TOKEN", key)])
@@ -30,11 +30,10 @@ async fn seed_001_script_runs_unchanged() {
     stack.stop().await.expect("stop");
 }
 
-#[tokio::test]
-async fn batches_complete_with_every_outcome_in_the_right_file() {
+async fn batches_complete_with_every_outcome_in_the_right_file(deployment: Deployment) {
     let stack = Stack::start(StackOptions {
         executors: 2,
-        ..StackOptions::default()
+        ..StackOptions::on(deployment)
     })
     .await
     .expect("stack");
@@ -57,9 +56,10 @@ async fn batches_complete_with_every_outcome_in_the_right_file() {
     stack.stop().await.expect("stop");
 }
 
-#[tokio::test]
-async fn cancel_mid_run_keeps_finished_work() {
-    let stack = Stack::start(StackOptions::default()).await.expect("stack");
+async fn cancel_mid_run_keeps_finished_work(deployment: Deployment) {
+    let stack = Stack::start(StackOptions::on(deployment))
+        .await
+        .expect("stack");
     let (_, key) = stack.tenant("cancel").await.expect("tenant");
     stack
         .python("pipeline_cancel.py", &[("NS_API_KEY", key)])
@@ -68,12 +68,11 @@ async fn cancel_mid_run_keeps_finished_work() {
     stack.stop().await.expect("stop");
 }
 
-#[tokio::test]
-async fn expiry_keeps_finished_work() {
+async fn expiry_keeps_finished_work(deployment: Deployment) {
     // 200 requests of 300 ms, at most 4 at a time, cannot finish within the 4 s window
     let stack = Stack::start(StackOptions {
         upstream_max_concurrency: 4,
-        ..StackOptions::default()
+        ..StackOptions::on(deployment)
     })
     .await
     .expect("stack");
@@ -85,13 +84,12 @@ async fn expiry_keeps_finished_work() {
     stack.stop().await.expect("stop");
 }
 
-#[tokio::test]
-async fn a_lost_finalize_job_is_published_again() {
+async fn a_lost_finalize_job_is_published_again(deployment: Deployment) {
     // No finalizer at first, and a short grace period before a job is re-published.
     let mut stack = Stack::start(StackOptions {
         finalizer: false,
         finalize_retry_after: Duration::from_secs(2),
-        ..StackOptions::default()
+        ..StackOptions::on(deployment)
     })
     .await
     .expect("stack");
@@ -151,3 +149,11 @@ async fn a_lost_finalize_job_is_published_again() {
     );
     stack.stop().await.expect("stop");
 }
+
+nightshift_e2e::for_both_deployments!(
+    seed_001_script_runs_unchanged,
+    batches_complete_with_every_outcome_in_the_right_file,
+    cancel_mid_run_keeps_finished_work,
+    expiry_keeps_finished_work,
+    a_lost_finalize_job_is_published_again,
+);

@@ -1,9 +1,14 @@
-//! The end-to-end harness: each test starts its own scheduler and gateway in-process, on
-//! ephemeral loopback ports, over the REAL adapters (PostgreSQL and the S3 service that
-//! `make up`/`make test` start), isolated by an object-storage prefix of its own and tenants
-//! of its own, so tests run in parallel. Clients are the official `openai` Python SDK (run
-//! from the virtualenv `make test` prepares) and direct storage/database access for the
-//! checks a client cannot make ("nothing was left behind").
+//! The end-to-end harness. Each test starts a whole deployment of its own in-process, on
+//! ephemeral loopback ports, once per [`Deployment`] ([`for_both_deployments!`]):
+//! - distributed: every service over the REAL adapters (PostgreSQL, the S3 service, RabbitMQ
+//!   and Redis that `make up`/`make test` start), isolated by a Postgres schema, an
+//!   object-storage prefix, queue names and a Redis key prefix of its own;
+//! - standalone: `nightshift standalone`'s own wiring over the embedded adapters, in a
+//!   temporary data directory.
+//!
+//! Tests run in parallel. Clients are the official `openai` Python SDK (run from the
+//! virtualenv `make test` prepares) and direct port access (through the traits, so the same
+//! check runs on both deployments) for what a client cannot see ("nothing was left behind").
 
 pub mod cluster;
 
@@ -15,14 +20,16 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use nightshift_core::routing::{RoutingConfig, UpstreamConfig};
 use nightshift_core::secret::Secret;
+use nightshift_executor::ExecutorConfig;
 use nightshift_gateway::GatewayConfig;
 use nightshift_inference_sim::SimConfig;
-use nightshift_metadata::{PgConfig, PgStore};
+use nightshift_metadata::{MetadataStore, PgConfig, PgStore, SqliteStore};
 use nightshift_proto::v1::CreateTenantRequest;
-use nightshift_queue::{QueueConfig, RabbitQueue};
+use nightshift_queue::{QueueConfig, RabbitQueue, WorkQueue};
 use nightshift_scheduler::batches::BatchSettings;
 use nightshift_scheduler::{Ports, SchedulerConfig};
-use nightshift_state::{RedisState, StateConfig};
+use nightshift_standalone::{Standalone, StandaloneConfig};
+use nightshift_state::{LiveState, RedisState, StateConfig};
 use nightshift_storage::{ObjectStore, S3Config, S3Store};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -73,9 +80,46 @@ pub const TEST_MODELS: [&str; 3] = [
     "meta-llama/Meta-Llama-3.1-8B-Instruct",
 ];
 
+/// Which deployment a test runs against. The suite runs every test against both, so they
+/// cannot drift apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deployment {
+    /// Each service on its own, on the real adapters: PostgreSQL, S3 (Garage), RabbitMQ, Redis.
+    Distributed,
+    /// `nightshift standalone`'s wiring ([`nightshift_standalone::Standalone`]): one process,
+    /// the embedded adapters (a directory, SQLite, the in-process queue, in-memory counts) in a
+    /// temporary data directory.
+    Standalone,
+}
+
+/// Declares the listed `async fn name(deployment: Deployment)` tests once per deployment:
+/// `distributed::name` and `standalone::name`.
+#[macro_export]
+macro_rules! for_both_deployments {
+    ($($name:ident),+ $(,)?) => {
+        mod distributed {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name($crate::Deployment::Distributed).await
+                }
+            )+
+        }
+        mod standalone {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name($crate::Deployment::Standalone).await
+                }
+            )+
+        }
+    };
+}
+
 /// Knobs a test may turn.
 #[derive(Debug, Clone)]
 pub struct StackOptions {
+    pub deployment: Deployment,
     pub max_upload_bytes: u64,
     /// Batch input limits and chunk sizes (small by default, so limits are testable).
     pub batches: BatchSettings,
@@ -94,9 +138,20 @@ pub struct StackOptions {
     pub finalize_retry_after: Duration,
 }
 
+impl StackOptions {
+    /// The defaults, on `deployment`.
+    pub fn on(deployment: Deployment) -> Self {
+        Self {
+            deployment,
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for StackOptions {
     fn default() -> Self {
         Self {
+            deployment: Deployment::Distributed,
             max_upload_bytes: GatewayConfig::default().max_upload_bytes,
             batches: BatchSettings {
                 max_lines: 1000,
@@ -115,25 +170,83 @@ impl Default for StackOptions {
     }
 }
 
-/// A running scheduler + gateway pair.
+/// What only one deployment has.
+enum Backend {
+    Distributed {
+        pg: Arc<PgStore>,
+        rabbit: Arc<RabbitQueue>,
+        /// This test's Postgres schema (dropped at the end).
+        schema: String,
+        stops: Vec<oneshot::Sender<()>>,
+        tasks: Vec<JoinHandle<()>>,
+    },
+    Standalone {
+        running: Box<Standalone>,
+        sqlite: Arc<SqliteStore>,
+        _data_dir: tempfile::TempDir,
+    },
+}
+
+/// A running deployment: gateway, scheduler, executors, finalizer, and the simulator they call.
 pub struct Stack {
+    pub deployment: Deployment,
     /// `http://127.0.0.1:<port>` (no `/v1`).
     pub origin: String,
-    /// The object store under this test's prefix.
-    pub storage: Arc<S3Store>,
-    pub metadata: Arc<PgStore>,
-    pub queue: Arc<RabbitQueue>,
-    pub state: Arc<RedisState>,
+    /// The object store (under this test's prefix).
+    pub storage: Arc<dyn ObjectStore>,
+    pub metadata: Arc<dyn MetadataStore>,
+    pub queue: Arc<dyn WorkQueue>,
+    pub state: Arc<dyn LiveState>,
     pub ports: Ports,
     /// The simulator's base URL (`http://127.0.0.1:<port>`).
     pub sim_origin: String,
     pub scheduler_url: String,
     /// Unique per test: object-storage prefix and tenant names.
     pub prefix: String,
-    /// This test's Postgres schema (dropped at the end).
-    pub schema: String,
-    stops: Vec<oneshot::Sender<()>>,
-    tasks: Vec<JoinHandle<()>>,
+    backend: Backend,
+    sim_stop: Option<oneshot::Sender<()>>,
+    sim_task: Option<JoinHandle<()>>,
+}
+
+/// The in-process simulator every test stack calls.
+async fn start_sim(
+    config: SimConfig,
+) -> anyhow::Result<(String, oneshot::Sender<()>, JoinHandle<()>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let origin = format!("http://{}", listener.local_addr()?);
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        if let Err(e) = nightshift_inference_sim::serve(config, listener, async {
+            let _ = rx.await;
+        })
+        .await
+        {
+            panic!("inference simulator failed: {e}");
+        }
+    });
+    Ok((origin, tx, task))
+}
+
+fn scheduler_config(opts: &StackOptions) -> SchedulerConfig {
+    SchedulerConfig {
+        // tests drive sweeps themselves (sweep_once) so nothing races them
+        sweep_interval: Duration::from_secs(3600),
+        batches: opts.batches.clone(),
+        pipeline: nightshift_scheduler::pipeline::PipelineSettings {
+            dispatch_interval: Duration::from_millis(100),
+            expiry_interval: Duration::from_millis(200),
+            finalize_retry_after: opts.finalize_retry_after,
+            ..Default::default()
+        },
+        ..SchedulerConfig::default()
+    }
+}
+
+fn executor_config() -> ExecutorConfig {
+    ExecutorConfig {
+        cancel_poll: Duration::from_millis(100),
+        ..Default::default()
+    }
 }
 
 impl Stack {
@@ -142,6 +255,75 @@ impl Stack {
             log_format: nightshift_telemetry::LogFormat::Pretty,
             log_filter: "warn".into(),
         });
+        let (sim_origin, sim_stop, sim_task) = start_sim(opts.sim.clone()).await?;
+        let routing = opts.routing.clone().unwrap_or_else(|| RoutingConfig {
+            upstreams: vec![UpstreamConfig {
+                max_attempts: 3,
+                max_concurrency: opts.upstream_max_concurrency,
+                initial_concurrency: Some(opts.upstream_max_concurrency.min(8)),
+                backoff_base: Duration::from_millis(5),
+                backoff_max: Duration::from_millis(50),
+                ..UpstreamConfig::new("sim", format!("{sim_origin}/v1"), TEST_MODELS)
+            }],
+        });
+        let mut stack = match opts.deployment {
+            Deployment::Distributed => Self::distributed(&opts, routing, sim_origin).await?,
+            Deployment::Standalone => Self::standalone(&opts, routing, sim_origin).await?,
+        };
+        stack.sim_stop = Some(sim_stop);
+        stack.sim_task = Some(sim_task);
+        stack.wait_ready().await?;
+        Ok(stack)
+    }
+
+    async fn standalone(
+        opts: &StackOptions,
+        routing: RoutingConfig,
+        sim_origin: String,
+    ) -> anyhow::Result<Self> {
+        let data_dir = tempfile::tempdir()?;
+        let mut config = StandaloneConfig::new(data_dir.path());
+        config.gateway = GatewayConfig {
+            listen: "127.0.0.1:0".parse()?,
+            max_upload_bytes: opts.max_upload_bytes,
+            completion_windows: opts.completion_windows.clone(),
+            ..GatewayConfig::default()
+        };
+        config.scheduler = scheduler_config(opts);
+        config.executor = executor_config();
+        config.routing = routing;
+        config.executors = opts.executors;
+        config.finalizer_enabled = opts.finalizer;
+        let running = Standalone::start(config)
+            .await
+            .context("standalone deployment")?;
+        let ports = running.ports.clone();
+        Ok(Self {
+            deployment: Deployment::Standalone,
+            origin: running.origin.clone(),
+            storage: ports.storage.clone(),
+            metadata: ports.metadata.clone(),
+            queue: ports.queue.clone(),
+            state: ports.state.clone(),
+            ports: ports.scheduler(),
+            sim_origin,
+            scheduler_url: running.scheduler_url.clone(),
+            prefix: format!("e2e/{}", uuid::Uuid::new_v4()),
+            backend: Backend::Standalone {
+                running: Box::new(running),
+                sqlite: ports.metadata.clone(),
+                _data_dir: data_dir,
+            },
+            sim_stop: None,
+            sim_task: None,
+        })
+    }
+
+    async fn distributed(
+        opts: &StackOptions,
+        routing: RoutingConfig,
+        sim_origin: String,
+    ) -> anyhow::Result<Self> {
         let prefix = format!("e2e/{}", uuid::Uuid::new_v4());
         let storage = Arc::new(
             S3Store::new(&s3_config(&prefix))
@@ -188,47 +370,13 @@ impl Stack {
         let mut stops = Vec::new();
         let mut tasks = Vec::new();
 
-        let sim_listener = TcpListener::bind("127.0.0.1:0").await?;
-        let sim_origin = format!("http://{}", sim_listener.local_addr()?);
-        let (tx, rx) = oneshot::channel::<()>();
-        stops.push(tx);
-        let sim_config = opts.sim.clone();
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = nightshift_inference_sim::serve(sim_config, sim_listener, async {
-                let _ = rx.await;
-            })
-            .await
-            {
-                panic!("inference simulator failed: {e}");
-            }
-        }));
-        let routing = opts.routing.clone().unwrap_or_else(|| RoutingConfig {
-            upstreams: vec![UpstreamConfig {
-                max_attempts: 3,
-                max_concurrency: opts.upstream_max_concurrency,
-                initial_concurrency: Some(opts.upstream_max_concurrency.min(8)),
-                backoff_base: Duration::from_millis(5),
-                backoff_max: Duration::from_millis(50),
-                ..UpstreamConfig::new("sim", format!("{sim_origin}/v1"), TEST_MODELS)
-            }],
-        });
-
         let sched_listener = TcpListener::bind("127.0.0.1:0").await?;
         let sched_addr = sched_listener.local_addr()?;
         let (tx, rx) = oneshot::channel::<()>();
         stops.push(tx);
         let sched_config = SchedulerConfig {
             listen: sched_addr,
-            // tests drive sweeps themselves (sweep_once) so nothing races them
-            sweep_interval: Duration::from_secs(3600),
-            batches: opts.batches.clone(),
-            pipeline: nightshift_scheduler::pipeline::PipelineSettings {
-                dispatch_interval: Duration::from_millis(100),
-                expiry_interval: Duration::from_millis(200),
-                finalize_retry_after: opts.finalize_retry_after,
-                ..Default::default()
-            },
-            ..SchedulerConfig::default()
+            ..scheduler_config(opts)
         };
         let sched_routing = routing.clone();
         let sched_ports = ports.clone();
@@ -260,7 +408,7 @@ impl Stack {
             ..GatewayConfig::default()
         };
         let gw_storage: Arc<dyn ObjectStore> = storage.clone();
-        let gw_state: Arc<dyn nightshift_state::LiveState> = state.clone();
+        let gw_state: Arc<dyn LiveState> = state.clone();
         tasks.push(tokio::spawn(async move {
             if let Err(e) =
                 nightshift_gateway::serve(gw_config, gw_storage, gw_state, gw_listener, async {
@@ -283,12 +431,8 @@ impl Stack {
             };
             let routing = routing.clone();
             tasks.push(tokio::spawn(async move {
-                let config = nightshift_executor::ExecutorConfig {
-                    cancel_poll: Duration::from_millis(100),
-                    ..Default::default()
-                };
                 if let Err(e) =
-                    nightshift_executor::serve(config, routing, ports, listener, async {
+                    nightshift_executor::serve(executor_config(), routing, ports, listener, async {
                         let _ = rx.await;
                     })
                     .await
@@ -297,29 +441,34 @@ impl Stack {
                 }
             }));
         }
-        let stack = Self {
+        let mut stack = Self {
+            deployment: Deployment::Distributed,
             origin: format!("http://{gw_addr}"),
             storage,
-            metadata,
-            queue,
+            metadata: metadata.clone(),
+            queue: queue.clone(),
             state,
             ports,
             sim_origin,
             scheduler_url: format!("http://{sched_addr}"),
             prefix,
-            schema,
-            stops,
-            tasks,
+            backend: Backend::Distributed {
+                pg: metadata,
+                rabbit: queue,
+                schema,
+                stops,
+                tasks,
+            },
+            sim_stop: None,
+            sim_task: None,
         };
-        let mut stack = stack;
         if opts.finalizer {
             stack.start_finalizer().await?;
         }
-        stack.wait_ready().await?;
         Ok(stack)
     }
 
-    /// Polls the gateway's `/readyz` (which checks the scheduler and storage) with a deadline.
+    /// Polls the scheduler (which answers once its recovery ran) with a deadline.
     async fn wait_ready(&self) -> anyhow::Result<()> {
         let control = self.control()?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -336,27 +485,33 @@ impl Stack {
 
     /// Starts a finalizer on this stack's queues.
     pub async fn start_finalizer(&mut self) -> anyhow::Result<()> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let (tx, rx) = oneshot::channel::<()>();
-        self.stops.push(tx);
+        let scheduler_url = self.scheduler_url.clone();
         let ports = nightshift_finalizer::FinalizerPorts {
             storage: self.storage.clone(),
             queue: self.queue.clone(),
             state: self.state.clone(),
         };
-        let config = nightshift_finalizer::FinalizerConfig {
-            scheduler_url: self.scheduler_url.clone(),
-            ..Default::default()
-        };
-        self.tasks.push(tokio::spawn(async move {
-            if let Err(e) = nightshift_finalizer::serve(config, ports, listener, async {
-                let _ = rx.await;
-            })
-            .await
-            {
-                panic!("finalizer failed: {e}");
+        match &mut self.backend {
+            Backend::Standalone { running, .. } => running.start_finalizer().await?,
+            Backend::Distributed { stops, tasks, .. } => {
+                let listener = TcpListener::bind("127.0.0.1:0").await?;
+                let (tx, rx) = oneshot::channel::<()>();
+                stops.push(tx);
+                let config = nightshift_finalizer::FinalizerConfig {
+                    scheduler_url,
+                    ..Default::default()
+                };
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = nightshift_finalizer::serve(config, ports, listener, async {
+                        let _ = rx.await;
+                    })
+                    .await
+                    {
+                        panic!("finalizer failed: {e}");
+                    }
+                }));
             }
-        }));
+        }
         Ok(())
     }
 
@@ -379,6 +534,31 @@ impl Stack {
             .await?
             .into_inner();
         Ok((resp.tenant_id, resp.api_key))
+    }
+
+    /// Moves a file's expiry `secs` into the past, straight in the metadata database (time
+    /// travel for expiry tests; no API does it).
+    pub async fn age_file(&self, id: &str, secs: i64) -> anyhow::Result<()> {
+        let changed = match &self.backend {
+            Backend::Distributed { pg, .. } => {
+                sqlx::query("UPDATE files SET expires_at = expires_at - $1 WHERE id = $2")
+                    .bind(secs)
+                    .bind(id)
+                    .execute(pg.pool())
+                    .await?
+                    .rows_affected()
+            }
+            Backend::Standalone { sqlite, .. } => {
+                sqlx::query("UPDATE files SET expires_at = expires_at - ?1 WHERE id = ?2")
+                    .bind(secs)
+                    .bind(id)
+                    .execute(sqlite.pool())
+                    .await?
+                    .rows_affected()
+            }
+        };
+        anyhow::ensure!(changed == 1, "no file {id} with an expiry");
+        Ok(())
     }
 
     /// Like [`Stack::python`], run from `tests/python/<dir>` (scripts that open relative
@@ -418,20 +598,38 @@ impl Stack {
             .collect())
     }
 
-    /// Stops both services and deletes what the test stored.
+    /// Stops every service and deletes what the test stored.
     pub async fn stop(mut self) -> anyhow::Result<()> {
-        for tx in self.stops.drain(..) {
+        match self.backend {
+            Backend::Distributed {
+                pg,
+                rabbit,
+                schema,
+                stops,
+                tasks,
+            } => {
+                for tx in stops {
+                    let _ = tx.send(());
+                }
+                for task in tasks {
+                    task.await?;
+                }
+                self.storage.delete_prefix("").await?;
+                rabbit.delete_all().await?;
+                let drop = format!("DROP SCHEMA IF EXISTS {schema} CASCADE");
+                sqlx::query(sqlx::AssertSqlSafe(drop))
+                    .execute(pg.pool())
+                    .await?;
+            }
+            // The data directory goes with the TempDir.
+            Backend::Standalone { running, .. } => running.stop().await?,
+        }
+        if let Some(tx) = self.sim_stop.take() {
             let _ = tx.send(());
         }
-        for task in self.tasks.drain(..) {
+        if let Some(task) = self.sim_task.take() {
             task.await?;
         }
-        self.storage.delete_prefix("").await?;
-        self.queue.delete_all().await?;
-        let drop = format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema);
-        sqlx::query(sqlx::AssertSqlSafe(drop))
-            .execute(self.metadata.pool())
-            .await?;
         Ok(())
     }
 }

@@ -1,11 +1,12 @@
 //! The configuration chain: defaults → TOML file → `NIGHTSHIFT_<SECTION>__<KEY>` environment
 //! variables. One file configures every service; each service reads its sections.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use nightshift_core::routing::RoutingConfig;
+use nightshift_core::secret::Secret;
 use nightshift_executor::ExecutorConfig;
 use nightshift_finalizer::FinalizerConfig;
 use nightshift_gateway::GatewayConfig;
@@ -37,6 +38,32 @@ pub struct Config {
     /// Which upstream serves which model (the scheduler validates against it; executors call
     /// the upstreams).
     pub routing: RoutingConfig,
+    /// `nightshift standalone` (everything in one process; ignores `storage`, `metadata`,
+    /// `queue` and `state`).
+    pub standalone: StandaloneSection,
+}
+
+/// The settings only `nightshift standalone` reads.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StandaloneSection {
+    /// Objects, metadata and queue live here.
+    pub data_dir: PathBuf,
+    /// The `default` tenant's API key; unset = generated on the first start and kept in
+    /// `<data_dir>/api-key`.
+    pub api_key: Option<Secret>,
+    /// Executors in the process.
+    pub executors: usize,
+}
+
+impl Default for StandaloneSection {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("nightshift-data"),
+            api_key: None,
+            executors: 1,
+        }
+    }
 }
 
 impl Config {

@@ -1,4 +1,4 @@
-//! `nightshift`: runs one service (or, later, all of them) and administers a deployment.
+//! `nightshift`: runs one service, or all of them in one process, and administers a deployment.
 
 mod config;
 mod run;
@@ -34,6 +34,9 @@ enum Command {
     Executor,
     /// Assembles finished batches' output and error files.
     Finalizer,
+    /// Everything in one process, with no infrastructure: files in a directory, SQLite,
+    /// an in-process queue. Serves the same API.
+    Standalone(run::StandaloneArgs),
     /// Administration through the scheduler.
     #[command(subcommand)]
     Admin(run::Admin),
@@ -56,6 +59,7 @@ fn main() -> anyhow::Result<()> {
             Command::Scheduler => run::scheduler(config).await,
             Command::Executor => run::executor(config).await,
             Command::Finalizer => run::finalizer(config).await,
+            Command::Standalone(args) => run::standalone(config, args).await,
             Command::Admin(cmd) => run::admin(config, cmd).await,
         }
     })

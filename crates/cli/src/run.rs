@@ -4,10 +4,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Subcommand;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use nightshift_core::secret::Secret;
+use nightshift_gateway::GatewayConfig;
+use nightshift_inference_sim::SimConfig;
 use nightshift_metadata::PgStore;
 use nightshift_proto::v1::CreateTenantRequest;
 use nightshift_queue::RabbitQueue;
+use nightshift_standalone::{ProgressSettings, Standalone, StandaloneConfig};
 use nightshift_state::RedisState;
 use nightshift_storage::S3Store;
 use tokio::net::TcpListener;
@@ -169,6 +176,113 @@ pub async fn finalizer(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("bind {}", config.finalizer.listen))?;
     nightshift_finalizer::serve(config.finalizer, ports, listener, shutdown_signal()).await?;
     Ok(())
+}
+
+/// `nightshift standalone`'s flags (they win over the `[standalone]` section).
+#[derive(Args)]
+pub struct StandaloneArgs {
+    /// Where files, metadata and the queue live (default `./nightshift-data`).
+    #[arg(long, env = "NIGHTSHIFT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The HTTP API's address (default 127.0.0.1:8080).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// An OpenAI-compatible server that serves every model, e.g. http://127.0.0.1:8000/v1
+    /// (vLLM, SGLang, llama.cpp, Ollama, a hosted API). Without it, `[[routing.upstreams]]`.
+    #[arg(long, conflicts_with = "simulate")]
+    upstream: Option<String>,
+    /// The environment variable holding the upstream's API key, sent as a bearer token.
+    #[arg(long, requires = "upstream")]
+    upstream_api_key_env: Option<String>,
+    /// Serve the built-in inference simulator as the upstream (a first try, no GPU).
+    #[arg(long)]
+    simulate: bool,
+    /// The API key clients use (default: generated once, kept in `<data-dir>/api-key`).
+    #[arg(long, env = "NIGHTSHIFT_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// No progress lines, only warnings and errors.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+pub async fn standalone(config: Config, args: StandaloneArgs) -> anyhow::Result<()> {
+    // A person reads this terminal: pretty warnings only, next to the progress lines.
+    let _telemetry = nightshift_telemetry::init_with(
+        &nightshift_telemetry::TelemetryConfig {
+            log_format: nightshift_telemetry::LogFormat::Pretty,
+            log_filter: "warn".into(),
+        },
+        nightshift_telemetry::OtelSettings::from_env("nightshift-standalone"),
+    );
+    let section = config.standalone;
+    let mut settings = StandaloneConfig::new(args.data_dir.unwrap_or(section.data_dir));
+    settings.gateway = GatewayConfig {
+        listen: args.listen.unwrap_or(config.gateway.listen),
+        ..config.gateway
+    };
+    settings.scheduler = config.scheduler;
+    settings.executor = config.executor;
+    settings.finalizer = config.finalizer;
+    settings.routing = config.routing;
+    settings.executors = section.executors;
+    settings.api_key = args.api_key.map(Secret::new).or(section.api_key);
+    if !args.quiet {
+        settings.progress = Some(ProgressSettings::default());
+    }
+    let upstream = if args.simulate {
+        settings.simulate = Some(simulator_from_env()?);
+        "the built-in simulator (every model)".to_owned()
+    } else if let Some(url) = args.upstream {
+        let line = format!("{url} (every model)");
+        settings = settings.with_upstream(&url, args.upstream_api_key_env);
+        line
+    } else if settings.routing.upstreams.is_empty() {
+        anyhow::bail!(
+            "no upstream: pass --upstream http://HOST:PORT/v1 (any OpenAI-compatible server), \
+             --simulate (the built-in simulator), or configure [[routing.upstreams]]"
+        );
+    } else {
+        settings
+            .routing
+            .upstreams
+            .iter()
+            .map(|u| format!("{} {} ({})", u.name, u.base_url, u.models.join(", ")))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let data_dir = settings.data_dir.clone();
+    let running = Standalone::start(settings)
+        .await
+        .context("nightshift standalone")?;
+    println!(
+        "nightshift {} — standalone, data in {}\n\
+         \n  API      {}\n  API key  {}\n  upstream {upstream}\n  metrics  {}/metrics\n\
+         \n  from openai import OpenAI\n  client = OpenAI(base_url=\"{}\", api_key=\"{}\")\n\
+         \nCtrl-C stops; unfinished batches carry on at the next start on this data directory.\n",
+        env!("CARGO_PKG_VERSION"),
+        data_dir.display(),
+        running.base_url(),
+        running.api_key,
+        running.origin,
+        running.base_url(),
+        running.api_key,
+    );
+    running.run_until(shutdown_signal()).await?;
+    Ok(())
+}
+
+/// The simulator of `--simulate`, tuned by the same `INFERENCE_SIM_*` variables as the
+/// `inference-sim` binary (latency, failure rates...).
+fn simulator_from_env() -> anyhow::Result<SimConfig> {
+    #[derive(clap::Parser)]
+    struct FromEnv {
+        #[command(flatten)]
+        config: SimConfig,
+    }
+    use clap::Parser;
+    Ok(FromEnv::try_parse_from(["simulate"])
+        .context("INFERENCE_SIM_* variables")?
+        .config)
 }
 
 #[derive(Subcommand)]
