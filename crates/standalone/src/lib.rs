@@ -24,6 +24,7 @@
 //! One process owns a data directory at a time: [`Standalone::start`] takes an exclusive lock
 //! on `<data_dir>/lock` (released by the OS when the process dies, even by `kill -9`).
 
+mod observed;
 mod progress;
 
 use std::fs::{File, OpenOptions};
@@ -317,7 +318,14 @@ impl Standalone {
             bootstrap_api_key: Some(Secret::new(api_key.clone())),
             ..config.scheduler.clone()
         };
-        let (routing, sched_ports) = (config.routing.clone(), ports.scheduler());
+        let mut sched_ports = ports.scheduler();
+        let mut created = None;
+        if config.progress.is_some() {
+            let (observed, rx) = observed::Observed::new(sched_ports.metadata.clone());
+            sched_ports.metadata = Arc::new(observed);
+            created = Some(rx);
+        }
+        let routing = config.routing.clone();
         back.insert(
             0,
             Service::spawn("scheduler", |stop| {
@@ -350,12 +358,15 @@ impl Standalone {
         }
 
         if let Some(settings) = config.progress.take() {
-            let progress = Progress::new(
+            let mut progress = Progress::new(
                 settings,
                 ports.metadata.clone(),
                 ports.state.clone(),
                 Box::new(io::stdout()),
             );
+            if let Some(created) = created {
+                progress = progress.follow_created(created);
+            }
             back.insert(
                 0,
                 Service::spawn("progress", |stop| async move {

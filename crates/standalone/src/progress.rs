@@ -4,7 +4,7 @@
 //! It watches the metadata store (the batches in a non-terminal status) and the live counts,
 //! so it shows what the API shows; it never changes anything.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +13,7 @@ use nightshift_core::batch::{BatchRecord, BatchStatus};
 use nightshift_core::ids::BatchId;
 use nightshift_metadata::MetadataStore;
 use nightshift_state::{LiveCounts, LiveState};
+use tokio::sync::mpsc;
 
 /// How often progress looks, and how often it reports throughput.
 #[derive(Debug, Clone)]
@@ -45,6 +46,8 @@ pub struct Progress {
     metadata: Arc<dyn MetadataStore>,
     state: Arc<dyn nightshift_state::LiveState>,
     out: Box<dyn Write + Send>,
+    /// Ids of batches as they are created (see [`crate::observed`]).
+    created: Option<mpsc::UnboundedReceiver<BatchId>>,
     tracker: Tracker,
 }
 
@@ -60,8 +63,16 @@ impl Progress {
             metadata,
             state,
             out,
+            created: None,
             tracker: Tracker::default(),
         }
+    }
+
+    /// Also follows the batches announced on `created`, so one that starts and ends between
+    /// two looks still gets its line.
+    pub(crate) fn follow_created(mut self, created: mpsc::UnboundedReceiver<BatchId>) -> Self {
+        self.created = Some(created);
+        self
     }
 
     /// Reports until `stop` resolves.
@@ -95,6 +106,11 @@ impl Progress {
 
     async fn look(&mut self, throughput: bool) -> Result<Vec<String>, String> {
         let now = nightshift_core::time::now_unix();
+        if let Some(created) = &mut self.created {
+            while let Ok(id) = created.try_recv() {
+                self.tracker.pending.insert(id);
+            }
+        }
         let active = self
             .metadata
             .batches_with_status(&ACTIVE)
@@ -132,6 +148,8 @@ struct Seen {
 #[derive(Debug, Default)]
 struct Tracker {
     seen: BTreeMap<BatchId, Seen>,
+    /// Batches announced as created and not seen yet.
+    pending: BTreeSet<BatchId>,
     /// `(unix seconds, requests finished)` of the last throughput line.
     last: Option<(i64, u64)>,
     /// Requests finished by batches that ended since the last throughput line.
@@ -139,10 +157,11 @@ struct Tracker {
 }
 
 impl Tracker {
-    /// Batches seen running that are no longer in `active`.
+    /// Batches seen running, or announced, that are not in `active`.
     fn gone(&self, active: &[BatchRecord]) -> Vec<BatchId> {
         self.seen
             .keys()
+            .chain(&self.pending)
             .filter(|id| !active.iter().any(|b| &b.id == *id))
             .cloned()
             .collect()
@@ -156,15 +175,20 @@ impl Tracker {
         ended: &[BatchRecord],
     ) -> Vec<String> {
         let mut lines = Vec::new();
-        for batch in ended {
-            if let Some(seen) = self.seen.remove(&batch.id) {
-                let counts = batch.request_counts;
-                self.ended_finished +=
-                    (counts.completed + counts.failed).saturating_sub(seen.finished);
-                lines.push(line(now, batch, &ending(batch)));
-            }
+        // A "gone" batch read back still running changed status between the two reads: the
+        // next look sees it among the active ones.
+        for batch in ended.iter().filter(|b| b.status.is_terminal()) {
+            let already = match self.seen.remove(&batch.id) {
+                Some(seen) => seen.finished,
+                None if self.pending.remove(&batch.id) => 0,
+                None => continue,
+            };
+            let counts = batch.request_counts;
+            self.ended_finished += (counts.completed + counts.failed).saturating_sub(already);
+            lines.push(line(now, batch, &ending(batch)));
         }
         for (i, batch) in active.iter().enumerate() {
+            self.pending.remove(&batch.id);
             let counts = live.get(i).copied().unwrap_or_default();
             let previous = self.seen.insert(
                 batch.id.clone(),
@@ -475,6 +499,28 @@ mod tests {
         a_done.status = BatchStatus::Completed;
         t.observe(20, &[], &[], &[a_done]);
         assert_eq!(t.throughput(20), None);
+    }
+
+    #[test]
+    fn a_batch_announced_and_ended_between_two_looks_still_gets_its_line() {
+        let mut t = Tracker::default();
+        let id = BatchId::parse("batch_dddddddddddddddddddddddd").unwrap();
+        t.pending.insert(id.clone());
+        assert_eq!(t.gone(&[]), vec![id.clone()]);
+        // read back still validating (it changed between the two reads): wait
+        let mut b = batch(id.as_str(), BatchStatus::Validating, 0);
+        assert!(t.observe(0, &[], &[], std::slice::from_ref(&b)).is_empty());
+        b.status = BatchStatus::Completed;
+        b.request_counts.completed = 2;
+        b.request_counts.total = 2;
+        let lines = t.observe(1, &[], &[], &[b]);
+        assert_eq!(lines.len(), 1);
+        assert!(
+            lines[0].contains("completed   2 succeeded, 0 failed of 2"),
+            "{}",
+            lines[0]
+        );
+        assert!(t.gone(&[]).is_empty());
     }
 
     #[test]
