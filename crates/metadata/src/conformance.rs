@@ -762,3 +762,44 @@ async fn stalled_finalizations_are_claimed_once_per_period(store: &dyn MetadataS
         0
     );
 }
+
+/// Declares the suite in an adapter's integration tests: one `#[tokio::test]` per check of
+/// [`CHECKS`], each calling `$run(name)` — an `async fn(&str)` of the test file that builds a
+/// fresh adapter and runs the named check — and a test that fails when a check of [`CHECKS`]
+/// is not declared here.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($run:path) => {
+        $crate::conformance_tests!(@declare $run;
+            tenants_and_keys,
+            files_are_scoped_to_their_tenant,
+            list_pages_and_cursors,
+            expiry_delete_and_sweep,
+            ping,
+            batch_validation_and_cancel,
+            batch_list_pages,
+            a_batch_finished_after_its_deadline_expires,
+            batch_keeps_its_trace_context,
+            stalled_finalizations_are_claimed_once_per_period,
+        );
+    };
+    (@declare $run:path; $($name:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                $run(stringify!($name)).await
+            }
+        )+
+
+        #[test]
+        fn every_check_is_run() {
+            let declared = [$(stringify!($name)),+];
+            for (name, _) in $crate::conformance::CHECKS {
+                assert!(
+                    declared.contains(name),
+                    "conformance check {name} is missing from conformance_tests!"
+                );
+            }
+        }
+    };
+}

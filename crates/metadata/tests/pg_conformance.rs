@@ -21,29 +21,4 @@ async fn run(name: &str) {
     check(&store).await;
 }
 
-macro_rules! checks {
-    ($($name:ident),* $(,)?) => {
-        $( #[tokio::test] async fn $name() { run(stringify!($name)).await } )*
-
-        #[test]
-        fn every_check_is_run() {
-            let ran = [$(stringify!($name)),*];
-            for (name, _) in CHECKS {
-                assert!(ran.contains(name), "conformance check {name} is not run against postgres");
-            }
-        }
-    };
-}
-
-checks!(
-    tenants_and_keys,
-    files_are_scoped_to_their_tenant,
-    list_pages_and_cursors,
-    expiry_delete_and_sweep,
-    ping,
-    batch_validation_and_cancel,
-    batch_list_pages,
-    a_batch_finished_after_its_deadline_expires,
-    batch_keeps_its_trace_context,
-    stalled_finalizations_are_claimed_once_per_period,
-);
+nightshift_metadata::conformance_tests!(run);

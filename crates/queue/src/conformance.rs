@@ -403,3 +403,46 @@ async fn ping(queue: &dyn WorkQueue) {
     queue.ping().await.expect("ping");
     queue.ping().await.expect("ping again");
 }
+
+/// Declares the suite in an adapter's integration tests: one `#[tokio::test]` per check of
+/// [`CHECKS`], each calling `$run(name)` — an `async fn(&str)` of the test file that builds a
+/// fresh adapter and runs the named check — and a test that fails when a check of [`CHECKS`]
+/// is not declared here.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($run:path) => {
+        $crate::conformance_tests!(@declare $run;
+            round_trip_with_headers,
+            nothing_is_lost,
+            dropped_consumer_redelivers,
+            dropped_delivery_is_requeued,
+            requeue_redelivers,
+            dead_letter_is_not_redelivered,
+            delivery_limit_dead_letters,
+            prefetch_bounds_unsettled,
+            depth_counts_ready_messages,
+            queues_are_independent,
+            invalid_arguments,
+            ping,
+        );
+    };
+    (@declare $run:path; $($name:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                $run(stringify!($name)).await
+            }
+        )+
+
+        #[test]
+        fn every_check_is_run() {
+            let declared = [$(stringify!($name)),+];
+            for (name, _) in $crate::conformance::CHECKS {
+                assert!(
+                    declared.contains(name),
+                    "conformance check {name} is missing from conformance_tests!"
+                );
+            }
+        }
+    };
+}

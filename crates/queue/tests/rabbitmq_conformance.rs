@@ -40,31 +40,4 @@ async fn run(name: &str) {
     queue.close().await.expect("close");
 }
 
-macro_rules! checks {
-    ($($name:ident),* $(,)?) => {
-        $( #[tokio::test] async fn $name() { run(stringify!($name)).await } )*
-
-        #[test]
-        fn every_check_is_run() {
-            let ran = [$(stringify!($name)),*];
-            for (name, _) in CHECKS {
-                assert!(ran.contains(name), "conformance check {name} is not run against RabbitMQ");
-            }
-        }
-    };
-}
-
-checks!(
-    round_trip_with_headers,
-    nothing_is_lost,
-    dropped_consumer_redelivers,
-    dropped_delivery_is_requeued,
-    requeue_redelivers,
-    dead_letter_is_not_redelivered,
-    delivery_limit_dead_letters,
-    prefetch_bounds_unsettled,
-    depth_counts_ready_messages,
-    queues_are_independent,
-    invalid_arguments,
-    ping,
-);
+nightshift_queue::conformance_tests!(run);

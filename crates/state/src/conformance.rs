@@ -484,3 +484,47 @@ async fn large_calls_and_high_lines(state: Arc<dyn LiveState>) {
 async fn ping(state: Arc<dyn LiveState>) {
     state.ping().await.expect("ping");
 }
+
+/// Declares the suite in an adapter's integration tests: one `#[tokio::test]` per check of
+/// [`CHECKS`], each calling `$run(name)` — an `async fn(&str)` of the test file that builds a
+/// fresh adapter and runs the named check — and a test that fails when a check of [`CHECKS`]
+/// is not declared here.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($run:path) => {
+        $crate::conformance_tests!(@declare $run;
+            record_then_counts,
+            duplicates_within_one_call,
+            duplicates_across_calls,
+            concurrent_records_count_once,
+            usage_sums_every_field,
+            unknown_batch_is_empty,
+            counts_many_keeps_order,
+            cancel_flag,
+            clear_removes_everything,
+            batches_are_independent,
+            invalid_input_is_refused_whole,
+            large_calls_and_high_lines,
+            ping,
+        );
+    };
+    (@declare $run:path; $($name:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                $run(stringify!($name)).await
+            }
+        )+
+
+        #[test]
+        fn every_check_is_run() {
+            let declared = [$(stringify!($name)),+];
+            for (name, _) in $crate::conformance::CHECKS {
+                assert!(
+                    declared.contains(name),
+                    "conformance check {name} is missing from conformance_tests!"
+                );
+            }
+        }
+    };
+}

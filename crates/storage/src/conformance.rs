@@ -254,3 +254,43 @@ async fn list_and_delete_prefix(store: &dyn ObjectStore) {
 async fn ping(store: &dyn ObjectStore) {
     store.ping().await.expect("ping");
 }
+
+/// Declares the suite in an adapter's integration tests: one `#[tokio::test]` per check of
+/// [`CHECKS`], each calling `$run(name)` — an `async fn(&str)` of the test file that builds a
+/// fresh adapter and runs the named check — and a test that fails when a check of [`CHECKS`]
+/// is not declared here.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($run:path) => {
+        $crate::conformance_tests!(@declare $run;
+            put_get_head_delete,
+            ranges,
+            missing_objects,
+            streamed_upload_small,
+            streamed_upload_multipart,
+            aborted_upload_leaves_nothing,
+            overwrite_replaces,
+            list_and_delete_prefix,
+            ping,
+        );
+    };
+    (@declare $run:path; $($name:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                $run(stringify!($name)).await
+            }
+        )+
+
+        #[test]
+        fn every_check_is_run() {
+            let declared = [$(stringify!($name)),+];
+            for (name, _) in $crate::conformance::CHECKS {
+                assert!(
+                    declared.contains(name),
+                    "conformance check {name} is missing from conformance_tests!"
+                );
+            }
+        }
+    };
+}

@@ -35,28 +35,4 @@ async fn run(name: &str) {
     store.delete_prefix("").await.expect("cleanup");
 }
 
-macro_rules! checks {
-    ($($name:ident),* $(,)?) => {
-        $( #[tokio::test] async fn $name() { run(stringify!($name)).await } )*
-
-        #[test]
-        fn every_check_is_run() {
-            let ran = [$(stringify!($name)),*];
-            for (name, _) in CHECKS {
-                assert!(ran.contains(name), "conformance check {name} is not run against S3");
-            }
-        }
-    };
-}
-
-checks!(
-    put_get_head_delete,
-    ranges,
-    missing_objects,
-    streamed_upload_small,
-    streamed_upload_multipart,
-    aborted_upload_leaves_nothing,
-    overwrite_replaces,
-    list_and_delete_prefix,
-    ping,
-);
+nightshift_storage::conformance_tests!(run);
