@@ -23,7 +23,7 @@ use nightshift_core::secret::Secret;
 use nightshift_executor::ExecutorConfig;
 use nightshift_gateway::GatewayConfig;
 use nightshift_inference_sim::SimConfig;
-use nightshift_metadata::{MetadataStore, PgConfig, PgStore, SqliteStore};
+use nightshift_metadata::{MetadataStore, PgConfig, PgStore};
 use nightshift_proto::v1::CreateTenantRequest;
 use nightshift_queue::{QueueConfig, RabbitQueue, WorkQueue};
 use nightshift_scheduler::batches::BatchSettings;
@@ -182,7 +182,6 @@ enum Backend {
     },
     Standalone {
         running: Box<Standalone>,
-        sqlite: Arc<SqliteStore>,
         _data_dir: tempfile::TempDir,
     },
 }
@@ -267,12 +266,16 @@ impl Stack {
             }],
         });
         let mut stack = match opts.deployment {
-            Deployment::Distributed => Self::distributed(&opts, routing, sim_origin).await?,
+            Deployment::Distributed => {
+                let stack = Self::distributed(&opts, routing, sim_origin).await?;
+                stack.wait_ready().await?;
+                stack
+            }
+            // `Standalone::start` returns once its scheduler answers.
             Deployment::Standalone => Self::standalone(&opts, routing, sim_origin).await?,
         };
         stack.sim_stop = Some(sim_stop);
         stack.sim_task = Some(sim_task);
-        stack.wait_ready().await?;
         Ok(stack)
     }
 
@@ -311,7 +314,6 @@ impl Stack {
             prefix: format!("e2e/{}", uuid::Uuid::new_v4()),
             backend: Backend::Standalone {
                 running: Box::new(running),
-                sqlite: ports.metadata.clone(),
                 _data_dir: data_dir,
             },
             sim_stop: None,
@@ -548,11 +550,11 @@ impl Stack {
                     .await?
                     .rows_affected()
             }
-            Backend::Standalone { sqlite, .. } => {
+            Backend::Standalone { running, .. } => {
                 sqlx::query("UPDATE files SET expires_at = expires_at - ?1 WHERE id = ?2")
                     .bind(secs)
                     .bind(id)
-                    .execute(sqlite.pool())
+                    .execute(running.ports.metadata.pool())
                     .await?
                     .rows_affected()
             }
