@@ -43,6 +43,9 @@ pub const CHECKS: &[Check] = &[
     ("prefetch_bounds_unsettled", |q| {
         Box::pin(prefetch_bounds_unsettled(q))
     }),
+    ("cancel_stops_deliveries", |q| {
+        Box::pin(cancel_stops_deliveries(q))
+    }),
     ("depth_counts_ready_messages", |q| {
         Box::pin(depth_counts_ready_messages(q))
     }),
@@ -399,6 +402,47 @@ async fn invalid_arguments(queue: &dyn WorkQueue) {
     depth_is(queue, kind, 0).await;
 }
 
+/// A cancelled consumer gets nothing new: what was already on its way still comes, then it
+/// ends; the deliveries in hand can still be settled; the messages it never got are delivered
+/// to the next consumer as first deliveries.
+async fn cancel_stops_deliveries(queue: &dyn WorkQueue) {
+    let kind = QueueKind::ChunkTasks;
+    for payload in ["c1", "c2", "c3"] {
+        publish(queue, kind, payload).await;
+    }
+    let mut consumer = consume(queue, kind, 2).await;
+    let mut in_hand = vec![next(consumer.as_mut()).await];
+    consumer.cancel().await.expect("cancel");
+    loop {
+        match tokio::time::timeout(WAIT, consumer.next()).await {
+            Ok(Some(Ok(delivery))) => in_hand.push(delivery),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => panic!("cancelled consumer failed: {e}"),
+            Err(_) => panic!("the cancelled consumer did not end within {WAIT:?}"),
+        }
+    }
+    assert!(in_hand.len() <= 2, "more than prefetch: {in_hand:?}");
+    let taken: BTreeSet<String> = in_hand.iter().map(payload_of).collect();
+    for delivery in in_hand {
+        ack(delivery).await;
+    }
+    drop(consumer);
+    let mut other = consume(queue, kind, 10).await;
+    let mut rest = BTreeSet::new();
+    while taken.len() + rest.len() < 3 {
+        let delivery = next(other.as_mut()).await;
+        assert_eq!(
+            (delivery.delivery_count, delivery.redelivered),
+            (0, false),
+            "a message the cancelled consumer never got: {delivery:?}"
+        );
+        rest.insert(payload_of(&delivery));
+        ack(delivery).await;
+    }
+    assert!(taken.is_disjoint(&rest), "{taken:?} and {rest:?}");
+    assert_quiet(other.as_mut(), "every message was acked").await;
+}
+
 async fn ping(queue: &dyn WorkQueue) {
     queue.ping().await.expect("ping");
     queue.ping().await.expect("ping again");
@@ -420,6 +464,7 @@ macro_rules! conformance_tests {
             dead_letter_is_not_redelivered,
             delivery_limit_dead_letters,
             prefetch_bounds_unsettled,
+            cancel_stops_deliveries,
             depth_counts_ready_messages,
             queues_are_independent,
             invalid_arguments,

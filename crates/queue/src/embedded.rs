@@ -786,7 +786,7 @@ struct EmbeddedConsumer {
     /// until settled.
     prefetch: Arc<Semaphore>,
     held: Arc<Held>,
-    /// The queue closed or failed: `next` returns `None`.
+    /// The queue closed or failed, or the consumer was cancelled: `next` returns `None`.
     ended: bool,
 }
 
@@ -818,6 +818,12 @@ impl Consumer for EmbeddedConsumer {
                 () = tokio::time::sleep(RECHECK) => {}
             }
         }
+    }
+
+    async fn cancel(&mut self) -> Result<()> {
+        // Messages are claimed only by `next`: nothing is on its way.
+        self.ended = true;
+        Ok(())
     }
 }
 

@@ -26,19 +26,31 @@
 //!   delivered by consumers of that kind. Order within a kind is roughly FIFO, but redeliveries
 //!   and several consumers reorder messages: never rely on order.
 //! - **Bounded in flight.** A consumer holds at most `prefetch` unsettled deliveries.
+//!
+//! Services do not drive a [`Consumer`] themselves: [`run_worker`] (module [`worker`]) consumes,
+//! runs their [`Handler`] and settles each delivery by the [`Disposition`] it returns —
+//! reconnecting, holding deliveries through dependency outages without counting them, and
+//! draining on shutdown.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
-use async_trait::async_trait;
 use bytes::Bytes;
 
 pub mod conformance;
 mod embedded;
+pub mod metrics;
 mod rabbit;
+pub mod worker;
 
+/// The attribute a [`Handler`] implementation needs (re-exported so its users need no other
+/// crate).
+pub use async_trait::async_trait;
 pub use embedded::{EmbeddedQueue, EmbeddedQueueConfig};
 pub use rabbit::{QueueConfig, RabbitQueue};
+/// The shutdown signal [`run_worker`] takes (re-exported so its users need no other crate).
+pub use tokio_util::sync::CancellationToken;
+pub use worker::{Disposition, Handler, Job, WorkerConfig, run_worker};
 
 /// The queues nightshift uses. Each kind has its own queue and its own dead-letter queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -153,6 +165,14 @@ pub trait WorkQueue: Send + Sync + fmt::Debug + 'static {
     /// it (see the crate docs): a message is delivered at most `delivery_limit() + 1` times.
     fn delivery_limit(&self) -> u32;
 
+    /// How long the broker lets a delivery stay unsettled before it takes it back from its
+    /// consumer (closing the consumer, which redelivers all its deliveries): RabbitMQ's
+    /// `consumer_timeout`, as configured in [`QueueConfig::consumer_timeout`]. `None`: no such
+    /// limit (the embedded queue). Work held for one delivery must stay well under it.
+    fn consumer_timeout(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     /// Whether the queue answers (readiness). Never hangs past the adapter's timeouts.
     async fn ping(&self) -> Result<()>;
 }
@@ -162,8 +182,9 @@ pub trait WorkQueue: Send + Sync + fmt::Debug + 'static {
 /// Dropping a consumer stops its deliveries and returns every delivery it handed out and that
 /// is still unsettled to the queue: settling them afterwards is unreliable (it may fail with
 /// [`QueueError::DeliveryLost`]; the message is delivered again either way). So a graceful
-/// shutdown stops calling [`next`](Consumer::next), settles the deliveries in hand (ack the
-/// finished, requeue the abandoned), and only then drops the consumer.
+/// shutdown [`cancel`](Consumer::cancel)s the consumer, takes what [`next`](Consumer::next)
+/// still returns, settles the deliveries in hand (ack the finished, requeue or re-publish the
+/// abandoned), and only then drops the consumer.
 #[async_trait]
 pub trait Consumer: Send {
     /// The next delivery. Waits while the consumer holds `prefetch` unsettled deliveries or the
@@ -173,6 +194,17 @@ pub trait Consumer: Send {
     /// followed by `None`. `None` means the consumer has ended for good: start a new one with
     /// [`WorkQueue::consume`] (its unsettled deliveries are delivered again).
     async fn next(&mut self) -> Option<Result<Delivery>>;
+
+    /// Stops deliveries: the queue hands this consumer nothing new. The deliveries it already
+    /// handed out stay settleable, and those already on their way (RabbitMQ pushes up to
+    /// `prefetch` ahead) are still returned by [`next`](Self::next), at once, before it
+    /// returns `None`. Without it, a delivery pushed ahead but never taken returns to its
+    /// queue when the consumer is dropped, which counts toward its delivery limit.
+    ///
+    /// `Err` means the consumer is broken anyway (its deliveries return to the queue).
+    async fn cancel(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// How a delivery is settled.

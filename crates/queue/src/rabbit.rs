@@ -35,8 +35,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -86,6 +87,14 @@ pub struct QueueConfig {
     /// [`QueueError::Unavailable`] (e.g. while a memory or disk alarm blocks publishers).
     #[serde(with = "humantime_serde")]
     pub operation_timeout: Duration,
+    /// The broker's `consumer_timeout`: how long it lets a delivery stay unacked before it
+    /// closes the consumer's channel and redelivers everything that channel held. This is the
+    /// broker's setting, not ours — **it must match the broker's** (`consumer_timeout` in
+    /// `rabbitmq.conf`; RabbitMQ 3.10 only has this global setting, default 30 minutes).
+    /// nightshift keeps the work done for one delivery well under it: see
+    /// [`max_hold`](Self::max_hold) and the executor's chunk time budget. Default 30 min.
+    #[serde(with = "humantime_serde")]
+    pub consumer_timeout: Duration,
 }
 
 impl Default for QueueConfig {
@@ -96,6 +105,7 @@ impl Default for QueueConfig {
             delivery_limit: 5,
             connect_timeout: Duration::from_secs(10),
             operation_timeout: Duration::from_secs(30),
+            consumer_timeout: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -109,6 +119,13 @@ impl QueueConfig {
     /// The dead-letter queue of `kind`: `{prefix}.{kind}.dead`.
     pub fn dead_letter_queue_name(&self, kind: QueueKind) -> String {
         format!("{}.{kind}.dead", self.prefix)
+    }
+
+    /// How long a queue worker may hold a delivery through a dependency outage before it
+    /// re-publishes it: a quarter of [`consumer_timeout`](Self::consumer_timeout), at most
+    /// 5 minutes ([`crate::worker::max_hold_for`]).
+    pub fn max_hold(&self) -> Duration {
+        crate::worker::max_hold_for(Some(self.consumer_timeout))
     }
 
     /// Checks every field (the URL only syntactically).
@@ -140,9 +157,14 @@ impl QueueConfig {
                     .into(),
             ));
         }
-        if self.connect_timeout.is_zero() || self.operation_timeout.is_zero() {
+        if self.connect_timeout.is_zero()
+            || self.operation_timeout.is_zero()
+            || self.consumer_timeout.is_zero()
+        {
             return Err(QueueError::Config(
-                "queue.connect_timeout and queue.operation_timeout must be positive".into(),
+                "queue.connect_timeout, queue.operation_timeout and queue.consumer_timeout \
+                 must be positive"
+                    .into(),
             ));
         }
         Ok(())
@@ -171,6 +193,7 @@ struct Settings {
     delivery_limit: u32,
     connect_timeout: Duration,
     operation_timeout: Duration,
+    consumer_timeout: Duration,
     /// Queue names, indexed like [`QueueKind::ALL`].
     names: [Names; 3],
 }
@@ -264,6 +287,7 @@ impl RabbitQueue {
             delivery_limit: config.delivery_limit,
             connect_timeout: config.connect_timeout,
             operation_timeout: config.operation_timeout,
+            consumer_timeout: config.consumer_timeout,
             names,
         });
         let link = establish(&settings).await?;
@@ -631,6 +655,7 @@ impl WorkQueue for RabbitQueue {
         Ok(Box::new(RabbitConsumer {
             kind,
             inner,
+            channel,
             operation_timeout: settings.operation_timeout,
         }))
     }
@@ -645,6 +670,10 @@ impl WorkQueue for RabbitQueue {
 
     fn delivery_limit(&self) -> u32 {
         self.settings.delivery_limit
+    }
+
+    fn consumer_timeout(&self) -> Option<Duration> {
+        Some(self.settings.consumer_timeout)
     }
 
     async fn ping(&self) -> Result<()> {
@@ -670,6 +699,8 @@ struct RabbitConsumer {
     kind: QueueKind,
     /// Holds the channel open (lapin's consumer owns a handle to it).
     inner: lapin::Consumer,
+    /// The consumer's channel, to cancel the consumer (`basic.cancel`) without closing it.
+    channel: Channel,
     operation_timeout: Duration,
 }
 
@@ -696,6 +727,28 @@ impl Consumer for RabbitConsumer {
                 timeout: self.operation_timeout,
             }),
         )))
+    }
+
+    async fn cancel(&mut self) -> Result<()> {
+        // The broker answers `cancel-ok` after every delivery it sent before: once it is
+        // here, what is left is in lapin's buffer, and the stream ends after it.
+        let cancelled = tokio::time::timeout(
+            self.operation_timeout,
+            self.channel
+                .basic_cancel(self.inner.tag(), BasicCancelOptions::default()),
+        )
+        .await;
+        match cancelled {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(QueueError::Unavailable(format!(
+                "cancel the consumer of {}: {e}",
+                self.kind
+            ))),
+            Err(_) => Err(QueueError::Unavailable(format!(
+                "cancel the consumer of {}: no answer within {:?}",
+                self.kind, self.operation_timeout
+            ))),
+        }
     }
 }
 
@@ -774,6 +827,8 @@ mod tests {
         assert_eq!(config.prefix, "nightshift");
         assert_eq!(config.delivery_limit, 5);
         assert_eq!(config.connect_timeout, Duration::from_secs(10));
+        assert_eq!(config.consumer_timeout, Duration::from_secs(30 * 60));
+        assert_eq!(config.max_hold(), Duration::from_secs(5 * 60));
         config.validate().unwrap();
         assert_eq!(
             config.queue_name(QueueKind::ChunkTasks),
@@ -789,9 +844,12 @@ mod tests {
     fn config_parses_durations_and_hides_the_url() {
         let config: QueueConfig = serde_json::from_str(
             r#"{"url": "amqp://u:hunter2@mq:5672/%2f", "connect_timeout": "3s",
-                "operation_timeout": "1m 30s", "delivery_limit": 2}"#,
+                "operation_timeout": "1m 30s", "delivery_limit": 2,
+                "consumer_timeout": "1m"}"#,
         )
         .unwrap();
+        assert_eq!(config.consumer_timeout, Duration::from_secs(60));
+        assert_eq!(config.max_hold(), Duration::from_secs(15));
         assert_eq!(config.connect_timeout, Duration::from_secs(3));
         assert_eq!(config.operation_timeout, Duration::from_secs(90));
         assert!(!format!("{config:?}").contains("hunter2"));
@@ -829,6 +887,10 @@ mod tests {
             },
             QueueConfig {
                 operation_timeout: Duration::ZERO,
+                ..ok.clone()
+            },
+            QueueConfig {
+                consumer_timeout: Duration::ZERO,
                 ..ok.clone()
             },
         ];

@@ -30,6 +30,7 @@ fn config(url: &str) -> QueueConfig {
         delivery_limit: 3,
         connect_timeout: Duration::from_secs(3),
         operation_timeout: Duration::from_secs(3),
+        ..QueueConfig::default()
     }
 }
 

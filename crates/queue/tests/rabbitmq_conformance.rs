@@ -19,6 +19,7 @@ fn config() -> QueueConfig {
         delivery_limit: 3,
         connect_timeout: Duration::from_secs(10),
         operation_timeout: Duration::from_secs(10),
+        ..QueueConfig::default()
     }
 }
 
