@@ -14,7 +14,8 @@ use nightshift_core::chunking::ChunkSpan;
 use nightshift_core::validation::BatchError;
 
 use crate::{
-    CancelOutcome, Ending, FileQuery, MetadataError, MetadataStore, Tenant, ValidationOutcome,
+    CancelOutcome, Ending, FileQuery, LeasePolicy, MetadataError, MetadataStore, Tenant,
+    ValidationOutcome,
 };
 
 /// A named check.
@@ -45,6 +46,30 @@ pub const CHECKS: &[Check] = &[
     }),
     ("stalled_finalizations_are_claimed_once_per_period", |s| {
         Box::pin(stalled_finalizations_are_claimed_once_per_period(s))
+    }),
+    ("chunks_are_claimed_with_a_lease", |s| {
+        Box::pin(chunks_are_claimed_with_a_lease(s))
+    }),
+    ("the_lease_sweep_redrives_gives_up_and_waits", |s| {
+        Box::pin(the_lease_sweep_redrives_gives_up_and_waits(s))
+    }),
+    ("failed_chunks_end_their_batch_with_their_failure", |s| {
+        Box::pin(failed_chunks_end_their_batch_with_their_failure(s))
+    }),
+    ("endings_are_bounded_by_leases_and_grace", |s| {
+        Box::pin(endings_are_bounded_by_leases_and_grace(s))
+    }),
+    ("validating_batches_expire_at_their_deadline", |s| {
+        Box::pin(validating_batches_expire_at_their_deadline(s))
+    }),
+    ("inputs_outlive_their_batches", |s| {
+        Box::pin(inputs_outlive_their_batches(s))
+    }),
+    ("one_finalizer_holds_the_lease", |s| {
+        Box::pin(one_finalizer_holds_the_lease(s))
+    }),
+    ("a_cancel_while_finalizing_keeps_the_ending", |s| {
+        Box::pin(a_cancel_while_finalizing_keeps_the_ending(s))
     }),
 ];
 
@@ -661,14 +686,14 @@ async fn a_batch_finished_after_its_deadline_expires(store: &dyn MetadataStore) 
             .expect("finish")
             .expect("moved");
         store
-            .claim_next_chunk(&b.id)
+            .claim_next_chunk(&b.id, NOW + 1, 120)
             .await
             .expect("claim")
             .expect("a chunk");
         assert!(store.complete_chunk(&b.id, 0).await.expect("complete"));
         let now = if late { b.expires_at } else { b.expires_at - 1 };
         let finalizing = store
-            .request_finalize(&b.id, now)
+            .request_finalize(&b.id, now, 60)
             .await
             .expect("request")
             .expect("ready to finalize");
@@ -693,7 +718,7 @@ async fn stalled_finalizations_are_claimed_once_per_period(store: &dyn MetadataS
         .expect("exists");
     assert!(
         store
-            .request_finalize(&b.id, NOW)
+            .request_finalize(&b.id, NOW, 60)
             .await
             .expect("request")
             .is_some()
@@ -763,6 +788,762 @@ async fn stalled_finalizations_are_claimed_once_per_period(store: &dyn MetadataS
     );
 }
 
+// Lease checks sweep and expire across the whole database (other checks' rows included), so
+// each works in a time window of its own, far from the others': a sweep at a window's `now`
+// sees the other windows' batches either past their deadline (earlier windows: left alone)
+// or with leases still live (later windows).
+const WINDOW: i64 = 10_000_000;
+/// Deadline of a window's batches: its `t0` + this (well inside the window).
+const WINDOW_DEADLINE: i64 = 100_000;
+
+/// An `in_progress` batch created at `t0` with its deadline at `t0 + WINDOW_DEADLINE`, cut into
+/// `n` one-line chunks.
+async fn running_batch(
+    store: &dyn MetadataStore,
+    tenant: &TenantId,
+    t0: i64,
+    n: u32,
+) -> BatchRecord {
+    let b = BatchRecord {
+        expires_at: t0 + WINDOW_DEADLINE,
+        ..batch(tenant, t0 * 1_000_000)
+    };
+    store.insert_batch(&b).await.expect("insert");
+    let chunks = (0..n)
+        .map(|i| ChunkSpan {
+            index: i,
+            byte_start: u64::from(i) * 10,
+            byte_end: u64::from(i) * 10 + 10,
+            first_line: u64::from(i) + 1,
+            line_count: 1,
+        })
+        .collect();
+    let ready = ValidationOutcome::Ready {
+        model: "m".into(),
+        total: u64::from(n),
+        chunks,
+    };
+    store
+        .finish_validation(&b.id, &ready, t0)
+        .await
+        .expect("finish")
+        .expect("moved")
+}
+
+async fn claim(
+    store: &dyn MetadataStore,
+    b: &BatchRecord,
+    now: i64,
+    lease: i64,
+) -> crate::LeasedChunk {
+    store
+        .claim_next_chunk(&b.id, now, lease)
+        .await
+        .expect("claim")
+        .expect("a pending chunk")
+}
+
+fn commit_of(b: &BatchRecord) -> crate::BatchCommit {
+    crate::BatchCommit {
+        batch: b.id.clone(),
+        output_file: None,
+        error_file: None,
+        completed: 0,
+        failed: 0,
+        usage: Default::default(),
+    }
+}
+
+/// Claims count attempts and lease the chunk; a release gives the attempt back; heartbeats
+/// renew dispatched chunks only; a restart's extension never shortens a lease.
+async fn chunks_are_claimed_with_a_lease(store: &dyn MetadataStore) {
+    let t0 = NOW + WINDOW;
+    let t = new_tenant(store).await;
+    let b = running_batch(store, &t.id, t0, 2).await;
+    let first = claim(store, &b, t0 + 1, 30).await;
+    assert_eq!(
+        (first.batch.clone(), first.span.index, first.attempt),
+        (b.id.clone(), 0, 1)
+    );
+    // a release (the publish failed) gives the chunk and its attempt back
+    store.release_chunk(&b.id, 0).await.expect("release");
+    let again = claim(store, &b, t0 + 2, 30).await;
+    assert_eq!((again.span.index, again.attempt), (0, 1));
+    let second = claim(store, &b, t0 + 2, 30).await;
+    assert_eq!((second.span.index, second.attempt), (1, 1));
+    assert!(
+        store
+            .claim_next_chunk(&b.id, t0 + 2, 30)
+            .await
+            .expect("claim")
+            .is_none()
+    );
+    let dispatched = store.dispatched_chunks(&b.id).await.expect("dispatched");
+    assert_eq!(dispatched, vec![again.clone(), second.clone()]);
+    // heartbeats renew a dispatched chunk, not a done one
+    assert!(
+        store
+            .renew_chunk_lease(&b.id, 0, t0 + 10, 30)
+            .await
+            .expect("renew")
+    );
+    assert!(store.complete_chunk(&b.id, 1).await.expect("complete"));
+    assert!(
+        !store
+            .renew_chunk_lease(&b.id, 1, t0 + 10, 30)
+            .await
+            .expect("renew done")
+    );
+    assert!(
+        !store
+            .extend_chunk_lease(&b.id, 1, t0 + 99)
+            .await
+            .expect("extend done")
+    );
+    assert!(
+        store
+            .extend_chunk_lease(&b.id, 0, t0 + 20)
+            .await
+            .expect("extend")
+    );
+    // the lease (t0 + 40 after the heartbeat) was not shortened to t0 + 20: a sweep at t0 + 30
+    // leaves the chunk alone
+    let policy = LeasePolicy {
+        lease_secs: 30,
+        max_attempts: 1,
+        tasks_waiting: false,
+    };
+    let sweep = store
+        .sweep_chunk_leases(t0 + 30, &policy)
+        .await
+        .expect("sweep");
+    assert!(
+        !sweep
+            .failed
+            .iter()
+            .chain(&sweep.redrive)
+            .any(|c| c.batch == b.id),
+        "{sweep:?}"
+    );
+    let candidates = store.dispatch_candidates().await.expect("candidates");
+    let c = candidates
+        .iter()
+        .find(|c| c.batch.id == b.id)
+        .expect("candidate");
+    assert_eq!((c.in_flight, c.pending), (1, 0));
+    // no chunk is handed out past the deadline
+    let late = running_batch(store, &t.id, t0 + 3, 1).await;
+    assert!(
+        store
+            .claim_next_chunk(&late.id, late.expires_at, 30)
+            .await
+            .expect("claim")
+            .is_none()
+    );
+}
+
+/// Expired leases: a started chunk is re-driven until its attempts run out, then given up; a
+/// chunk no executor started waits while tasks are queued and is re-driven (for free) when
+/// none are; chunks of an ending batch are left alone.
+async fn the_lease_sweep_redrives_gives_up_and_waits(store: &dyn MetadataStore) {
+    let t0 = NOW + 2 * WINDOW;
+    let t = new_tenant(store).await;
+    let b = running_batch(store, &t.id, t0, 4).await;
+    for _ in 0..4 {
+        claim(store, &b, t0, 10).await;
+    }
+    let ending = running_batch(store, &t.id, t0, 1).await;
+    claim(store, &ending, t0, 10).await;
+    store
+        .cancel_batch(&t.id, &ending.id, t0 + 1)
+        .await
+        .expect("cancel")
+        .expect("exists");
+    assert!(
+        store
+            .renew_chunk_lease(&b.id, 0, t0 + 5, 10)
+            .await
+            .expect("renew")
+    );
+    let mine = |v: &[crate::LeasedChunk]| -> Vec<(u32, u32)> {
+        let mut v: Vec<_> = v
+            .iter()
+            .filter(|c| c.batch == b.id || c.batch == ending.id)
+            .map(|c| {
+                assert_eq!(c.batch, b.id, "a chunk of an ending batch was swept");
+                (c.span.index, c.attempt)
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    let policy = |tasks_waiting| LeasePolicy {
+        lease_secs: 10,
+        max_attempts: 2,
+        tasks_waiting,
+    };
+    // nothing expired yet
+    let sweep = store
+        .sweep_chunk_leases(t0 + 9, &policy(false))
+        .await
+        .expect("sweep");
+    assert!(mine(&sweep.redrive).is_empty() && mine(&sweep.failed).is_empty());
+    // chunk 0 (started) is re-driven as attempt 2; 1..3 (never started, tasks queued) wait
+    let sweep = store
+        .sweep_chunk_leases(t0 + 20, &policy(true))
+        .await
+        .expect("sweep");
+    assert_eq!(mine(&sweep.redrive), vec![(0, 2)]);
+    assert!(mine(&sweep.failed).is_empty());
+    assert!(sweep.extended >= 3, "{sweep:?}");
+    // a re-driven chunk must be reported running again before its next expiry counts
+    assert!(
+        store
+            .renew_chunk_lease(&b.id, 0, t0 + 25, 10)
+            .await
+            .expect("renew")
+    );
+    // at t0 + 40: chunk 0 ran out of attempts; 1..3 were lost (no task queued): re-driven free
+    let sweep = store
+        .sweep_chunk_leases(t0 + 40, &policy(false))
+        .await
+        .expect("sweep");
+    assert_eq!(mine(&sweep.redrive), vec![(1, 1), (2, 1), (3, 1)]);
+    assert_eq!(mine(&sweep.failed), vec![(0, 2)]);
+    // the same sweep again finds nothing: every lease was renewed or ended
+    let sweep = store
+        .sweep_chunk_leases(t0 + 40, &policy(false))
+        .await
+        .expect("sweep");
+    assert!(mine(&sweep.redrive).is_empty() && mine(&sweep.failed).is_empty());
+    let states = store.chunk_states(&b.id).await.expect("states");
+    assert_eq!(
+        states[0].failure.as_deref(),
+        Some("the chunk was given up after 2 attempts (its executors stopped reporting)")
+    );
+    assert!(!states[0].done && states[1..].iter().all(|c| c.failure.is_none() && !c.done));
+    // a failed chunk frees its slot; a late heartbeat does not revive it
+    assert!(
+        !store
+            .renew_chunk_lease(&b.id, 0, t0 + 41, 10)
+            .await
+            .expect("renew")
+    );
+    let candidates = store.dispatch_candidates().await.expect("candidates");
+    let c = candidates
+        .iter()
+        .find(|c| c.batch.id == b.id)
+        .expect("candidate");
+    assert_eq!((c.in_flight, c.pending), (3, 0));
+    // its complete part reported after all: done
+    assert!(store.complete_chunk(&b.id, 0).await.expect("complete"));
+    let states = store.chunk_states(&b.id).await.expect("states");
+    assert!(states[0].done && states[0].failure.is_none());
+    // past the deadline, nothing is swept: the batch ends instead
+    let sweep = store
+        .sweep_chunk_leases(b.expires_at, &policy(false))
+        .await
+        .expect("sweep");
+    assert!(mine(&sweep.redrive).is_empty() && mine(&sweep.failed).is_empty());
+}
+
+/// A chunk given up (its executor reported it can never run) is not retried: its batch is
+/// finalized with its failure once every other chunk is done, and ends `completed`.
+async fn failed_chunks_end_their_batch_with_their_failure(store: &dyn MetadataStore) {
+    let t0 = NOW + 3 * WINDOW;
+    let t = new_tenant(store).await;
+    let b = running_batch(store, &t.id, t0, 2).await;
+    claim(store, &b, t0, 30).await;
+    claim(store, &b, t0, 30).await;
+    assert!(
+        store
+            .fail_chunk(&b.id, 0, "input gone")
+            .await
+            .expect("fail")
+    );
+    assert!(
+        !store
+            .fail_chunk(&b.id, 0, "again")
+            .await
+            .expect("fail twice")
+    );
+    assert!(
+        store
+            .request_finalize(&b.id, t0 + 1, 60)
+            .await
+            .expect("ask")
+            .is_none()
+    );
+    assert!(store.complete_chunk(&b.id, 1).await.expect("complete"));
+    assert!(!store.fail_chunk(&b.id, 1, "late").await.expect("fail done"));
+    let states = store.chunk_states(&b.id).await.expect("states");
+    assert_eq!(
+        states
+            .iter()
+            .map(|c| (c.done, c.failure.as_deref()))
+            .collect::<Vec<_>>(),
+        vec![(false, Some("input gone")), (true, None)]
+    );
+    let finalizing = store
+        .request_finalize(&b.id, t0 + 2, 60)
+        .await
+        .expect("ask")
+        .expect("ready");
+    assert_eq!(finalizing.status, BatchStatus::Finalizing);
+    assert_eq!(
+        store.ending(&b.id).await.expect("ending"),
+        Some(Ending::Completed)
+    );
+}
+
+/// A cancelled or expiring batch is finalized with dispatched chunks once their leases all
+/// expired, or once the ending grace has passed whatever the leases say; a batch running to
+/// its end never is.
+async fn endings_are_bounded_by_leases_and_grace(store: &dyn MetadataStore) {
+    let t0 = NOW + 4 * WINDOW;
+    let grace = 60;
+    let t = new_tenant(store).await;
+
+    // running to its end: a live or an expired lease, it waits for its chunk
+    let running = running_batch(store, &t.id, t0, 1).await;
+    claim(store, &running, t0, 10).await;
+    for now in [t0 + 1, t0 + 500] {
+        assert!(
+            store
+                .request_finalize(&running.id, now, grace)
+                .await
+                .expect("ask")
+                .is_none()
+        );
+    }
+
+    // cancelled, its chunk's lease live and renewed: it waits for the grace, not longer
+    let cancelled = running_batch(store, &t.id, t0, 2).await;
+    claim(store, &cancelled, t0, 1000).await;
+    store
+        .cancel_batch(&t.id, &cancelled.id, t0 + 10)
+        .await
+        .expect("cancel")
+        .expect("exists");
+    assert!(
+        store
+            .request_finalize(&cancelled.id, t0 + 69, grace)
+            .await
+            .expect("ask")
+            .is_none()
+    );
+    let asked = store
+        .request_finalize(&cancelled.id, t0 + 70, grace)
+        .await
+        .expect("ask")
+        .expect("the grace has passed");
+    assert_eq!(asked.status, BatchStatus::Cancelling);
+    assert_eq!(
+        store.ending(&cancelled.id).await.expect("ending"),
+        Some(Ending::Cancelled)
+    );
+    // asked once
+    assert!(
+        store
+            .request_finalize(&cancelled.id, t0 + 71, grace)
+            .await
+            .expect("ask")
+            .is_none()
+    );
+
+    // cancelled, its chunk's lease expired (the executor is gone): at once
+    let orphan = running_batch(store, &t.id, t0, 1).await;
+    claim(store, &orphan, t0, 5).await;
+    store
+        .cancel_batch(&t.id, &orphan.id, t0 + 1)
+        .await
+        .expect("cancel")
+        .expect("exists");
+    assert!(
+        store
+            .request_finalize(&orphan.id, t0 + 4, grace)
+            .await
+            .expect("ask")
+            .is_none()
+    );
+    assert!(
+        store
+            .request_finalize(&orphan.id, t0 + 5, grace)
+            .await
+            .expect("ask")
+            .is_some()
+    );
+
+    // past its deadline (marked or not), a live lease holds it for the grace only
+    let expiring = running_batch(store, &t.id, t0, 1).await;
+    let deadline = expiring.expires_at;
+    claim(store, &expiring, deadline - 1, 10_000).await;
+    assert!(
+        store
+            .request_finalize(&expiring.id, deadline, grace)
+            .await
+            .expect("ask")
+            .is_none()
+    );
+    assert!(
+        store
+            .request_finalize(&expiring.id, deadline + grace - 1, grace)
+            .await
+            .expect("ask")
+            .is_none()
+    );
+    let asked = store
+        .request_finalize(&expiring.id, deadline + grace, grace)
+        .await
+        .expect("ask")
+        .expect("the grace has passed");
+    assert_eq!(asked.status, BatchStatus::Finalizing);
+    assert_eq!(
+        store.ending(&expiring.id).await.expect("ending"),
+        Some(Ending::Expired)
+    );
+    let done = store
+        .commit_batch(&commit_of(&expiring), deadline + grace + 1)
+        .await
+        .expect("commit")
+        .expect("exists");
+    assert_eq!(done.status, BatchStatus::Expired);
+}
+
+/// A batch still validating at its deadline (its input could not be read) expires at once:
+/// no chunks, and a validation finishing late changes nothing.
+async fn validating_batches_expire_at_their_deadline(store: &dyn MetadataStore) {
+    // Other checks' validating batches have a 24 h deadline: this one's is much earlier.
+    let t = new_tenant(store).await;
+    let b = BatchRecord {
+        expires_at: NOW + 100,
+        ..batch(&t.id, NOW * 1_000_000)
+    };
+    store.insert_batch(&b).await.expect("insert");
+    let ours = |v: Vec<BatchRecord>| v.into_iter().filter(|x| x.id == b.id).collect::<Vec<_>>();
+    assert!(ours(store.expire_due(NOW + 99).await.expect("expire")).is_empty());
+    let expired = ours(store.expire_due(NOW + 100).await.expect("expire"));
+    assert_eq!(expired.len(), 1);
+    assert_eq!(
+        (expired[0].status, expired[0].expired_at),
+        (BatchStatus::Expired, Some(NOW + 100))
+    );
+    assert!(ours(store.expire_due(NOW + 101).await.expect("expire")).is_empty());
+    let ready = ValidationOutcome::Ready {
+        model: "m".into(),
+        total: 1,
+        chunks: vec![ChunkSpan {
+            index: 0,
+            byte_start: 0,
+            byte_end: 10,
+            first_line: 1,
+            line_count: 1,
+        }],
+    };
+    assert_eq!(
+        store
+            .finish_validation(&b.id, &ready, NOW + 102)
+            .await
+            .expect("finish"),
+        None
+    );
+    assert!(store.chunks(&b.id).await.expect("chunks").is_empty());
+    let got = store.batch(&b.id).await.expect("get").expect("exists");
+    assert_eq!(got.status, BatchStatus::Expired);
+}
+
+/// A deleted or expired file is hidden at once, but the sweeper gets its bytes only once no
+/// unfinished batch reads it.
+async fn inputs_outlive_their_batches(store: &dyn MetadataStore) {
+    let t = new_tenant(store).await;
+    let deleted = file(&t.id, NOW * 1_000_000, Purpose::Batch, None);
+    let expiring = file(&t.id, NOW * 1_000_000 + 1, Purpose::Batch, Some(NOW + 10));
+    let idle = file(&t.id, NOW * 1_000_000 + 2, Purpose::Batch, None);
+    for f in [&deleted, &expiring, &idle] {
+        store.insert_file(f).await.expect("insert");
+    }
+    let reader = |f: &FileRecord, i: i64| BatchRecord {
+        input_file_id: f.id.to_string(),
+        ..batch(&t.id, NOW * 1_000_000 + i)
+    };
+    let (a, b) = (reader(&deleted, 0), reader(&expiring, 1));
+    store.insert_batch(&a).await.expect("insert");
+    store.insert_batch(&b).await.expect("insert");
+    for f in [&deleted, &idle] {
+        store
+            .delete_file(&t.id, &f.id, NOW + 1)
+            .await
+            .expect("delete")
+            .expect("visible");
+    }
+    let tenant = &t.id;
+    let sweepable = |now| async move {
+        store
+            .sweepable_files(now, 10_000)
+            .await
+            .expect("sweepable")
+            .into_iter()
+            .filter(|f| &f.tenant_id == tenant)
+            .map(|f| f.id)
+            .collect::<Vec<_>>()
+    };
+    // hidden at once, whoever reads them, but still there as they were when the batches
+    // were created
+    for f in [&deleted, &idle] {
+        assert_eq!(
+            store.get_file(&t.id, &f.id, NOW + 1).await.expect("get"),
+            None
+        );
+        assert_eq!(
+            store.file_as_of(&t.id, &f.id, NOW).await.expect("as of"),
+            Some(f.clone())
+        );
+        assert_eq!(
+            store
+                .file_as_of(&t.id, &f.id, NOW + 2)
+                .await
+                .expect("as of"),
+            None
+        );
+    }
+    assert_eq!(
+        store
+            .file_as_of(&t.id, &expiring.id, NOW + 9)
+            .await
+            .expect("as of"),
+        Some(expiring.clone())
+    );
+    assert_eq!(
+        store
+            .file_as_of(&t.id, &expiring.id, NOW + 10)
+            .await
+            .expect("as of"),
+        None
+    );
+    let stranger = new_tenant(store).await;
+    assert_eq!(
+        store
+            .file_as_of(&stranger.id, &deleted.id, NOW)
+            .await
+            .expect("as of"),
+        None
+    );
+    assert_eq!(
+        store
+            .get_file(&t.id, &expiring.id, NOW + 10)
+            .await
+            .expect("get"),
+        None
+    );
+    // bytes kept while a batch that is not terminal reads them (validating, then running)
+    assert_eq!(sweepable(NOW + 10).await, vec![idle.id.clone()]);
+    assert!(store.input_in_use(&deleted.id).await.expect("in use"));
+    assert!(store.input_in_use(&expiring.id).await.expect("in use"));
+    assert!(!store.input_in_use(&idle.id).await.expect("in use"));
+    let ready = ValidationOutcome::Ready {
+        model: "m".into(),
+        total: 1,
+        chunks: vec![ChunkSpan {
+            index: 0,
+            byte_start: 0,
+            byte_end: 10,
+            first_line: 1,
+            line_count: 1,
+        }],
+    };
+    store
+        .finish_validation(&a.id, &ready, NOW + 2)
+        .await
+        .expect("finish")
+        .expect("moved");
+    store.purge_file(&idle.id).await.expect("purge");
+    assert!(sweepable(NOW + 10).await.is_empty());
+    // a cancelled batch still reads its input until it is finalized
+    store
+        .cancel_batch(&t.id, &a.id, NOW + 3)
+        .await
+        .expect("cancel")
+        .expect("exists");
+    assert!(
+        store
+            .request_finalize(&a.id, NOW + 3, 60)
+            .await
+            .expect("ask")
+            .is_some()
+    );
+    assert!(sweepable(NOW + 10).await.is_empty());
+    store
+        .commit_batch(&commit_of(&a), NOW + 4)
+        .await
+        .expect("commit")
+        .expect("exists");
+    assert_eq!(sweepable(NOW + 10).await, vec![deleted.id.clone()]);
+    assert!(!store.input_in_use(&deleted.id).await.expect("in use"));
+    // a batch failed in validation reads nothing any more
+    store
+        .finish_validation(
+            &b.id,
+            &ValidationOutcome::Failed { errors: vec![] },
+            NOW + 5,
+        )
+        .await
+        .expect("finish")
+        .expect("moved");
+    let mut both = sweepable(NOW + 10).await;
+    both.sort_by(|x, y| x.as_str().cmp(y.as_str()));
+    let mut want = vec![deleted.id.clone(), expiring.id.clone()];
+    want.sort_by(|x, y| x.as_str().cmp(y.as_str()));
+    assert_eq!(both, want);
+}
+
+/// One holder at a time: a lease is granted when free, renewed by its holder, taken over only
+/// once expired, released by its holder only; a batch not being finalized grants none; a
+/// stalled finalization is re-published only while nobody holds the lease.
+async fn one_finalizer_holds_the_lease(store: &dyn MetadataStore) {
+    let t0 = NOW + 5 * WINDOW;
+    let t = new_tenant(store).await;
+    let b = running_batch(store, &t.id, t0, 1).await;
+    // not asked to finalize yet
+    let no = store
+        .lease_finalization(&b.id, "a", t0, 30)
+        .await
+        .expect("lease");
+    assert_eq!((no.granted, no.holder), (false, None));
+    store
+        .cancel_batch(&t.id, &b.id, t0)
+        .await
+        .expect("cancel")
+        .expect("exists");
+    store
+        .request_finalize(&b.id, t0, 60)
+        .await
+        .expect("ask")
+        .expect("nothing in flight");
+    let a = store
+        .lease_finalization(&b.id, "a", t0, 30)
+        .await
+        .expect("lease");
+    assert_eq!((a.granted, a.expires_at), (true, Some(t0 + 30)));
+    let other = store
+        .lease_finalization(&b.id, "b", t0 + 1, 30)
+        .await
+        .expect("lease");
+    assert_eq!(
+        (other.granted, other.holder.as_deref(), other.expires_at),
+        (false, Some("a"), Some(t0 + 30))
+    );
+    let renewed = store
+        .lease_finalization(&b.id, "a", t0 + 10, 30)
+        .await
+        .expect("renew");
+    assert_eq!((renewed.granted, renewed.expires_at), (true, Some(t0 + 40)));
+    let id = &b.id;
+    let stalled = |now| async move {
+        store
+            .claim_stalled_finalizations(i64::MAX, now)
+            .await
+            .expect("claim")
+            .into_iter()
+            .any(|x| &x.id == id)
+    };
+    // a slow finalization keeping its lease is not published again
+    assert!(!stalled(t0 + 39).await);
+    assert!(
+        !store
+            .lease_finalization(&b.id, "b", t0 + 39, 30)
+            .await
+            .expect("lease")
+            .granted
+    );
+    // its holder died: the lease expires and another takes it over
+    let b_lease = store
+        .lease_finalization(&b.id, "b", t0 + 40, 30)
+        .await
+        .expect("lease");
+    assert_eq!((b_lease.granted, b_lease.expires_at), (true, Some(t0 + 70)));
+    assert!(
+        !store
+            .release_finalization(&b.id, "a")
+            .await
+            .expect("release")
+    );
+    assert!(
+        !store
+            .lease_finalization(&b.id, "a", t0 + 41, 30)
+            .await
+            .expect("lease")
+            .granted
+    );
+    assert!(
+        store
+            .release_finalization(&b.id, "b")
+            .await
+            .expect("release")
+    );
+    // released: free for anyone, and a stalled job may be published again
+    assert!(stalled(t0 + 42).await);
+    assert!(
+        store
+            .lease_finalization(&b.id, "a", t0 + 43, 30)
+            .await
+            .expect("lease")
+            .granted
+    );
+    // terminal: no lease
+    store
+        .commit_batch(&commit_of(&b), t0 + 44)
+        .await
+        .expect("commit")
+        .expect("exists");
+    let end = store
+        .lease_finalization(&b.id, "c", t0 + 100, 30)
+        .await
+        .expect("lease");
+    assert_eq!((end.granted, end.holder), (false, None));
+}
+
+/// A cancel that arrives while the batch is being finalized changes nothing: a batch whose
+/// chunks all ran ends `completed`, and the cancel answers with the batch as it is.
+async fn a_cancel_while_finalizing_keeps_the_ending(store: &dyn MetadataStore) {
+    let t0 = NOW + 6 * WINDOW;
+    let t = new_tenant(store).await;
+    let b = running_batch(store, &t.id, t0, 1).await;
+    claim(store, &b, t0, 30).await;
+    assert!(store.complete_chunk(&b.id, 0).await.expect("complete"));
+    let finalizing = store
+        .request_finalize(&b.id, t0 + 1, 60)
+        .await
+        .expect("ask")
+        .expect("ready");
+    match store
+        .cancel_batch(&t.id, &b.id, t0 + 2)
+        .await
+        .expect("cancel")
+    {
+        Some(CancelOutcome::Finalizing(same)) => assert_eq!(same, finalizing),
+        other => panic!("expected Finalizing, got {other:?}"),
+    }
+    let after = store.batch(&b.id).await.expect("get").expect("exists");
+    assert_eq!(after, finalizing);
+    assert_eq!(
+        store.ending(&b.id).await.expect("ending"),
+        Some(Ending::Completed)
+    );
+    let done = store
+        .commit_batch(&commit_of(&b), t0 + 3)
+        .await
+        .expect("commit")
+        .expect("exists");
+    assert_eq!(
+        (done.status, done.cancelling_at, done.cancelled_at),
+        (BatchStatus::Completed, None, None)
+    );
+    assert!(matches!(
+        store.cancel_batch(&t.id, &b.id, t0 + 4).await.expect("cancel"),
+        Some(CancelOutcome::Terminal(x)) if x.status == BatchStatus::Completed
+    ));
+}
+
 /// Declares the suite in an adapter's integration tests: one `#[tokio::test]` per check of
 /// [`CHECKS`], each calling `$run(name)` — an `async fn(&str)` of the test file that builds a
 /// fresh adapter and runs the named check — and a test that fails when a check of [`CHECKS`]
@@ -781,6 +1562,14 @@ macro_rules! conformance_tests {
             a_batch_finished_after_its_deadline_expires,
             batch_keeps_its_trace_context,
             stalled_finalizations_are_claimed_once_per_period,
+            chunks_are_claimed_with_a_lease,
+            the_lease_sweep_redrives_gives_up_and_waits,
+            failed_chunks_end_their_batch_with_their_failure,
+            endings_are_bounded_by_leases_and_grace,
+            validating_batches_expire_at_their_deadline,
+            inputs_outlive_their_batches,
+            one_finalizer_holds_the_lease,
+            a_cancel_while_finalizing_keeps_the_ending,
         );
     };
     (@declare $run:path; $($name:ident),+ $(,)?) => {

@@ -13,7 +13,18 @@
 //! - a file is *visible* while it is neither deleted nor past `expires_at` (evaluated at the
 //!   `now` the caller passes, so tests and sweeps agree on one clock);
 //! - lists are ordered by `(created_at_us, id)`, and `after` is an exclusive cursor naming the
-//!   last id of the previous page; an unknown cursor yields an empty page.
+//!   last id of the previous page; an unknown cursor yields an empty page;
+//! - an input outlives its batches: a file that a non-terminal batch reads keeps its bytes
+//!   (it is never [sweepable](MetadataStore::sweepable_files)) even once deleted or expired;
+//! - work is leased: a dispatched chunk is owned until its `lease_until` (renewed by its
+//!   executor's heartbeats), a finalization by one holder until its lease expires, so work
+//!   whose message or worker was lost is found and driven again
+//!   ([`MetadataStore::sweep_chunk_leases`], [`MetadataStore::claim_stalled_finalizations`]).
+//!
+//! Chunk states: `pending` → `dispatched` (claimed: attempts + 1, leased) → `done` (its part is
+//! complete), or → `failed` (given up, with a `failure` message: its lines without a result
+//! become `chunk_failed` error lines). A `failed` chunk whose complete part is reported later
+//! still becomes `done`.
 
 use std::fmt;
 
@@ -96,6 +107,9 @@ pub enum CancelOutcome {
     Cancelling(BatchRecord),
     /// It was already cancelling or cancelled: nothing changed (cancel is idempotent).
     AlreadyCancelled(BatchRecord),
+    /// It is being finalized: it ends as it would have (a completed batch never becomes
+    /// cancelled by a late cancel). Nothing changed; the batch is returned as it is.
+    Finalizing(BatchRecord),
     /// It ended otherwise (completed, failed, expired) and cannot be cancelled.
     Terminal(BatchRecord),
 }
@@ -139,11 +153,60 @@ pub struct DispatchCandidate {
     pub pending: u32,
 }
 
-/// A chunk and whether its result part exists.
+/// A chunk, whether its result part is complete, and why it was given up if it was.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChunkState {
     pub span: ChunkSpan,
     pub done: bool,
+    /// Set when the chunk was given up (`failed`): the message of the `chunk_failed` error
+    /// lines of its lines without a result line.
+    pub failure: Option<String>,
+}
+
+/// A chunk handed out, and which dispatch of it this is (`ChunkTask.attempt`: 1 = the first).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeasedChunk {
+    pub batch: BatchId,
+    pub span: ChunkSpan,
+    pub attempt: u32,
+}
+
+/// How [`MetadataStore::sweep_chunk_leases`] treats dispatched chunks whose lease expired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeasePolicy {
+    /// A lease renewed or re-driven lasts this long from `now` (seconds).
+    pub lease_secs: i64,
+    /// Dispatches of a chunk (claims and counted re-drives) after which a chunk whose
+    /// executors stopped reporting is given up.
+    pub max_attempts: u32,
+    /// Whether chunk tasks are waiting in the queue (its ready depth is not 0, or unknown): a
+    /// chunk no executor started is then probably one of them, and only its lease is
+    /// extended; otherwise its task was lost and it is re-driven.
+    pub tasks_waiting: bool,
+}
+
+/// What a lease sweep did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LeaseSweep {
+    /// Chunks whose task must be published again, with the attempt number to send. Their
+    /// lease was renewed (and `started` reset), so a lost publish is found again.
+    pub redrive: Vec<LeasedChunk>,
+    /// Chunks given up (`failed`), with the number of attempts they had.
+    pub failed: Vec<LeasedChunk>,
+    /// Leases extended because tasks are waiting in the queue.
+    pub extended: u64,
+}
+
+/// The answer to a finalization lease request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FinalizationLease {
+    /// The caller holds the lease (until `expires_at`).
+    pub granted: bool,
+    /// When the lease ends (unix seconds): the caller's if granted, else the other holder's.
+    pub expires_at: Option<i64>,
+    /// Who holds the lease when it was not granted (`None`: nobody — the batch is not being
+    /// finalized, is terminal, or does not exist).
+    pub holder: Option<String>,
 }
 
 /// A file produced by finalization.
@@ -191,6 +254,17 @@ pub trait MetadataStore: Send + Sync + fmt::Debug + 'static {
         now: i64,
     ) -> Result<Option<FileRecord>>;
 
+    /// The tenant's file as it was at `at`: visible then (not yet deleted, not yet expired),
+    /// whatever happened to it since, as long as its record exists. The input of a batch
+    /// created at `at` is read this way: deleting or expiring it afterwards hides it from the
+    /// API but not from the batch (inputs outlive their batches).
+    async fn file_as_of(
+        &self,
+        tenant: &TenantId,
+        id: &FileId,
+        at: i64,
+    ) -> Result<Option<FileRecord>>;
+
     /// A page of the tenant's visible files.
     async fn list_files(&self, tenant: &TenantId, query: &FileQuery, now: i64) -> Result<FilePage>;
 
@@ -203,8 +277,14 @@ pub trait MetadataStore: Send + Sync + fmt::Debug + 'static {
         now: i64,
     ) -> Result<Option<FileRecord>>;
 
-    /// Files whose bytes should go: deleted ones and those expired at `now`, oldest first.
+    /// Files whose bytes should go: deleted ones and those expired at `now`, oldest first —
+    /// except a file that a non-terminal batch reads (its input): it stays hidden from the
+    /// API, and its bytes stay until every such batch is terminal.
     async fn sweepable_files(&self, now: i64, limit: u32) -> Result<Vec<FileRecord>>;
+
+    /// Whether a non-terminal batch (`validating`, `in_progress`, `finalizing`, `cancelling`)
+    /// reads this file: its bytes must not be deleted yet.
+    async fn input_in_use(&self, id: &FileId) -> Result<bool>;
 
     /// Removes a file's record for good (after its bytes were deleted). Idempotent.
     async fn purge_file(&self, id: &FileId) -> Result<()>;
@@ -240,8 +320,9 @@ pub trait MetadataStore: Send + Sync + fmt::Debug + 'static {
         now: i64,
     ) -> Result<Option<BatchRecord>>;
 
-    /// Cancels a batch of the tenant at `now` (`validating`, `in_progress` or `finalizing`
-    /// → `cancelling`); `None` if the tenant has no such batch.
+    /// Cancels a batch of the tenant at `now` (`validating` or `in_progress` →
+    /// `cancelling`); `None` if the tenant has no such batch. A `finalizing` batch is left
+    /// unchanged ([`CancelOutcome::Finalizing`]): its ending is already decided.
     async fn cancel_batch(
         &self,
         tenant: &TenantId,
@@ -252,48 +333,126 @@ pub trait MetadataStore: Send + Sync + fmt::Debug + 'static {
     /// A batch's chunks in order.
     async fn chunks(&self, id: &BatchId) -> Result<Vec<ChunkSpan>>;
 
-    /// A batch's chunks in order, with whether each is done.
+    /// A batch's chunks in order, with whether each is done and why it failed if it did.
     async fn chunk_states(&self, id: &BatchId) -> Result<Vec<ChunkState>>;
 
-    /// Every `in_progress` batch with its in-flight and pending chunk counts (those already
-    /// ending included, with their in-flight chunks, since they still occupy executors).
+    /// Every `in_progress` batch with its in-flight (`dispatched`) and pending chunk counts
+    /// (those already ending included, with their in-flight chunks, since they still occupy
+    /// executors; they have nothing pending any more). Failed chunks count as neither: a
+    /// chunk given up frees its model slot.
     async fn dispatch_candidates(&self) -> Result<Vec<DispatchCandidate>>;
 
-    /// Hands out the batch's next pending chunk (lowest index): `pending` → `dispatched`.
-    /// `None` when none is left or the batch no longer runs (cancelled, expiring).
-    async fn claim_next_chunk(&self, id: &BatchId) -> Result<Option<ChunkSpan>>;
+    /// Hands out the batch's next pending chunk (lowest index) at `now`: `pending` →
+    /// `dispatched`, attempts + 1, leased until `now + lease_secs`, not started. `None` when
+    /// none is left or the batch no longer runs (cancelled, expiring, past its deadline).
+    async fn claim_next_chunk(
+        &self,
+        id: &BatchId,
+        now: i64,
+        lease_secs: i64,
+    ) -> Result<Option<LeasedChunk>>;
 
-    /// Puts a handed-out chunk back to `pending` (its task could not be published).
+    /// Puts a handed-out chunk back to `pending` (its task could not be published): the
+    /// claim's attempt is not counted, the lease is dropped. A no-op for a chunk no longer
+    /// `dispatched`.
     async fn release_chunk(&self, id: &BatchId, index: u32) -> Result<()>;
 
-    /// Chunks handed out and not done (re-published after a scheduler restart).
-    async fn dispatched_chunks(&self, id: &BatchId) -> Result<Vec<ChunkSpan>>;
+    /// Chunks handed out and not done, with their current attempt (re-published after a
+    /// scheduler restart).
+    async fn dispatched_chunks(&self, id: &BatchId) -> Result<Vec<LeasedChunk>>;
 
-    /// Marks a chunk done. Idempotent: `false` if it already was (a redelivered result).
+    /// An executor reports the chunk running (a heartbeat) at `now`: a `dispatched` chunk is
+    /// leased until `now + lease_secs` and marked started. `false` (nothing changed) for a
+    /// chunk in any other state (done, failed: a late heartbeat). Idempotent.
+    async fn renew_chunk_lease(
+        &self,
+        id: &BatchId,
+        index: u32,
+        now: i64,
+        lease_secs: i64,
+    ) -> Result<bool>;
+
+    /// Extends a `dispatched` chunk's lease to `until` if it ends earlier (or has none),
+    /// without marking it started: a task re-published at a scheduler restart waits a whole
+    /// lease for an executor's heartbeat. `false` if the chunk is not dispatched.
+    async fn extend_chunk_lease(&self, id: &BatchId, index: u32, until: i64) -> Result<bool>;
+
+    /// Marks a chunk done (its part is complete), from any other state — a chunk given up
+    /// whose part is reported complete after all is done too. Idempotent: `false` if it
+    /// already was (a redelivered result).
     async fn complete_chunk(&self, id: &BatchId, index: u32) -> Result<bool>;
 
-    /// Marks every `in_progress` batch whose deadline has passed as expiring (no more chunks
-    /// are handed out) and returns them.
+    /// Gives a chunk up (`pending`/`dispatched` → `failed`, with `failure`): it can never run.
+    /// `false` (nothing changed) if it is already done or failed.
+    async fn fail_chunk(&self, id: &BatchId, index: u32, failure: &str) -> Result<bool>;
+
+    /// The lease sweep at `now`: every `dispatched` chunk of an `in_progress` batch that
+    /// still runs (not ending, before its deadline) whose lease expired (or that has none) is
+    /// - *started* (an executor reported it since its last dispatch), with fewer than
+    ///   `max_attempts` attempts: re-driven — attempts + 1, leased anew, not started — and
+    ///   returned in [`LeaseSweep::redrive`] with its new attempt number;
+    /// - *started*, with `max_attempts` attempts or more: given up (`failed`, failure "the chunk
+    ///   was given up after N attempts (its executors stopped reporting)"), in
+    ///   [`LeaseSweep::failed`];
+    /// - *not started* (its task is probably still queued): if `tasks_waiting`, its lease is
+    ///   extended ([`LeaseSweep::extended`]); otherwise its task was lost: re-driven without
+    ///   counting an attempt.
+    ///
+    /// Chunks of ending (cancelling, expiring) and terminal batches are left alone: their
+    /// leases simply run out and [`request_finalize`](Self::request_finalize) ends the batch.
+    /// Each transition is a compare-and-set on the expired lease: a heartbeat that renewed a
+    /// lease meanwhile wins, and two schedulers sweeping together re-drive a chunk once.
+    async fn sweep_chunk_leases(&self, now: i64, policy: &LeasePolicy) -> Result<LeaseSweep>;
+
+    /// Applies deadlines at `now`: every `in_progress` batch past its deadline is marked
+    /// expiring (no more chunks are handed out) and returned (still `in_progress`); every
+    /// `validating` batch past its deadline becomes `expired` at once (no chunks, no files)
+    /// and is returned as such.
     async fn expire_due(&self, now: i64) -> Result<Vec<BatchRecord>>;
 
-    /// Asks for finalization once no chunk is in flight and nothing more will run: every
-    /// chunk done (`in_progress` → `finalizing`), or the batch expiring (→ `finalizing`) or
-    /// `cancelling` (stays). At most once per batch: `None` if not ready or already asked.
-    /// An `in_progress` batch asked at or after its `expires_at` ends `expired` even if the
-    /// expiry sweep has not marked it yet (its late lines were cut as `batch_expired`).
-    async fn request_finalize(&self, id: &BatchId, now: i64) -> Result<Option<BatchRecord>>;
+    /// Asks for finalization at `now` once nothing more will run. At most once per batch:
+    /// `None` if not ready or already asked. Ready means:
+    /// - the batch runs to its end (`in_progress`, not expiring): no chunk is `pending` or
+    ///   `dispatched` (every one done or failed) → `finalizing`;
+    /// - it ends early — `cancelling` (stays so), or expiring (`in_progress` with its
+    ///   deadline passed → `finalizing`, ending `expired`, even if the expiry sweep has not
+    ///   marked it yet) — and no dispatched chunk holds a live lease, or `ending_grace_secs`
+    ///   have passed since `cancelling_at` / `expires_at`: a batch ends within the grace
+    ///   whatever its chunks do (the finalizer uses whatever part exists).
+    async fn request_finalize(
+        &self,
+        id: &BatchId,
+        now: i64,
+        ending_grace_secs: i64,
+    ) -> Result<Option<BatchRecord>>;
 
     /// Batches asked to finalize and not yet terminal (a restart asks again).
     async fn finalize_requested(&self) -> Result<Vec<BatchRecord>>;
 
-    /// Batches asked to finalize at or before `asked_before` and still not terminal (their job
-    /// was lost or dead-lettered): re-stamps them with `now` and returns them, so each stalled
-    /// batch is handed out once per grace period.
+    /// Batches asked to finalize (or last re-published) at or before `asked_before`, still
+    /// not terminal, and whose finalization lease is absent or expired at `now` (their job
+    /// was lost or dead-lettered, or their finalizer died): re-stamps them with `now` and
+    /// returns them, so each stalled batch is handed out once per grace period and a slow
+    /// finalization that keeps its lease is never duplicated.
     async fn claim_stalled_finalizations(
         &self,
         asked_before: i64,
         now: i64,
     ) -> Result<Vec<BatchRecord>>;
+
+    /// Takes or renews the finalization lease of a batch for `holder` at `now`, until
+    /// `now + ttl_secs`. Granted when the batch is being finalized (`finalizing` or
+    /// `cancelling`, asked to finalize) and the lease is free, already `holder`'s, or expired.
+    async fn lease_finalization(
+        &self,
+        id: &BatchId,
+        holder: &str,
+        now: i64,
+        ttl_secs: i64,
+    ) -> Result<FinalizationLease>;
+
+    /// Gives the finalization lease up if `holder` has it; `false` otherwise.
+    async fn release_finalization(&self, id: &BatchId, holder: &str) -> Result<bool>;
 
     /// How a batch being finalized ends; `None` if it is not being finalized.
     async fn ending(&self, id: &BatchId) -> Result<Option<Ending>>;

@@ -14,7 +14,7 @@ use nightshift_core::validation::BatchError;
 use nightshift_core::{BatchId, FileId, TenantId};
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
-use crate::{MetadataError, Result, Tenant};
+use crate::{LeasedChunk, MetadataError, Result, Tenant};
 
 macro_rules! batch_columns {
     () => {
@@ -133,6 +133,21 @@ pub(crate) fn span_from_row(r: &impl Columns) -> Result<ChunkSpan> {
         byte_end: r.int("byte_end")? as u64,
         first_line: r.int("first_line")? as u64,
         line_count: r.int4("line_count")? as u32,
+    })
+}
+
+/// Columns of a leased chunk, as [`leased_from_row`] reads them.
+pub(crate) const LEASED_COLUMNS: &str =
+    "batch_id, idx, byte_start, byte_end, first_line, line_count, attempts";
+
+/// A dispatched chunk: its batch, span and attempt number (at least 1: a chunk dispatched
+/// before attempts were counted is on its first).
+pub(crate) fn leased_from_row(r: &impl Columns) -> Result<LeasedChunk> {
+    let batch = r.text("batch_id")?;
+    Ok(LeasedChunk {
+        batch: BatchId::parse(&batch).map_err(|_| corrupt("batch id", &batch))?,
+        span: span_from_row(r)?,
+        attempt: r.int4("attempts")?.max(1) as u32,
     })
 }
 

@@ -43,13 +43,19 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, QueryBuilder};
 
 use crate::rows::{
-    BATCH_COLUMNS, Columns, Cursor, backend, batch_from_row, file_from_row, get, span_from_row,
-    split_page, tenant_from_row, to_i64,
+    BATCH_COLUMNS, Columns, Cursor, LEASED_COLUMNS, backend, batch_from_row, file_from_row, get,
+    leased_from_row, span_from_row, split_page, tenant_from_row, to_i64,
 };
 use crate::{
     BatchCommit, BatchPage, CancelOutcome, ChunkState, DispatchCandidate, Ending, FilePage,
-    FileQuery, MetadataError, MetadataStore, Result, Tenant, ValidationOutcome,
+    FileQuery, FinalizationLease, LeasePolicy, LeaseSweep, LeasedChunk, MetadataError,
+    MetadataStore, Result, Tenant, ValidationOutcome,
 };
+
+/// The batches whose chunks the lease sweep looks after: running, not ending, before their
+/// deadline (`?1` is `now`).
+const RUNNING_BATCHES: &str = "SELECT id FROM batches WHERE status = 'in_progress' \
+     AND ending IS NULL AND expires_at > ?1";
 
 impl Columns for SqliteRow {
     fn text(&self, col: &str) -> Result<String> {
@@ -360,6 +366,27 @@ impl MetadataStore for SqliteStore {
         row.as_ref().map(file_from_row).transpose()
     }
 
+    async fn file_as_of(
+        &self,
+        tenant: &TenantId,
+        id: &FileId,
+        at: i64,
+    ) -> Result<Option<FileRecord>> {
+        let sql = format!(
+            "SELECT {FILE_COLUMNS} FROM files WHERE id = ?1 AND tenant_id = ?2 \
+             AND (deleted_at IS NULL OR deleted_at >= ?3) \
+             AND (expires_at IS NULL OR expires_at > ?3)"
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(id.as_str())
+            .bind(tenant.as_str())
+            .bind(at)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(backend)?;
+        row.as_ref().map(file_from_row).transpose()
+    }
+
     async fn list_files(&self, tenant: &TenantId, q: &FileQuery, now: i64) -> Result<FilePage> {
         let cursor = self
             .cursor(
@@ -423,8 +450,10 @@ impl MetadataStore for SqliteStore {
 
     async fn sweepable_files(&self, now: i64, limit: u32) -> Result<Vec<FileRecord>> {
         let sql = format!(
-            "SELECT {FILE_COLUMNS} FROM files WHERE deleted_at IS NOT NULL \
-             OR (expires_at IS NOT NULL AND expires_at <= ?1) \
+            "SELECT {FILE_COLUMNS} FROM files f WHERE (deleted_at IS NOT NULL \
+             OR (expires_at IS NOT NULL AND expires_at <= ?1)) \
+             AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.input_file_id = f.id \
+               AND b.status IN ('validating', 'in_progress', 'finalizing', 'cancelling')) \
              ORDER BY COALESCE(deleted_at, expires_at) LIMIT ?2"
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
@@ -434,6 +463,18 @@ impl MetadataStore for SqliteStore {
             .await
             .map_err(backend)?;
         rows.iter().map(file_from_row).collect()
+    }
+
+    async fn input_in_use(&self, id: &FileId) -> Result<bool> {
+        let row = sqlx::query(
+            "SELECT EXISTS (SELECT 1 FROM batches WHERE input_file_id = ?1 \
+             AND status IN ('validating', 'in_progress', 'finalizing', 'cancelling')) AS used",
+        )
+        .bind(id.as_str())
+        .fetch_one(&self.reader)
+        .await
+        .map_err(backend)?;
+        Ok(row.int("used")? != 0)
     }
 
     async fn purge_file(&self, id: &FileId) -> Result<()> {
@@ -611,7 +652,7 @@ impl MetadataStore for SqliteStore {
     ) -> Result<Option<CancelOutcome>> {
         let sql = format!(
             "UPDATE batches SET status = 'cancelling', cancelling_at = ?3 WHERE id = ?1 \
-             AND tenant_id = ?2 AND status IN ('validating', 'in_progress', 'finalizing') \
+             AND tenant_id = ?2 AND status IN ('validating', 'in_progress') \
              RETURNING {BATCH_COLUMNS}"
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
@@ -626,6 +667,7 @@ impl MetadataStore for SqliteStore {
         }
         Ok(self.get_batch(tenant, id).await?.map(|b| match b.status {
             BatchStatus::Cancelling | BatchStatus::Cancelled => CancelOutcome::AlreadyCancelled(b),
+            BatchStatus::Finalizing => CancelOutcome::Finalizing(b),
             _ => CancelOutcome::Terminal(b),
         }))
     }
@@ -644,7 +686,7 @@ impl MetadataStore for SqliteStore {
 
     async fn chunk_states(&self, id: &BatchId) -> Result<Vec<ChunkState>> {
         let rows = sqlx::query(
-            "SELECT idx, byte_start, byte_end, first_line, line_count, state FROM chunks \
+            "SELECT idx, byte_start, byte_end, first_line, line_count, state, failure FROM chunks \
              WHERE batch_id = ?1 ORDER BY idx",
         )
         .bind(id.as_str())
@@ -653,9 +695,11 @@ impl MetadataStore for SqliteStore {
         .map_err(backend)?;
         rows.iter()
             .map(|r| {
+                let state = r.text("state")?;
                 Ok(ChunkState {
                     span: span_from_row(r)?,
-                    done: r.text("state")? == "done",
+                    done: state == "done",
+                    failure: r.opt_text("failure")?.filter(|_| state == "failed"),
                 })
             })
             .collect()
@@ -687,26 +731,37 @@ impl MetadataStore for SqliteStore {
             .collect()
     }
 
-    async fn claim_next_chunk(&self, id: &BatchId) -> Result<Option<ChunkSpan>> {
+    async fn claim_next_chunk(
+        &self,
+        id: &BatchId,
+        now: i64,
+        lease_secs: i64,
+    ) -> Result<Option<LeasedChunk>> {
         // One statement under the single write lock: no other claim can pick the same chunk
         // between the choice and the update (Postgres needs FOR UPDATE SKIP LOCKED for that).
-        let rows = sqlx::query(
-            "UPDATE chunks SET state = 'dispatched' WHERE batch_id = ?1 AND state = 'pending' \
+        let sql = format!(
+            "UPDATE chunks SET state = 'dispatched', attempts = attempts + 1, \
+               lease_until = ?2 + ?3, started = 0 WHERE batch_id = ?1 AND state = 'pending' \
              AND idx = (SELECT c.idx FROM chunks c JOIN batches b ON b.id = c.batch_id \
                WHERE c.batch_id = ?1 AND c.state = 'pending' AND b.status = 'in_progress' \
-               AND b.ending IS NULL ORDER BY c.idx LIMIT 1) \
-             RETURNING idx, byte_start, byte_end, first_line, line_count",
-        )
-        .bind(id.as_str())
-        .fetch_all(&self.writer)
-        .await
-        .map_err(backend)?;
-        rows.first().map(span_from_row).transpose()
+               AND b.ending IS NULL AND b.expires_at > ?2 ORDER BY c.idx LIMIT 1) \
+             RETURNING {LEASED_COLUMNS}"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(id.as_str())
+            .bind(now)
+            .bind(lease_secs)
+            .fetch_all(&self.writer)
+            .await
+            .map_err(backend)?;
+        rows.first().map(leased_from_row).transpose()
     }
 
     async fn release_chunk(&self, id: &BatchId, index: u32) -> Result<()> {
         sqlx::query(
-            "UPDATE chunks SET state = 'pending' WHERE batch_id = ?1 AND idx = ?2 AND state = 'dispatched'",
+            "UPDATE chunks SET state = 'pending', attempts = max(attempts - 1, 0), \
+             lease_until = NULL, started = 0 \
+             WHERE batch_id = ?1 AND idx = ?2 AND state = 'dispatched'",
         )
         .bind(id.as_str())
         .bind(index as i32)
@@ -716,21 +771,58 @@ impl MetadataStore for SqliteStore {
         Ok(())
     }
 
-    async fn dispatched_chunks(&self, id: &BatchId) -> Result<Vec<ChunkSpan>> {
-        let rows = sqlx::query(
-            "SELECT idx, byte_start, byte_end, first_line, line_count FROM chunks \
-             WHERE batch_id = ?1 AND state = 'dispatched' ORDER BY idx",
+    async fn dispatched_chunks(&self, id: &BatchId) -> Result<Vec<LeasedChunk>> {
+        let sql = format!(
+            "SELECT {LEASED_COLUMNS} FROM chunks \
+             WHERE batch_id = ?1 AND state = 'dispatched' ORDER BY idx"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(id.as_str())
+            .fetch_all(&self.reader)
+            .await
+            .map_err(backend)?;
+        rows.iter().map(leased_from_row).collect()
+    }
+
+    async fn renew_chunk_lease(
+        &self,
+        id: &BatchId,
+        index: u32,
+        now: i64,
+        lease_secs: i64,
+    ) -> Result<bool> {
+        let renewed = sqlx::query(
+            "UPDATE chunks SET lease_until = ?3 + ?4, started = 1 \
+             WHERE batch_id = ?1 AND idx = ?2 AND state = 'dispatched'",
         )
         .bind(id.as_str())
-        .fetch_all(&self.reader)
+        .bind(index as i32)
+        .bind(now)
+        .bind(lease_secs)
+        .execute(&self.writer)
         .await
         .map_err(backend)?;
-        rows.iter().map(span_from_row).collect()
+        Ok(renewed.rows_affected() == 1)
+    }
+
+    async fn extend_chunk_lease(&self, id: &BatchId, index: u32, until: i64) -> Result<bool> {
+        let extended = sqlx::query(
+            "UPDATE chunks SET lease_until = max(COALESCE(lease_until, ?3), ?3) \
+             WHERE batch_id = ?1 AND idx = ?2 AND state = 'dispatched'",
+        )
+        .bind(id.as_str())
+        .bind(index as i32)
+        .bind(until)
+        .execute(&self.writer)
+        .await
+        .map_err(backend)?;
+        Ok(extended.rows_affected() == 1)
     }
 
     async fn complete_chunk(&self, id: &BatchId, index: u32) -> Result<bool> {
         let done = sqlx::query(
-            "UPDATE chunks SET state = 'done' WHERE batch_id = ?1 AND idx = ?2 AND state <> 'done'",
+            "UPDATE chunks SET state = 'done', lease_until = NULL, failure = NULL \
+             WHERE batch_id = ?1 AND idx = ?2 AND state <> 'done'",
         )
         .bind(id.as_str())
         .bind(index as i32)
@@ -740,20 +832,121 @@ impl MetadataStore for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn fail_chunk(&self, id: &BatchId, index: u32, failure: &str) -> Result<bool> {
+        let failed = sqlx::query(
+            "UPDATE chunks SET state = 'failed', failure = ?3, lease_until = NULL \
+             WHERE batch_id = ?1 AND idx = ?2 AND state IN ('pending', 'dispatched')",
+        )
+        .bind(id.as_str())
+        .bind(index as i32)
+        .bind(failure)
+        .execute(&self.writer)
+        .await
+        .map_err(backend)?;
+        Ok(failed.rows_affected() == 1)
+    }
+
+    async fn sweep_chunk_leases(&self, now: i64, policy: &LeasePolicy) -> Result<LeaseSweep> {
+        // One write transaction: nothing else writes between the three steps.
+        let expired = "state = 'dispatched' AND COALESCE(lease_until, 0) <= ?1";
+        let max_attempts = i64::from(policy.max_attempts);
+        let mut tx = self.begin_write().await?;
+        let sql = format!(
+            "UPDATE chunks SET state = 'failed', lease_until = NULL, \
+               failure = 'the chunk was given up after ' || attempts \
+                 || ' attempts (its executors stopped reporting)' \
+             WHERE {expired} AND started = 1 AND attempts >= ?2 \
+               AND batch_id IN ({RUNNING_BATCHES}) RETURNING {LEASED_COLUMNS}"
+        );
+        let failed = sqlx::query(AssertSqlSafe(sql))
+            .bind(now)
+            .bind(max_attempts)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(backend)?
+            .iter()
+            .map(leased_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        let sql = format!(
+            "UPDATE chunks SET attempts = attempts + 1, lease_until = ?1 + ?3, started = 0 \
+             WHERE {expired} AND started = 1 AND attempts < ?2 \
+               AND batch_id IN ({RUNNING_BATCHES}) RETURNING {LEASED_COLUMNS}"
+        );
+        let mut redrive = sqlx::query(AssertSqlSafe(sql))
+            .bind(now)
+            .bind(max_attempts)
+            .bind(policy.lease_secs)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(backend)?
+            .iter()
+            .map(leased_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        // Not started: waiting in the queue (extend), or lost (re-drive, uncounted).
+        let sql = format!(
+            "UPDATE chunks SET lease_until = ?1 + ?2, attempts = max(attempts, 1) \
+             WHERE {expired} AND started = 0 \
+               AND batch_id IN ({RUNNING_BATCHES}) RETURNING {LEASED_COLUMNS}"
+        );
+        let unstarted = sqlx::query(AssertSqlSafe(sql))
+            .bind(now)
+            .bind(policy.lease_secs)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(backend)?
+            .iter()
+            .map(leased_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        tx.commit().await.map_err(backend)?;
+        let mut extended = 0;
+        if policy.tasks_waiting {
+            extended = unstarted.len() as u64;
+        } else {
+            redrive.extend(unstarted);
+        }
+        Ok(LeaseSweep {
+            redrive,
+            failed,
+            extended,
+        })
+    }
+
     async fn expire_due(&self, now: i64) -> Result<Vec<BatchRecord>> {
+        let mut tx = self.begin_write().await?;
         let sql = format!(
             "UPDATE batches SET ending = 'expired' WHERE status = 'in_progress' \
              AND ending IS NULL AND expires_at <= ?1 RETURNING {BATCH_COLUMNS}"
         );
-        let rows = sqlx::query(AssertSqlSafe(sql))
+        let mut rows = sqlx::query(AssertSqlSafe(sql))
             .bind(now)
-            .fetch_all(&self.writer)
+            .fetch_all(&mut *tx)
             .await
             .map_err(backend)?;
-        rows.iter().map(batch_from_row).collect()
+        let sql = format!(
+            "UPDATE batches SET status = 'expired', expired_at = ?1 WHERE status = 'validating' \
+             AND expires_at <= ?1 RETURNING {BATCH_COLUMNS}"
+        );
+        rows.extend(
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(now)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(backend)?,
+        );
+        let batches = rows
+            .iter()
+            .map(batch_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        tx.commit().await.map_err(backend)?;
+        Ok(batches)
     }
 
-    async fn request_finalize(&self, id: &BatchId, now: i64) -> Result<Option<BatchRecord>> {
+    async fn request_finalize(
+        &self,
+        id: &BatchId,
+        now: i64,
+        ending_grace_secs: i64,
+    ) -> Result<Option<BatchRecord>> {
         // As in Postgres, every SET expression reads the row as it was before the update.
         let sql = format!(
             "UPDATE batches SET finalize_requested_at = ?2, \
@@ -763,14 +956,20 @@ impl MetadataStore for SqliteStore {
                  THEN 'expired' ELSE ending END \
              WHERE id = ?1 AND finalize_requested_at IS NULL \
                AND status IN ('in_progress', 'cancelling') \
-               AND NOT EXISTS (SELECT 1 FROM chunks WHERE batch_id = ?1 AND state = 'dispatched') \
-               AND (status = 'cancelling' OR ending IS NOT NULL \
-                    OR NOT EXISTS (SELECT 1 FROM chunks WHERE batch_id = ?1 AND state <> 'done')) \
+               AND ( \
+                 ((status = 'cancelling' OR ending IS NOT NULL OR expires_at <= ?2) \
+                  AND (NOT EXISTS (SELECT 1 FROM chunks WHERE batch_id = ?1 \
+                         AND state = 'dispatched' AND COALESCE(lease_until, 0) > ?2) \
+                       OR expires_at + ?3 <= ?2 \
+                       OR (status = 'cancelling' AND cancelling_at + ?3 <= ?2))) \
+                 OR NOT EXISTS (SELECT 1 FROM chunks WHERE batch_id = ?1 \
+                   AND state IN ('pending', 'dispatched'))) \
              RETURNING {BATCH_COLUMNS}"
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(id.as_str())
             .bind(now)
+            .bind(ending_grace_secs)
             .fetch_all(&self.writer)
             .await
             .map_err(backend)?;
@@ -796,7 +995,8 @@ impl MetadataStore for SqliteStore {
     ) -> Result<Vec<BatchRecord>> {
         let sql = format!(
             "UPDATE batches SET finalize_requested_at = ?2 WHERE finalize_requested_at <= ?1 \
-             AND status IN ('finalizing', 'cancelling') RETURNING {BATCH_COLUMNS}"
+             AND status IN ('finalizing', 'cancelling') \
+             AND COALESCE(finalize_lease_until, 0) <= ?2 RETURNING {BATCH_COLUMNS}"
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(asked_before)
@@ -805,6 +1005,71 @@ impl MetadataStore for SqliteStore {
             .await
             .map_err(backend)?;
         rows.iter().map(batch_from_row).collect()
+    }
+
+    async fn lease_finalization(
+        &self,
+        id: &BatchId,
+        holder: &str,
+        now: i64,
+        ttl_secs: i64,
+    ) -> Result<FinalizationLease> {
+        let rows = sqlx::query(
+            "UPDATE batches SET finalize_holder = ?2, finalize_lease_until = ?3 + ?4 \
+             WHERE id = ?1 AND status IN ('finalizing', 'cancelling') \
+             AND finalize_requested_at IS NOT NULL \
+             AND (finalize_holder IS NULL OR finalize_holder = ?2 \
+                  OR COALESCE(finalize_lease_until, 0) <= ?3) \
+             RETURNING finalize_lease_until",
+        )
+        .bind(id.as_str())
+        .bind(holder)
+        .bind(now)
+        .bind(ttl_secs)
+        .fetch_all(&self.writer)
+        .await
+        .map_err(backend)?;
+        if let Some(row) = rows.first() {
+            return Ok(FinalizationLease {
+                granted: true,
+                expires_at: row.opt_int("finalize_lease_until")?,
+                holder: None,
+            });
+        }
+        let row = sqlx::query(
+            "SELECT finalize_holder, finalize_lease_until FROM batches WHERE id = ?1 \
+             AND status IN ('finalizing', 'cancelling') AND finalize_lease_until > ?2",
+        )
+        .bind(id.as_str())
+        .bind(now)
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(backend)?;
+        Ok(match row {
+            Some(r) => FinalizationLease {
+                granted: false,
+                expires_at: r.opt_int("finalize_lease_until")?,
+                holder: r.opt_text("finalize_holder")?,
+            },
+            None => FinalizationLease {
+                granted: false,
+                expires_at: None,
+                holder: None,
+            },
+        })
+    }
+
+    async fn release_finalization(&self, id: &BatchId, holder: &str) -> Result<bool> {
+        let released = sqlx::query(
+            "UPDATE batches SET finalize_holder = NULL, finalize_lease_until = NULL \
+             WHERE id = ?1 AND finalize_holder = ?2",
+        )
+        .bind(id.as_str())
+        .bind(holder)
+        .execute(&self.writer)
+        .await
+        .map_err(backend)?;
+        Ok(released.rows_affected() == 1)
     }
 
     async fn ending(&self, id: &BatchId) -> Result<Option<Ending>> {
@@ -1081,9 +1346,9 @@ mod tests {
         let mut claims = Vec::new();
         for _ in 0..48 {
             let (store, id) = (store.clone(), b.id.clone());
-            claims.push(tokio::spawn(
-                async move { store.claim_next_chunk(&id).await },
-            ));
+            claims.push(tokio::spawn(async move {
+                store.claim_next_chunk(&id, 1_800_000_050, 120).await
+            }));
         }
         let mut tenants = Vec::new();
         for _ in 0..8 {
@@ -1096,8 +1361,9 @@ mod tests {
         }
         let mut claimed = Vec::new();
         for c in claims {
-            if let Some(span) = c.await.expect("task").expect("claim") {
-                claimed.push(span.index);
+            if let Some(leased) = c.await.expect("task").expect("claim") {
+                assert_eq!(leased.attempt, 1);
+                claimed.push(leased.span.index);
             }
         }
         for t in tenants {
@@ -1128,7 +1394,7 @@ mod tests {
         for _ in 0..5 {
             let (store, id) = (store.clone(), b.id.clone());
             asks.push(tokio::spawn(async move {
-                store.request_finalize(&id, 1_800_000_100).await
+                store.request_finalize(&id, 1_800_000_100, 60).await
             }));
         }
         let mut asked = 0;

@@ -10,7 +10,8 @@ use nightshift_core::file::FileRecord;
 use nightshift_core::{BatchId, FileId, TenantId};
 use nightshift_metadata::{
     BatchCommit, BatchPage, CancelOutcome, ChunkState, DispatchCandidate, Ending, FilePage,
-    FileQuery, MetadataStore, Result, Tenant, ValidationOutcome,
+    FileQuery, FinalizationLease, LeasePolicy, LeaseSweep, LeasedChunk, MetadataStore, Result,
+    Tenant, ValidationOutcome,
 };
 use tokio::sync::mpsc;
 
@@ -54,6 +55,14 @@ impl MetadataStore for Observed {
     ) -> Result<Option<FileRecord>> {
         self.inner.get_file(tenant, id, now).await
     }
+    async fn file_as_of(
+        &self,
+        tenant: &TenantId,
+        id: &FileId,
+        at: i64,
+    ) -> Result<Option<FileRecord>> {
+        self.inner.file_as_of(tenant, id, at).await
+    }
     async fn list_files(&self, tenant: &TenantId, query: &FileQuery, now: i64) -> Result<FilePage> {
         self.inner.list_files(tenant, query, now).await
     }
@@ -67,6 +76,9 @@ impl MetadataStore for Observed {
     }
     async fn sweepable_files(&self, now: i64, limit: u32) -> Result<Vec<FileRecord>> {
         self.inner.sweepable_files(now, limit).await
+    }
+    async fn input_in_use(&self, id: &FileId) -> Result<bool> {
+        self.inner.input_in_use(id).await
     }
     async fn purge_file(&self, id: &FileId) -> Result<()> {
         self.inner.purge_file(id).await
@@ -118,23 +130,55 @@ impl MetadataStore for Observed {
     async fn dispatch_candidates(&self) -> Result<Vec<DispatchCandidate>> {
         self.inner.dispatch_candidates().await
     }
-    async fn claim_next_chunk(&self, id: &BatchId) -> Result<Option<ChunkSpan>> {
-        self.inner.claim_next_chunk(id).await
+    async fn claim_next_chunk(
+        &self,
+        id: &BatchId,
+        now: i64,
+        lease_secs: i64,
+    ) -> Result<Option<LeasedChunk>> {
+        self.inner.claim_next_chunk(id, now, lease_secs).await
     }
     async fn release_chunk(&self, id: &BatchId, index: u32) -> Result<()> {
         self.inner.release_chunk(id, index).await
     }
-    async fn dispatched_chunks(&self, id: &BatchId) -> Result<Vec<ChunkSpan>> {
+    async fn dispatched_chunks(&self, id: &BatchId) -> Result<Vec<LeasedChunk>> {
         self.inner.dispatched_chunks(id).await
+    }
+    async fn renew_chunk_lease(
+        &self,
+        id: &BatchId,
+        index: u32,
+        now: i64,
+        lease_secs: i64,
+    ) -> Result<bool> {
+        self.inner
+            .renew_chunk_lease(id, index, now, lease_secs)
+            .await
+    }
+    async fn extend_chunk_lease(&self, id: &BatchId, index: u32, until: i64) -> Result<bool> {
+        self.inner.extend_chunk_lease(id, index, until).await
     }
     async fn complete_chunk(&self, id: &BatchId, index: u32) -> Result<bool> {
         self.inner.complete_chunk(id, index).await
     }
+    async fn fail_chunk(&self, id: &BatchId, index: u32, failure: &str) -> Result<bool> {
+        self.inner.fail_chunk(id, index, failure).await
+    }
+    async fn sweep_chunk_leases(&self, now: i64, policy: &LeasePolicy) -> Result<LeaseSweep> {
+        self.inner.sweep_chunk_leases(now, policy).await
+    }
     async fn expire_due(&self, now: i64) -> Result<Vec<BatchRecord>> {
         self.inner.expire_due(now).await
     }
-    async fn request_finalize(&self, id: &BatchId, now: i64) -> Result<Option<BatchRecord>> {
-        self.inner.request_finalize(id, now).await
+    async fn request_finalize(
+        &self,
+        id: &BatchId,
+        now: i64,
+        ending_grace_secs: i64,
+    ) -> Result<Option<BatchRecord>> {
+        self.inner
+            .request_finalize(id, now, ending_grace_secs)
+            .await
     }
     async fn finalize_requested(&self) -> Result<Vec<BatchRecord>> {
         self.inner.finalize_requested().await
@@ -147,6 +191,20 @@ impl MetadataStore for Observed {
         self.inner
             .claim_stalled_finalizations(asked_before, now)
             .await
+    }
+    async fn lease_finalization(
+        &self,
+        id: &BatchId,
+        holder: &str,
+        now: i64,
+        ttl_secs: i64,
+    ) -> Result<FinalizationLease> {
+        self.inner
+            .lease_finalization(id, holder, now, ttl_secs)
+            .await
+    }
+    async fn release_finalization(&self, id: &BatchId, holder: &str) -> Result<bool> {
+        self.inner.release_finalization(id, holder).await
     }
     async fn ending(&self, id: &BatchId) -> Result<Option<Ending>> {
         self.inner.ending(id).await
