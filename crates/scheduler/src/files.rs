@@ -1,5 +1,7 @@
 //! The Files gRPC service. Bytes are already in object storage when a file is registered; the
-//! scheduler records it, answers lookups scoped to the caller's tenant, and deletes.
+//! scheduler records it, answers lookups scoped to the caller's tenant, and deletes. A deleted
+//! file disappears from the API at once; its bytes go at once too, unless an unfinished batch
+//! reads it (they then stay until every such batch is terminal: the sweeper reclaims them).
 
 use nightshift_core::file::{FileRecord, Purpose};
 use nightshift_core::page::Order;
@@ -165,7 +167,20 @@ impl Files for FilesService {
             .ok_or_else(|| err(ApiError::no_such("File", &req.id)))?;
         ::metrics::counter!(metrics::FILES_DELETED).increment(1);
         tracing::info!(file_id = %file.id, tenant_id = %file.tenant_id, "file deleted");
-        // The file is hidden; its bytes go now, or at the next sweep if storage fails.
+        // The file is hidden. Its bytes go now, or at the next sweep if storage fails — unless
+        // an unfinished batch reads it: then they stay until every such batch is terminal
+        // (the sweeper skips them until then).
+        match self.ports.metadata.input_in_use(&file.id).await {
+            Ok(false) => {}
+            Ok(true) => {
+                tracing::info!(file_id = %file.id, "the input of an unfinished batch: its bytes stay until the batch ends");
+                return Ok(Response::new(DeleteFileResponse { id: req.id }));
+            }
+            Err(e) => {
+                tracing::warn!(file_id = %file.id, error = %e, "byte deletion deferred to the sweeper");
+                return Ok(Response::new(DeleteFileResponse { id: req.id }));
+            }
+        }
         match self.ports.storage.delete(&file.storage_key).await {
             Ok(()) => {
                 if let Err(e) = self.ports.metadata.purge_file(&file.id).await {

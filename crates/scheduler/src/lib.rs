@@ -1,7 +1,9 @@
 //! The scheduler: nightshift's control plane.
 //!
 //! It alone owns the metadata store. Over gRPC it serves the gateway (tenants, API keys,
-//! files); in the background it sweeps expired and deleted files. The same port serves gRPC
+//! files, batches) and the finalizer (plans, finalization leases, commits); in the
+//! background it validates batches, dispatches chunks, tracks their results and leases,
+//! applies deadlines and bounded endings, and sweeps expired and deleted files. The same port serves gRPC
 //! and the ops endpoints (`/livez`, `/readyz`, `/metrics`), HTTP/1 and HTTP/2 alike.
 
 use std::net::SocketAddr;
@@ -51,7 +53,7 @@ pub struct SchedulerConfig {
     pub sweep_batch: u32,
     /// Batch input limits and chunk sizes.
     pub batches: batches::BatchSettings,
-    /// Dispatch pacing and deadline sweeps.
+    /// Dispatch pacing, chunk leases, bounded endings and the periodic sweeps.
     pub pipeline: pipeline::PipelineSettings,
     /// How often the batch and queue gauges (`nightshift_scheduler_batches`,
     /// `nightshift_queue_ready_messages`, ...) are sampled.
@@ -113,8 +115,14 @@ pub async fn serve(
     }
 
     let wake = Arc::new(tokio::sync::Notify::new());
-    let validator =
-        batches::Validator::new(ports.clone(), config.batches.clone(), routing, wake.clone());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let validator = batches::Validator::new(
+        ports.clone(),
+        config.batches.clone(),
+        routing,
+        wake.clone(),
+        stop_rx.clone(),
+    );
     let recovered = validator.recover().await.map_err(ServeError::Bootstrap)?;
     if recovered > 0 {
         tracing::info!(
@@ -123,25 +131,17 @@ pub async fn serve(
         );
     }
 
+    let recovery = pipeline::recover(&ports, &config.pipeline).await;
+    if recovery != pipeline::Recovery::default() {
+        tracing::info!(
+            chunks = recovery.chunks,
+            finalize_jobs = recovery.finalize_jobs,
+            cancel_flags = recovery.cancel_flags,
+            errors = recovery.errors,
+            "picked up the work of a previous run"
+        );
+    }
     let dispatcher = pipeline::Dispatcher::new(ports.clone(), config.pipeline.clone());
-    match dispatcher.recover().await {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(
-            chunks = n,
-            "re-published chunks handed out before a restart"
-        ),
-        Err(e) => tracing::warn!(error = %e, "could not re-publish in-flight chunks"),
-    }
-    match ports.metadata.finalize_requested().await {
-        Ok(batches) => {
-            for b in batches {
-                if let Err(e) = pipeline::publish_finalize(&ports, &b).await {
-                    tracing::warn!(batch_id = %b.id, error = %e, "could not re-publish a finalize job");
-                }
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "could not list batches being finalized"),
-    }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -155,6 +155,7 @@ pub async fn serve(
         .add_service(BatchesServer::new(batches::BatchesService::new(
             ports.clone(),
             validator,
+            config.pipeline.clone(),
         )))
         .add_service(PipelineServer::new(pipeline::PipelineService::new(
             ports.clone(),
@@ -187,7 +188,6 @@ pub async fn serve(
     };
     let app = grpc.merge(nightshift_telemetry::ops_router(readiness));
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let sweeper = tokio::spawn(sweeper::run(
         ports.clone(),
         config.sweep_interval,
@@ -204,13 +204,14 @@ pub async fn serve(
         tokio::spawn(dispatcher.run(wake.clone(), stop_rx.clone())),
         tokio::spawn(pipeline::consume_results(
             ports.clone(),
+            config.pipeline.clone(),
             wake.clone(),
             stop_rx.clone(),
         )),
-        tokio::spawn(pipeline::run_expiry(
+        tokio::spawn(pipeline::run_sweeps(
             ports.clone(),
-            config.pipeline.expiry_interval,
-            config.pipeline.finalize_retry_after,
+            config.pipeline.clone(),
+            wake.clone(),
             stop_rx,
         )),
     ];

@@ -20,6 +20,16 @@ pub const VALIDATION_ERRORS: &str = "nightshift_scheduler_validation_errors_tota
 pub const CHUNKS_DISPATCHED: &str = "nightshift_scheduler_chunks_dispatched_total";
 /// Chunks whose result was recorded (each counted once, redeliveries excluded).
 pub const CHUNKS_DONE: &str = "nightshift_scheduler_chunks_done_total";
+/// Chunk tasks published again because the chunk's lease expired without news (its task,
+/// executor or result was lost).
+pub const CHUNKS_REDRIVEN: &str = "nightshift_scheduler_chunks_redriven_total";
+/// Chunks given up, by `reason`: `attempts` (its executors kept falling silent) or
+/// `executor` (an executor reported it can never run). Their unfinished lines fail with
+/// `chunk_failed`.
+pub const CHUNKS_FAILED: &str = "nightshift_scheduler_chunks_failed_total";
+/// Validation attempts that hit an infrastructure fault (S3 or the metadata store) and
+/// will be retried.
+pub const VALIDATION_RETRIES: &str = "nightshift_scheduler_validation_retries_total";
 
 /// Gauge `{status}`: batches currently in each non-terminal status, sampled every
 /// `metrics_interval`.
@@ -75,8 +85,17 @@ const ALL_CODES: [ValidationCode; 13] = [
 /// yet" reads as 0 rather than as no series; and describes the families.
 pub fn register() {
     use metrics::{Unit, counter, describe_gauge};
-    for name in [FILES_DELETED, CHUNKS_DISPATCHED, CHUNKS_DONE] {
+    for name in [
+        FILES_DELETED,
+        CHUNKS_DISPATCHED,
+        CHUNKS_DONE,
+        CHUNKS_REDRIVEN,
+        VALIDATION_RETRIES,
+    ] {
         counter!(name).increment(0);
+    }
+    for reason in ["attempts", "executor"] {
+        counter!(CHUNKS_FAILED, "reason" => reason).increment(0);
     }
     for purpose in Purpose::UPLOADABLE {
         counter!(FILES_REGISTERED, "purpose" => purpose.as_str()).increment(0);

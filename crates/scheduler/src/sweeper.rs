@@ -2,7 +2,9 @@
 //!
 //! Records go only after their bytes, so a crash in between leaves a record the next round
 //! retries, never an orphaned object. Expired files are already invisible to clients (the
-//! metadata store filters on `expires_at`); the sweeper only reclaims space.
+//! metadata store filters on `expires_at`); the sweeper only reclaims space. A file that an
+//! unfinished batch reads is not sweepable until every such batch is terminal: inputs
+//! outlive their batches.
 
 use std::time::Duration;
 

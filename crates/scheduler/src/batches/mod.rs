@@ -4,6 +4,8 @@
 mod service;
 mod validate;
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 pub use service::BatchesService;
@@ -28,6 +30,11 @@ pub struct BatchSettings {
     pub chunk_max_bytes: u64,
     /// Inputs validated at the same time; more wait their turn.
     pub validation_concurrency: usize,
+    /// A validation that cannot read its input or record its outcome (S3 or the metadata
+    /// store unreachable) is retried after 1 s, doubling up to this, until the batch's
+    /// deadline (then it expires).
+    #[serde(with = "humantime_serde")]
+    pub validation_retry_max: Duration,
 }
 
 impl Default for BatchSettings {
@@ -41,6 +48,7 @@ impl Default for BatchSettings {
             chunk_max_lines: 500,
             chunk_max_bytes: 4 * 1024 * 1024,
             validation_concurrency: 4,
+            validation_retry_max: Duration::from_secs(30),
         }
     }
 }

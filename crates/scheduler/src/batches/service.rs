@@ -13,16 +13,22 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use super::Validator;
+use crate::pipeline::PipelineSettings;
 use crate::{Ports, metrics};
 
 pub struct BatchesService {
     ports: Ports,
     validator: Validator,
+    pipeline: PipelineSettings,
 }
 
 impl BatchesService {
-    pub fn new(ports: Ports, validator: Validator) -> Self {
-        Self { ports, validator }
+    pub fn new(ports: Ports, validator: Validator, pipeline: PipelineSettings) -> Self {
+        Self {
+            ports,
+            validator,
+            pipeline,
+        }
     }
 }
 
@@ -169,12 +175,25 @@ impl Batches for BatchesService {
                     tracing::warn!(batch_id = %b.id, error = %e, "could not raise the cancel flag; executors will finish their chunks");
                 }
                 // Nothing in flight (validating, or no chunk handed out yet): end it now.
-                if let Err(e) = crate::pipeline::finalize_if_ready(&self.ports, &b.id).await {
+                // Otherwise (or if this fails) the pipeline sweeps ask again until it ends.
+                if let Err(e) = crate::pipeline::finalize_if_ready(
+                    &self.ports,
+                    &self.pipeline,
+                    &b.id,
+                    now_unix(),
+                )
+                .await
+                {
                     tracing::warn!(batch_id = %b.id, error = %e, "finalization of the cancelled batch deferred");
                 }
                 b
             }
             CancelOutcome::AlreadyCancelled(b) => b,
+            // Its ending is decided: it ends as it would have, and the cancel says so.
+            CancelOutcome::Finalizing(b) => {
+                tracing::info!(batch_id = %b.id, "cancel of a batch already finalizing: nothing to cancel");
+                b
+            }
             CancelOutcome::Terminal(b) => {
                 return Err(err(ApiError::new(
                     ErrorKind::Conflict,

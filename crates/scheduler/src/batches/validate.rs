@@ -3,6 +3,7 @@
 //! 16-byte hash per `custom_id`, and the chunk list), never by the file's size.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use nightshift_core::FileId;
@@ -14,7 +15,8 @@ use nightshift_core::routing::RoutingConfig;
 use nightshift_core::time::now_unix;
 use nightshift_core::validation::{BatchError, LineValidator, ValidationLimits};
 use nightshift_metadata::ValidationOutcome;
-use tokio::sync::Semaphore;
+use nightshift_storage::StorageError;
+use tokio::sync::{Semaphore, watch};
 use tracing::Instrument;
 
 use super::BatchSettings;
@@ -29,7 +31,12 @@ pub struct Validator {
     permits: Arc<Semaphore>,
     /// Wakes the dispatcher when a batch becomes runnable.
     wake: Arc<tokio::sync::Notify>,
+    /// Turns true when the scheduler stops: validations waiting to retry give up.
+    stop: watch::Receiver<bool>,
 }
+
+/// The first wait before a validation that hit an infrastructure fault is retried.
+pub const VALIDATION_RETRY_BASE: Duration = Duration::from_secs(1);
 
 impl Validator {
     pub fn new(
@@ -37,6 +44,7 @@ impl Validator {
         settings: BatchSettings,
         routing: RoutingConfig,
         wake: Arc<tokio::sync::Notify>,
+        stop: watch::Receiver<bool>,
     ) -> Self {
         let permits = Arc::new(Semaphore::new(settings.validation_concurrency.max(1)));
         Self {
@@ -45,30 +53,48 @@ impl Validator {
             routing: Arc::new(routing),
             permits,
             wake,
+            stop,
         }
     }
 
-    /// Validates `batch` in a background task and records the outcome. If the input cannot
-    /// be read (storage down), the batch stays `validating` and is retried at the next
-    /// scheduler start — it never fails for an infrastructure fault.
+    /// Validates `batch` in a background task and records the outcome. An infrastructure
+    /// fault (S3 or the metadata store unreachable) never fails the batch: the read, or the
+    /// recording of the outcome, is retried after a backoff starting at
+    /// [`VALIDATION_RETRY_BASE`] and doubling up to `validation_retry_max`, while the batch
+    /// is still `validating` and before its deadline (past it, the expiry sweep ends it
+    /// `expired`) and until the scheduler stops (a restart validates it again).
     ///
     /// Runs in a `validate` span of the batch's trace.
     pub fn spawn(&self, batch: BatchRecord) {
         let me = self.clone();
         let span = tracing::info_span!("validate", batch_id = %batch.id, input_file_id = %batch.input_file_id);
         nightshift_telemetry::propagation::set_parent(&span, crate::pipeline::batch_trace(&batch));
-        tokio::spawn(async move {
-            let Ok(_permit) = me.permits.clone().acquire_owned().await else {
-                return;
-            };
-            let outcome = match validate_input(&me.ports, &me.settings, &me.routing, &batch).await {
-                Ok(outcome) => outcome,
-                Err(e) => {
-                    tracing::error!(batch_id = %batch.id, error = %e, "could not read the input; the batch stays validating");
+        tokio::spawn(async move { me.run(batch).await }.instrument(span));
+    }
+
+    async fn run(&self, batch: BatchRecord) {
+        let mut backoff = VALIDATION_RETRY_BASE;
+        let outcome = loop {
+            let attempt = {
+                // The permit is held while reading only, not while waiting to retry.
+                let Ok(_permit) = self.permits.clone().acquire_owned().await else {
                     return;
-                }
+                };
+                validate_input(&self.ports, &self.settings, &self.routing, &batch).await
             };
-            match me
+            match attempt {
+                Ok(outcome) => break outcome,
+                Err(e) => {
+                    ::metrics::counter!(metrics::VALIDATION_RETRIES).increment(1);
+                    tracing::warn!(batch_id = %batch.id, error = %e, retry_in = ?backoff, "could not read the input; the batch stays validating and is retried");
+                    if !self.wait_to_retry(&batch, &mut backoff).await {
+                        return;
+                    }
+                }
+            }
+        };
+        loop {
+            match self
                 .ports
                 .metadata
                 .finish_validation(&batch.id, &outcome, now_unix())
@@ -90,18 +116,55 @@ impl Validator {
                             model,
                         } => {
                             tracing::info!(batch_id = %done.id, total, chunks = chunks.len(), model = %model, "batch validated");
-                            me.wake.notify_one();
+                            self.wake.notify_one();
                         }
                     }
+                    return;
                 }
                 Ok(None) => {
-                    tracing::info!(batch_id = %batch.id, "batch left validating meanwhile (cancelled); outcome dropped");
+                    tracing::info!(batch_id = %batch.id, "batch left validating meanwhile (cancelled or expired); outcome dropped");
+                    return;
                 }
                 Err(e) => {
-                    tracing::error!(batch_id = %batch.id, error = %e, "could not record the validation outcome");
+                    ::metrics::counter!(metrics::VALIDATION_RETRIES).increment(1);
+                    tracing::warn!(batch_id = %batch.id, error = %e, retry_in = ?backoff, "could not record the validation outcome; retrying");
+                    if !self.wait_to_retry(&batch, &mut backoff).await {
+                        return;
+                    }
                 }
             }
-        }.instrument(span));
+        }
+    }
+
+    /// Waits `backoff` (never past the batch's deadline), then doubles it up to the cap.
+    /// `false` when retrying is pointless: the deadline has passed (the expiry sweep ends the
+    /// batch), it is no longer `validating` (cancelled, expired), or the scheduler stops.
+    async fn wait_to_retry(&self, batch: &BatchRecord, backoff: &mut Duration) -> bool {
+        let left = batch.expires_at.saturating_sub(now_unix());
+        if left <= 0 {
+            tracing::warn!(batch_id = %batch.id, "validation gave up at the batch's deadline; it expires");
+            return false;
+        }
+        let wait = (*backoff).min(Duration::from_secs(left.unsigned_abs()));
+        let mut stop = self.stop.clone();
+        if *stop.borrow_and_update() {
+            return false;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return false,
+        }
+        *backoff = (*backoff * 2).min(
+            self.settings
+                .validation_retry_max
+                .max(VALIDATION_RETRY_BASE),
+        );
+        match self.ports.metadata.batch(&batch.id).await {
+            Ok(Some(b)) => b.status == BatchStatus::Validating,
+            Ok(None) => false,
+            // the store is down: try again (the next attempt finds out)
+            Err(_) => true,
+        }
     }
 
     /// Re-validates every batch left `validating` (after a restart).
@@ -131,7 +194,8 @@ fn input_error(message: String) -> ValidationOutcome {
 }
 
 /// Validates a batch's input. `Err` only for infrastructure faults (the batch should be
-/// retried); every problem with the input itself is a `Failed` outcome.
+/// retried); every problem with the input itself is a `Failed` outcome — a file whose bytes
+/// are missing from object storage included.
 pub async fn validate_input(
     ports: &Ports,
     settings: &BatchSettings,
@@ -144,9 +208,11 @@ pub async fn validate_input(
             batch.input_file_id
         )));
     };
+    // The file as it was when the batch was created: deleting or expiring it since hides it
+    // from the API, not from the batch.
     let file = ports
         .metadata
-        .get_file(&batch.tenant_id, &file_id, now_unix())
+        .file_as_of(&batch.tenant_id, &file_id, batch.created_at())
         .await
         .map_err(|e| e.to_string())?;
     let Some(file) = file else {
@@ -172,11 +238,16 @@ pub async fn validate_input(
     let mut chunks = Vec::new();
     // A file over the size limit is not read at all: the report says file_too_large.
     if file.bytes <= settings.max_file_bytes {
-        let body = ports
-            .storage
-            .get(&file.storage_key, None)
-            .await
-            .map_err(|e| e.to_string())?;
+        let body = match ports.storage.get(&file.storage_key, None).await {
+            Ok(body) => body,
+            Err(StorageError::NotFound(_)) => {
+                return Ok(input_error(format!(
+                    "Input file {} does not exist.",
+                    batch.input_file_id
+                )));
+            }
+            Err(e) => return Err(e.to_string()),
+        };
         let items = JsonlSplitter::new(settings.max_line_bytes).split_stream(body.stream);
         futures::pin_mut!(items);
         while let Some(item) = items.next().await {

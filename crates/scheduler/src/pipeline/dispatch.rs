@@ -6,6 +6,10 @@
 //! so it neither starves others with an old low count nor waits behind their history), and
 //! within a tenant to the batch with the earliest deadline. So a 10-line batch created behind
 //! a 200,000-line batch of another tenant gets the very next free slot.
+//!
+//! A chunk is claimed (leased, attempt counted) before its task is published. If the publish
+//! fails, the chunk is released at once (a fast path); if even that fails, its lease expires
+//! and the lease sweep publishes the task again: no chunk stays dispatched without a lease.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,6 +19,7 @@ use nightshift_core::TenantId;
 use nightshift_core::batch::BatchRecord;
 use nightshift_core::chunking::ChunkSpan;
 use nightshift_core::file::FileRecord;
+use nightshift_core::time::now_unix;
 use nightshift_metadata::DispatchCandidate;
 use nightshift_proto::v1::ChunkTask;
 use nightshift_queue::QueueKind;
@@ -41,32 +46,6 @@ impl Dispatcher {
             settings,
             served: HashMap::new(),
         }
-    }
-
-    /// Re-publishes the tasks of chunks handed out before a restart (their messages may
-    /// never have reached the queue). Duplicates are harmless: parts are replaced whole,
-    /// counts are per line, chunk completion is idempotent.
-    pub async fn recover(&self) -> Result<usize, String> {
-        let mut n = 0;
-        let candidates = self
-            .ports
-            .metadata
-            .dispatch_candidates()
-            .await
-            .map_err(|e| e.to_string())?;
-        for c in candidates.iter().filter(|c| c.in_flight > 0) {
-            let chunks = self
-                .ports
-                .metadata
-                .dispatched_chunks(&c.batch.id)
-                .await
-                .map_err(|e| e.to_string())?;
-            for span in chunks {
-                self.publish(&c.batch, &span).await?;
-                n += 1;
-            }
-        }
-        Ok(n)
     }
 
     /// Runs until `stop` turns true; `wake` makes it look for work at once.
@@ -142,20 +121,28 @@ impl Dispatcher {
                 let claimed = self
                     .ports
                     .metadata
-                    .claim_next_chunk(&batch.id)
+                    .claim_next_chunk(&batch.id, now_unix(), self.settings.chunk_lease_secs())
                     .await
                     .map_err(|e| e.to_string())?;
-                let Some(span) = claimed else {
+                let Some(leased) = claimed else {
                     batches[pick].pending = 0;
                     continue;
                 };
-                if let Err(e) = self.publish(&batch, &span).await {
-                    // Put it back: it is handed out again next round.
-                    let _ = self
+                let span = leased.span;
+                if let Err(e) = publish_task(&self.ports, &batch, &span, leased.attempt).await {
+                    // Put it back: it is handed out again next round. Should that fail too,
+                    // its lease expires and the lease sweep publishes it.
+                    if let Err(release) = self
                         .ports
                         .metadata
                         .release_chunk(&batch.id, span.index)
-                        .await;
+                        .await
+                    {
+                        tracing::warn!(
+                            batch_id = %batch.id, chunk = span.index, error = %release,
+                            "could not release a chunk whose task was not published; its lease will re-drive it"
+                        );
+                    }
                     return Err(format!("publish chunk task: {e}"));
                 }
                 batches[pick].pending -= 1;
@@ -169,38 +156,45 @@ impl Dispatcher {
         }
         Ok(handed_out)
     }
+}
 
-    /// Publishes a chunk's task in a `dispatch_chunk` span of the batch's trace; the task
-    /// carries the span's context to the executor.
-    async fn publish(&self, batch: &BatchRecord, span: &ChunkSpan) -> Result<(), String> {
-        let trace = tracing::info_span!(
-            "dispatch_chunk",
-            batch_id = %batch.id,
-            chunk_index = span.index,
-            line_count = span.line_count,
-        );
-        propagation::set_parent(&trace, batch_trace(batch));
-        let input = FileId::parse(&batch.input_file_id).map_err(|e| e.to_string())?;
-        let task = ChunkTask {
-            schema_version: SCHEMA_VERSION,
-            batch_id: batch.id.to_string(),
-            tenant_id: batch.tenant_id.to_string(),
-            chunk_index: span.index,
-            input_storage_key: FileRecord::storage_key_for(&input),
-            byte_start: span.byte_start,
-            byte_end: span.byte_end,
-            first_line: span.first_line,
-            line_count: span.line_count,
-            endpoint: batch.endpoint.clone(),
-            model: batch.model.clone().unwrap_or_default(),
-            deadline: batch.expires_at,
-        };
-        let headers = propagation::message_headers(&trace);
-        self.ports
-            .queue
-            .publish(QueueKind::ChunkTasks, task.encode_to_vec().into(), headers)
-            .instrument(trace)
-            .await
-            .map_err(|e| e.to_string())
-    }
+/// Publishes a chunk's task (dispatch number `attempt`) in a `dispatch_chunk` span of the
+/// batch's trace; the task carries the span's context to the executor.
+pub(crate) async fn publish_task(
+    ports: &Ports,
+    batch: &BatchRecord,
+    span: &ChunkSpan,
+    attempt: u32,
+) -> Result<(), String> {
+    let trace = tracing::info_span!(
+        "dispatch_chunk",
+        batch_id = %batch.id,
+        chunk_index = span.index,
+        line_count = span.line_count,
+        attempt,
+    );
+    propagation::set_parent(&trace, batch_trace(batch));
+    let input = FileId::parse(&batch.input_file_id).map_err(|e| e.to_string())?;
+    let task = ChunkTask {
+        schema_version: SCHEMA_VERSION,
+        batch_id: batch.id.to_string(),
+        tenant_id: batch.tenant_id.to_string(),
+        chunk_index: span.index,
+        input_storage_key: FileRecord::storage_key_for(&input),
+        byte_start: span.byte_start,
+        byte_end: span.byte_end,
+        first_line: span.first_line,
+        line_count: span.line_count,
+        endpoint: batch.endpoint.clone(),
+        model: batch.model.clone().unwrap_or_default(),
+        deadline: batch.expires_at,
+        attempt,
+    };
+    let headers = propagation::message_headers(&trace);
+    ports
+        .queue
+        .publish(QueueKind::ChunkTasks, task.encode_to_vec().into(), headers)
+        .instrument(trace)
+        .await
+        .map_err(|e| e.to_string())
 }

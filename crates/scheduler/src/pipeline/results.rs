@@ -1,103 +1,197 @@
 //! Chunk results: an executor reports a chunk whose part is durable; the chunk is marked
 //! done (idempotently) and, when nothing of the batch is left in flight, finalization is
-//! requested. The message is acked only after both are recorded.
+//! requested. The message is acked only after both are recorded. The queue worker
+//! ([`run_worker`]) consumes them: a result that cannot be recorded because the metadata
+//! store is down is held and retried (it never counts toward the delivery limit); one that
+//! can never be recorded (undecodable, an invalid batch id, an unknown report) is
+//! dead-lettered.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use nightshift_core::BatchId;
 use nightshift_proto::v1::ChunkResult;
-use nightshift_queue::{Consumer, QueueKind};
+use nightshift_queue::{
+    CancellationToken, Disposition, Handler, Job, QueueKind, WorkerConfig, async_trait, run_worker,
+};
 use nightshift_telemetry::propagation;
 use prost::Message;
 use tokio::sync::{Notify, watch};
 use tracing::Instrument;
 
-use super::finalize_if_ready;
+use nightshift_core::time::now_unix;
+use nightshift_proto::v1::ChunkReport;
+
+use super::{FinalizeError, PipelineSettings, finalize_if_ready};
 use crate::{Ports, metrics};
 
-/// Consumes chunk results until `stop` turns true. `wake` is notified whenever a chunk
-/// completes, so the dispatcher hands out the freed slot at once.
+/// How long, at shutdown, chunk results being recorded may take before they are re-published.
+pub const RESULTS_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Chunk results recorded at once.
+pub const RESULTS_PREFETCH: u16 = 64;
+
+/// Consumes chunk results until `stop` turns true, through the queue worker
+/// ([`run_worker`]: reconnects, holds results while the metadata store is down without
+/// counting them, drains on shutdown). `wake` is notified whenever a result is recorded, so
+/// the dispatcher hands out a freed slot at once.
 pub async fn consume_results(
     ports: Ports,
-    wake: std::sync::Arc<Notify>,
+    settings: PipelineSettings,
+    wake: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let consumer = tokio::select! {
-            c = ports.queue.consume(QueueKind::ChunkResults, 64) => c,
-            _ = stop.changed() => return,
+    let config = WorkerConfig {
+        shutdown_grace: RESULTS_SHUTDOWN_GRACE,
+        ..WorkerConfig::new(QueueKind::ChunkResults, RESULTS_PREFETCH)
+    }
+    .fit_to(ports.queue.consumer_timeout());
+    let queue = ports.queue.clone();
+    let handler = Arc::new(ResultHandler {
+        ports,
+        settings,
+        wake,
+    });
+    let shutdown = CancellationToken::new();
+    let stopped = {
+        let shutdown = shutdown.clone();
+        async move {
+            // A dropped sender stops too.
+            let _ = stop.wait_for(|stop| *stop).await;
+            shutdown.cancel();
+        }
+    };
+    tokio::join!(run_worker(queue, config, handler, shutdown), stopped);
+}
+
+/// Records one chunk result per delivery.
+struct ResultHandler {
+    ports: Ports,
+    settings: PipelineSettings,
+    wake: Arc<Notify>,
+}
+
+#[async_trait]
+impl Handler for ResultHandler {
+    async fn handle(&self, job: &Job<'_>) -> Disposition {
+        if job.attempt == 1 {
+            propagation::observe_delivery(QueueKind::ChunkResults.as_str(), job.headers);
+        }
+        let result = match ChunkResult::decode(job.payload.as_ref()) {
+            Ok(result) => result,
+            Err(e) => return Disposition::Poison(format!("undecodable chunk result: {e}")),
         };
-        let mut consumer: Box<dyn Consumer> = match consumer {
-            Ok(c) => {
-                backoff = Duration::from_millis(100);
-                c
+        // A child of the executor's chunk span, in the batch's trace.
+        let span = tracing::info_span!(
+            "chunk_result",
+            batch_id = %result.batch_id,
+            chunk_index = result.chunk_index,
+            report = result.report,
+            completed = result.completed,
+            failed = result.failed,
+        );
+        propagation::set_parent_from_headers(&span, job.headers);
+        match handle(&self.ports, &self.settings, &result)
+            .instrument(span)
+            .await
+        {
+            Ok(()) => {
+                self.wake.notify_one();
+                Disposition::Done
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot consume chunk results; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.changed() => return,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-                continue;
+            Err(HandleError::Outage { dependency, error }) => {
+                Disposition::Outage { dependency, error }
             }
-        };
-        loop {
-            let next = tokio::select! {
-                n = consumer.next() => n,
-                _ = stop.changed() => return,
-            };
-            let Some(Ok(delivery)) = next else {
-                tracing::warn!("chunk result consumer ended; reconnecting");
-                break;
-            };
-            propagation::observe_delivery(QueueKind::ChunkResults.as_str(), &delivery.headers);
-            let result = match ChunkResult::decode(delivery.payload.as_ref()) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(error = %e, "undecodable chunk result; dead-lettering");
-                    let _ = delivery.dead_letter().await;
-                    continue;
-                }
-            };
-            // A child of the executor's chunk span, in the batch's trace.
-            let span = tracing::info_span!(
-                "chunk_result",
-                batch_id = %result.batch_id,
-                chunk_index = result.chunk_index,
-                completed = result.completed,
-                failed = result.failed,
-            );
-            propagation::set_parent_from_headers(&span, &delivery.headers);
-            match handle(&ports, &result).instrument(span).await {
-                Ok(()) => {
-                    wake.notify_one();
-                    if let Err(e) = delivery.ack().await {
-                        tracing::warn!(error = %e, "could not ack a chunk result (it will be redelivered)");
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(batch_id = %result.batch_id, chunk = result.chunk_index, error = %e, "chunk result not recorded; requeued");
-                    let _ = delivery.requeue().await;
-                }
-            }
+            Err(HandleError::Invalid(reason)) => Disposition::Poison(reason),
         }
     }
 }
 
-async fn handle(ports: &Ports, result: &ChunkResult) -> Result<(), String> {
-    let Ok(batch) = BatchId::parse(&result.batch_id) else {
-        return Err(format!("invalid batch id {:?}", result.batch_id));
-    };
-    let newly = ports
-        .metadata
-        .complete_chunk(&batch, result.chunk_index)
-        .await
-        .map_err(|e| e.to_string())?;
-    if newly {
-        ::metrics::counter!(metrics::CHUNKS_DONE).increment(1);
-        tracing::debug!(batch_id = %batch, chunk = result.chunk_index, completed = result.completed, failed = result.failed, "chunk done");
+/// Why a chunk result could not be recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    /// A dependency is unreachable (`"metadata"`: the metadata store): the message is fine;
+    /// handle it again once the dependency is back (it does not count toward the delivery
+    /// limit).
+    #[error("{dependency} unavailable: {error}")]
+    Outage {
+        dependency: &'static str,
+        error: String,
+    },
+    /// The message itself can never be handled (an invalid batch id, an unknown report):
+    /// dead-letter it.
+    #[error("invalid chunk result: {0}")]
+    Invalid(String),
+}
+
+impl From<nightshift_metadata::MetadataError> for HandleError {
+    fn from(e: nightshift_metadata::MetadataError) -> Self {
+        Self::Outage {
+            dependency: "metadata",
+            error: e.to_string(),
+        }
     }
-    finalize_if_ready(ports, &batch).await.map(|_| ())
+}
+
+/// Records one chunk result (idempotent: a redelivered result changes nothing):
+/// - `RUNNING` (a heartbeat): the chunk's lease is renewed (`chunk_lease` from now) and the
+///   chunk marked started; ignored for a chunk already done or failed;
+/// - `FAILED`: the chunk is given up with the report's error (unless it is done): its lines
+///   without a result line become `chunk_failed` error lines, and the batch may now be
+///   ready to finalize;
+/// - `DONE`: the chunk is done; the batch is asked to finalize if nothing more will run.
+///
+/// A finalize job that cannot be published is not an error here: the batch is already asked
+/// to finalize, and the stalled-finalization sweep publishes the job again.
+pub(crate) async fn handle(
+    ports: &Ports,
+    settings: &PipelineSettings,
+    result: &ChunkResult,
+) -> Result<(), HandleError> {
+    let Ok(batch) = BatchId::parse(&result.batch_id) else {
+        return Err(HandleError::Invalid(format!(
+            "invalid batch id {:?}",
+            result.batch_id
+        )));
+    };
+    let chunk = result.chunk_index;
+    match ChunkReport::try_from(result.report) {
+        Ok(ChunkReport::Running) => {
+            ports
+                .metadata
+                .renew_chunk_lease(&batch, chunk, now_unix(), settings.chunk_lease_secs())
+                .await?;
+            return Ok(());
+        }
+        Ok(ChunkReport::Failed) => {
+            let failure = if result.error.is_empty() {
+                "the chunk could not be run"
+            } else {
+                result.error.as_str()
+            };
+            if ports.metadata.fail_chunk(&batch, chunk, failure).await? {
+                ::metrics::counter!(metrics::CHUNKS_FAILED, "reason" => "executor").increment(1);
+                tracing::error!(batch_id = %batch, chunk, error = %failure, "chunk given up: an executor reported it can never run");
+            }
+        }
+        Ok(ChunkReport::Done) => {
+            if ports.metadata.complete_chunk(&batch, chunk).await? {
+                ::metrics::counter!(metrics::CHUNKS_DONE).increment(1);
+                tracing::debug!(batch_id = %batch, chunk, completed = result.completed, failed = result.failed, "chunk done");
+            }
+        }
+        Err(_) => {
+            return Err(HandleError::Invalid(format!(
+                "unknown chunk report {}",
+                result.report
+            )));
+        }
+    }
+    match finalize_if_ready(ports, settings, &batch, now_unix()).await {
+        Ok(_) => Ok(()),
+        Err(FinalizeError::Metadata(e)) => Err(e.into()),
+        Err(FinalizeError::Publish(e)) => {
+            tracing::warn!(batch_id = %batch, error = %e, "finalize job not published; the stalled-finalization sweep will");
+            Ok(())
+        }
+    }
 }

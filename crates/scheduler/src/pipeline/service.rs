@@ -1,4 +1,6 @@
-//! The Pipeline gRPC service: what the finalizer asks of the control plane.
+//! The Pipeline gRPC service: what the finalizer asks of the control plane — the plan of a
+//! batch to finalize (with each chunk's failure, if it was given up), the finalization lease
+//! (one finalizer at a time per batch), and the commit of its terminal state.
 
 use nightshift_core::file::FileRecord;
 use nightshift_core::results::Usage;
@@ -84,6 +86,7 @@ impl Pipeline for PipelineService {
                     first_line: c.span.first_line,
                     line_count: c.span.line_count,
                     done: c.done,
+                    failure: c.failure,
                 })
                 .collect(),
             // a terminal batch has no ending to apply: the finalizer only cleans up
@@ -125,5 +128,54 @@ impl Pipeline for PipelineService {
             failed = commit.failed, "batch ended"
         );
         Ok(Response::new(v1::Batch::from(&batch)))
+    }
+
+    async fn lease_finalization(
+        &self,
+        request: Request<v1::LeaseFinalizationRequest>,
+    ) -> Result<Response<v1::LeaseFinalizationResponse>, Status> {
+        let req = request.into_inner();
+        let id = batch_id(&req.batch_id)?;
+        if req.holder.is_empty() {
+            return Err(err(ApiError::invalid_value(
+                "holder",
+                "a lease needs a holder",
+            )));
+        }
+        if req.release {
+            self.ports
+                .metadata
+                .release_finalization(&id, &req.holder)
+                .await
+                .map_err(store_err)?;
+            return Ok(Response::new(v1::LeaseFinalizationResponse {
+                granted: false,
+                expires_at: 0,
+                holder: String::new(),
+            }));
+        }
+        if req.ttl_seconds == 0 {
+            return Err(err(ApiError::invalid_value(
+                "ttl_seconds",
+                "a lease lasts at least one second",
+            )));
+        }
+        let lease = self
+            .ports
+            .metadata
+            .lease_finalization(&id, &req.holder, now_unix(), i64::from(req.ttl_seconds))
+            .await
+            .map_err(store_err)?;
+        if !lease.granted {
+            tracing::info!(
+                batch_id = %id, holder = %req.holder, held_by = ?lease.holder,
+                "finalization lease not granted"
+            );
+        }
+        Ok(Response::new(v1::LeaseFinalizationResponse {
+            granted: lease.granted,
+            expires_at: lease.expires_at.unwrap_or_default(),
+            holder: lease.holder.unwrap_or_default(),
+        }))
     }
 }
