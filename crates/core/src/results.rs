@@ -1,9 +1,9 @@
 //! Result lines (the output and error files' JSONL) and token usage accounting.
 //!
-//! Executors build one [`ResultLine`] per input line and write them, one part per chunk, with
-//! [`ResultLine::write_json_line`]. The finalizer concatenates the parts and re-reads every line
-//! with [`ResultLineSummary::parse`] to count successes and failures and to sum [`Usage`]: the
-//! parts are the authoritative record, Redis counts only a live view.
+//! Executors build one [`ResultLine`] per input line that has a result and write them, one part
+//! per chunk, with [`ResultLine::write_json_line`]. The finalizer concatenates the parts and
+//! re-reads every line with [`ResultLineSummary::parse`] to count successes and failures and to
+//! sum [`Usage`]: the parts are the authoritative record, Redis counts only a live view.
 //!
 //! Line shape (openai-compat.md, "Result lines"), keys in this order:
 //! ```text
@@ -12,6 +12,22 @@
 //! ```
 //! A line is a success (output file) when it has a response with a 2xx status; anything else
 //! goes to the error file.
+//!
+//! # Error codes of lines without a response
+//!
+//! | `error.code` | when | final |
+//! | --- | --- | --- |
+//! | `batch_expired` | the batch's deadline passed before the request was sent | no |
+//! | `batch_cancelled` | the batch was cancelled before the request was sent | no |
+//! | `request_timeout` | every attempt timed out without an answer | yes |
+//! | `upstream_unreachable` | no attempt reached an upstream (or none serves the model) | yes |
+//! | `response_too_large` | the upstream's answer was larger than its `max_response_bytes` (the message names the limit); not retried | yes |
+//! | `chunk_failed` | the chunk holding the line could not be run (the message says why and how many attempts were made) | yes |
+//!
+//! A *final* line ([`ResultLine::is_final`], [`NoResponseCode::is_final`]) is one a later run
+//! of its chunk must keep: any upstream answer (whatever its status), or an error that says
+//! what happened to the request. `batch_expired` and `batch_cancelled` are not final: the
+//! request never reached an upstream, so running it again loses nothing.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -82,6 +98,11 @@ pub enum NoResponseCode {
     RequestTimeout,
     /// No attempt could reach an upstream (connection refused, DNS, TLS, reset, ...).
     UpstreamUnreachable,
+    /// The upstream's answer was larger than the upstream's `max_response_bytes`: it was not
+    /// read past the limit, and not retried (it would be as large again).
+    ResponseTooLarge,
+    /// The chunk holding this line could not be run: it was given up after its attempts.
+    ChunkFailed,
 }
 
 impl NoResponseCode {
@@ -92,7 +113,25 @@ impl NoResponseCode {
             Self::BatchCancelled => "batch_cancelled",
             Self::RequestTimeout => "request_timeout",
             Self::UpstreamUnreachable => "upstream_unreachable",
+            Self::ResponseTooLarge => "response_too_large",
+            Self::ChunkFailed => "chunk_failed",
         }
+    }
+
+    /// Every code.
+    pub const ALL: [Self; 6] = [
+        Self::BatchExpired,
+        Self::BatchCancelled,
+        Self::RequestTimeout,
+        Self::UpstreamUnreachable,
+        Self::ResponseTooLarge,
+        Self::ChunkFailed,
+    ];
+
+    /// True when a line with this code is a final result (see the [module docs](self)): every
+    /// code but `batch_expired` and `batch_cancelled`, which mean the request was never sent.
+    pub fn is_final(self) -> bool {
+        !matches!(self, Self::BatchExpired | Self::BatchCancelled)
     }
 
     /// A message suitable for `error.message` when the caller has nothing more specific.
@@ -108,6 +147,10 @@ impl NoResponseCode {
             Self::UpstreamUnreachable => {
                 "No upstream serving this model could be reached, on any attempt."
             }
+            Self::ResponseTooLarge => {
+                "The upstream's answer to this request was larger than the configured limit."
+            }
+            Self::ChunkFailed => "The part of the batch holding this request could not be run.",
         }
     }
 }
@@ -302,6 +345,15 @@ impl ResultLine {
         matches!(&self.outcome, Outcome::Response(r) if (200..300).contains(&r.status_code))
     }
 
+    /// True for a final line (see the [module docs](self)): an upstream answer of any status,
+    /// or an error whose code [`is_final`](NoResponseCode::is_final).
+    pub fn is_final(&self) -> bool {
+        match &self.outcome {
+            Outcome::Response(_) => true,
+            Outcome::NoResponse(error) => error.code.is_final(),
+        }
+    }
+
     /// Usage to account for this line: the body's for a success, zero otherwise.
     pub fn usage(&self) -> Usage {
         match &self.outcome {
@@ -478,9 +530,13 @@ pub enum ResultLineError {
     Ambiguous,
 }
 
-/// What the finalizer needs from a result line: whose it is, how it ended, and its usage.
+/// What the finalizer (and an executor re-running a chunk) needs from a result line: whose it
+/// is, how it ended, and its usage.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResultLineSummary {
+    /// The line's `id`: [`BatchRequestId::for_line`] of its input line, so a reader matches
+    /// result lines to input lines without any other index.
+    pub id: BatchRequestId,
     /// The line's `custom_id`.
     pub custom_id: String,
     /// True when the line has a response with a 2xx status (an output-file line).
@@ -494,8 +550,8 @@ pub struct ResultLineSummary {
 }
 
 impl ResultLineSummary {
-    /// Reads one result line (a trailing `\n` is allowed). Only `custom_id`, the status or
-    /// error code, and the body's `usage` are extracted; the rest of the body is skipped
+    /// Reads one result line (a trailing `\n` is allowed). Only `id`, `custom_id`, the status
+    /// or error code, and the body's `usage` are extracted; the rest of the body is skipped
     /// without being built.
     pub fn parse(line: &[u8]) -> Result<Self, ResultLineError> {
         let raw: RawResultLine<'_> = serde_json::from_slice(line)?;
@@ -507,6 +563,7 @@ impl ResultLineSummary {
                     _ => Usage::default(),
                 };
                 Ok(Self {
+                    id: raw.id,
                     custom_id: raw.custom_id.into_owned(),
                     succeeded,
                     status_code: Some(response.status_code),
@@ -515,6 +572,7 @@ impl ResultLineSummary {
                 })
             }
             (None, Some(error)) => Ok(Self {
+                id: raw.id,
                 custom_id: raw.custom_id.into_owned(),
                 succeeded: false,
                 status_code: None,
@@ -524,10 +582,17 @@ impl ResultLineSummary {
             _ => Err(ResultLineError::Ambiguous),
         }
     }
+
+    /// True for a final line (see the [module docs](self)): a response of any status, or an
+    /// error whose code [`is_final`](NoResponseCode::is_final).
+    pub fn is_final(&self) -> bool {
+        self.status_code.is_some() || self.no_response_code.is_some_and(NoResponseCode::is_final)
+    }
 }
 
 #[derive(Deserialize)]
 struct RawResultLine<'a> {
+    id: BatchRequestId,
     #[serde(borrow)]
     custom_id: Cow<'a, str>,
     response: Option<RawResponse>,
@@ -689,9 +754,24 @@ mod tests {
             (NoResponseCode::BatchCancelled, "batch_cancelled"),
             (NoResponseCode::RequestTimeout, "request_timeout"),
             (NoResponseCode::UpstreamUnreachable, "upstream_unreachable"),
+            (NoResponseCode::ResponseTooLarge, "response_too_large"),
+            (NoResponseCode::ChunkFailed, "chunk_failed"),
         ] {
             let line = ResultLine::no_response(id(), "r", code, None);
             assert!(!line.is_success());
+            assert_eq!(
+                line.is_final(),
+                !matches!(
+                    code,
+                    NoResponseCode::BatchExpired | NoResponseCode::BatchCancelled
+                )
+            );
+            assert_eq!(
+                ResultLineSummary::parse(&line.to_json_line())
+                    .unwrap()
+                    .is_final(),
+                line.is_final()
+            );
             let text = String::from_utf8(line.to_json_line()).unwrap();
             assert_eq!(
                 text,
@@ -934,6 +1014,7 @@ mod tests {
         assert_eq!(
             summary,
             ResultLineSummary {
+                id: id(),
                 custom_id: "a".to_owned(),
                 succeeded: true,
                 status_code: Some(200),
@@ -942,11 +1023,14 @@ mod tests {
             }
         );
         assert_eq!(summary.usage.total_tokens, 17);
+        assert!(summary.is_final());
 
         // A failed response's usage is not counted, even if its body has one.
         let failed = ResultLine::response(id(), "b", 500, "r2", chat_body());
+        assert!(failed.is_final());
         let summary = ResultLineSummary::parse(&failed.to_json_line()).unwrap();
         assert!(!summary.succeeded);
+        assert!(summary.is_final());
         assert_eq!(summary.status_code, Some(500));
         assert_eq!(summary.usage, Usage::default());
 
@@ -965,26 +1049,30 @@ mod tests {
         assert!(summary.succeeded);
         assert_eq!(summary.usage, Usage::default());
 
-        let both = br#"{"custom_id": "a", "response": {"status_code": 200}, "error": {"code": "batch_expired", "message": "m"}}"#;
+        let both = br#"{"id": "x", "custom_id": "a", "response": {"status_code": 200}, "error": {"code": "batch_expired", "message": "m"}}"#;
         assert!(matches!(
             ResultLineSummary::parse(both),
             Err(ResultLineError::Ambiguous)
         ));
-        let neither = br#"{"custom_id": "a", "response": null, "error": null}"#;
+        let neither = br#"{"id": "x", "custom_id": "a", "response": null, "error": null}"#;
         assert!(matches!(
             ResultLineSummary::parse(neither),
             Err(ResultLineError::Ambiguous)
         ));
         assert!(matches!(
-            ResultLineSummary::parse(b"{\"custom_id\": 1}"),
+            ResultLineSummary::parse(b"{\"id\": \"x\", \"custom_id\": 1}"),
+            Err(ResultLineError::Json(_))
+        ));
+        let no_id = br#"{"custom_id": "a", "response": null, "error": {"code": "batch_expired", "message": "m"}}"#;
+        assert!(matches!(
+            ResultLineSummary::parse(no_id),
             Err(ResultLineError::Json(_))
         ));
         assert!(matches!(
             ResultLineSummary::parse(b"not json"),
             Err(ResultLineError::Json(_))
         ));
-        let unknown_code =
-            br#"{"custom_id": "a", "response": null, "error": {"code": "nope", "message": "m"}}"#;
+        let unknown_code = br#"{"id": "x", "custom_id": "a", "response": null, "error": {"code": "nope", "message": "m"}}"#;
         assert!(ResultLineSummary::parse(unknown_code).is_err());
     }
 }

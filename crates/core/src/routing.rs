@@ -12,6 +12,7 @@
 //! models = ["llama-3.1-8b", "qwen2.5-7b"]
 //! max_concurrency = 128
 //! timeout = "5m"
+//! max_response_bytes = 33554432   # 32 MiB; default 16 MiB
 //!
 //! [[routing.upstreams]]
 //! name = "openai"
@@ -103,7 +104,22 @@ pub struct UpstreamConfig {
     /// chunk). Default 60 s.
     #[serde(default = "defaults::max_retry_after", with = "duration_text")]
     pub max_retry_after: Duration,
+
+    /// Largest answer body read from this upstream, in bytes (at least
+    /// [`MIN_MAX_RESPONSE_BYTES`]). The body is read as it arrives and never held past this;
+    /// an answer that declares a larger `Content-Length` is refused before its body is read.
+    /// A larger answer ends its request with a `response_too_large` error line (not retried:
+    /// the same request would be answered as large again). Bounds an executor's memory: at
+    /// most `max_concurrency` bodies of this size are read at once per upstream, whatever
+    /// `n`, `max_tokens` or `logprobs` the requests ask for. Result lines are at most this
+    /// plus the line's `custom_id` and ~200 bytes. Default 16 MiB.
+    #[serde(default = "defaults::max_response_bytes")]
+    pub max_response_bytes: usize,
 }
+
+/// The smallest [`UpstreamConfig::max_response_bytes`] accepted: 64 KiB (an ordinary answer,
+/// or an error page, must fit).
+pub const MIN_MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
 /// Default values of [`UpstreamConfig`]'s optional fields.
 pub mod defaults {
@@ -136,6 +152,11 @@ pub mod defaults {
     pub fn max_retry_after() -> Duration {
         Duration::from_secs(60)
     }
+    /// [`UpstreamConfig::max_response_bytes`](super::UpstreamConfig::max_response_bytes):
+    /// 16 MiB.
+    pub fn max_response_bytes() -> usize {
+        16 * 1024 * 1024
+    }
 }
 
 impl UpstreamConfig {
@@ -157,6 +178,7 @@ impl UpstreamConfig {
             backoff_base: defaults::backoff_base(),
             backoff_max: defaults::backoff_max(),
             max_retry_after: defaults::max_retry_after(),
+            max_response_bytes: defaults::max_response_bytes(),
         }
     }
 
@@ -281,6 +303,12 @@ impl UpstreamConfig {
                 self.backoff_base, self.backoff_max
             ));
         }
+        if self.max_response_bytes < MIN_MAX_RESPONSE_BYTES {
+            return Err(format!(
+                "upstream {name:?}: max_response_bytes ({}) must be at least {MIN_MAX_RESPONSE_BYTES}",
+                self.max_response_bytes
+            ));
+        }
         Ok(())
     }
 }
@@ -340,6 +368,17 @@ impl RoutingConfig {
     /// True when some upstream serves `model`.
     pub fn serves(&self, model: &str) -> bool {
         self.route_index(model).is_some()
+    }
+
+    /// The largest [`max_response_bytes`](UpstreamConfig::max_response_bytes) of the table
+    /// (the default when it is empty): no result line an executor with this table writes
+    /// holds a larger body, so a reader of result parts sizes its line limit from it.
+    pub fn largest_max_response_bytes(&self) -> usize {
+        self.upstreams
+            .iter()
+            .map(|upstream| upstream.max_response_bytes)
+            .max()
+            .unwrap_or_else(defaults::max_response_bytes)
     }
 
     /// Checks the table: every entry is well formed (see [`UpstreamConfig`]'s fields), names
@@ -535,6 +574,8 @@ mod tests {
         assert_eq!(u.backoff_base, Duration::from_millis(250));
         assert_eq!(u.backoff_max, Duration::from_secs(30));
         assert_eq!(u.max_retry_after, Duration::from_secs(60));
+        assert_eq!(u.max_response_bytes, 16 * 1024 * 1024);
+        assert_eq!(routing.largest_max_response_bytes(), 16 * 1024 * 1024);
         assert_eq!(u.api_key_env, None);
         assert_eq!(u, &UpstreamConfig::new("vllm", "http://h:8000/v1", ["m"]));
 
@@ -549,7 +590,7 @@ mod tests {
                 "name": "vllm", "base_url": "http://h:8000/v1", "models": ["m"],
                 "api_key_env": "VLLM_KEY", "max_concurrency": 4, "initial_concurrency": 2,
                 "timeout": "1m 30s", "max_attempts": 3, "backoff_base": "10ms",
-                "backoff_max": "2s", "max_retry_after": "5m"
+                "backoff_max": "2s", "max_retry_after": "5m", "max_response_bytes": 1048576
             }]
         }))
         .unwrap();
@@ -560,6 +601,7 @@ mod tests {
         assert_eq!(u.max_retry_after, Duration::from_secs(300));
         assert_eq!(u.initial_limit(), 2);
         assert_eq!(u.api_key_env.as_deref(), Some("VLLM_KEY"));
+        assert_eq!(u.max_response_bytes, 1 << 20);
 
         let text = serde_json::to_value(&routing).unwrap();
         assert_eq!(text["upstreams"][0]["timeout"], "1m 30s");
@@ -720,6 +762,8 @@ mod tests {
         assert!(check(|u| u.api_key_env = Some(String::new())).is_err());
         assert!(check(|u| u.api_key_env = Some("A=B".into())).is_err());
         assert!(check(|u| u.api_key_env = Some("OPENAI_API_KEY".into())).is_ok());
+        assert!(check(|u| u.max_response_bytes = MIN_MAX_RESPONSE_BYTES - 1).is_err());
+        assert!(check(|u| u.max_response_bytes = MIN_MAX_RESPONSE_BYTES).is_ok());
 
         let small = UpstreamConfig {
             max_concurrency: 4,

@@ -10,21 +10,25 @@
 //!    `body` object, and the chunk must hold exactly `line_count` of them: anything else
 //!    means the task does not describe its input, and the chunk fails with
 //!    [`ChunkError::InvalidInput`] before any request is sent.
-//! 2. **Run.** The requests run concurrently, at most
+//! 2. **Keep.** The chunk's part, if an earlier run wrote one, is read and its *final* lines
+//!    are kept (see "Re-runs" below). Only the other lines are run.
+//! 3. **Run.** The requests run concurrently, at most
 //!    [`chunk_concurrency`](RunnerSettings::chunk_concurrency) at a time, through the
-//!    upstream that serves the task's model ([`Upstream::call`]: retries, backoff, AIMD
-//!    limit, deadline). The body is sent as the user wrote it, byte for byte (see
-//!    [`request`](crate::request)).
-//! 3. **Record.** Every finished line goes to a recorder task that calls
+//!    upstream that serves the task's model ([`Upstream::call_started_by`]: retries, backoff,
+//!    AIMD limit, deadline, time budget). The body is sent as the user wrote it, byte for byte
+//!    (see [`request`](crate::request)).
+//! 4. **Record.** Every finished line (and every kept one) goes to a recorder task that calls
 //!    [`LiveState::record`] in small groups ([`record_batch`](RunnerSettings::record_batch)
 //!    lines or [`record_interval`](RunnerSettings::record_interval)), so live counts move
 //!    while the chunk runs. The state counts each line at most once, so a redelivered chunk
 //!    counts nothing twice. A state failure never fails the chunk: the group is kept and
 //!    retried with the next one, and given up (logged) at the end of the chunk.
-//! 4. **Write.** Every result line — output and error lines together, in line order — goes
-//!    into ONE object at [`part_key`]`(batch, chunk_index)`, written whole. Ids come from
-//!    [`BatchRequestId::for_line`], so a chunk that runs again rewrites the same part, with
-//!    the same ids, differing at most in what the upstream answered.
+//! 5. **Write.** Every result line — kept and new, output and error lines together, in line
+//!    order — goes into ONE object at [`part_key`]`(batch, chunk_index)`, streamed through
+//!    [`ObjectStore::upload`] (one PUT when small, a multipart upload when large). Ids come
+//!    from [`BatchRequestId::for_line`], so a reader matches part lines to input lines by id
+//!    alone. A run that changed nothing (no new line, every earlier line kept) writes
+//!    nothing.
 //!
 //! # Which error line a request gets when it never reaches the upstream
 //!
@@ -33,33 +37,87 @@
 //! | the batch was cancelled before the request started | `batch_cancelled` |
 //! | the deadline (`task.deadline`: `expires_at`) passed before it started | `batch_expired` |
 //! | no upstream of this executor serves the model | `upstream_unreachable`, naming the model |
+//! | the chunk's time budget was spent before it started | none: the line is left out of the part |
 //!
-//! Cancellation wins over expiry when both hold. Cancellation is learnt by polling
-//! [`LiveState::is_cancelled`] once before the first request and then every
-//! [`cancel_poll`](RunnerSettings::cancel_poll) while the chunk runs; requests already sent
-//! finish and keep their answers.
+//! Cancellation wins over expiry, and both over the time budget, when several hold.
+//! Cancellation is learnt by polling [`LiveState::is_cancelled`] once before the first
+//! request and then every [`cancel_poll`](RunnerSettings::cancel_poll) while the chunk runs;
+//! requests already sent finish and keep their answers. An upstream answer larger than the
+//! upstream's `max_response_bytes` becomes a `response_too_large` line (see
+//! [`upstream`](crate::upstream)).
+//!
+//! # Re-runs
+//!
+//! A chunk may run again: a redelivery after a crash or a lost ack, a continuation after the
+//! time budget, a re-drive after its lease expired — also once its batch is cancelled or past
+//! its deadline. A re-run never loses a result: before running anything, [`run_chunk`] reads
+//! the chunk's existing part (none: every line runs) and keeps every line that is *final*
+//! ([`ResultLine::is_final`]: an upstream answer of any status, or an error other than
+//! `batch_cancelled` / `batch_expired`) and belongs to the chunk (its `id` is one of the
+//! chunk's lines and its `custom_id` matches). Only the other lines are run, and the part
+//! written holds the kept lines, byte for byte, and the new ones, in line order. So a 2xx is
+//! never overwritten, and a re-run after cancel or deadline sends nothing for lines already
+//! done. A part line that cannot be read (not a result line, or longer than
+//! `4 × max_response_bytes + 6 × max_line_bytes + 1 MiB`) is not kept: its request runs again.
+//! Kept lines are sent to the live state again (it counts each line once) and counted in the
+//! [`ChunkOutcome`], which always describes the whole part.
+//!
+//! # Time budget
+//!
+//! A chunk's wall clock must stay well under the broker's consumer timeout, whatever its size
+//! and however slow the upstream. Once [`chunk_time_budget`](RunnerSettings::chunk_time_budget)
+//! has passed since [`run_chunk`] began, no new request of the chunk starts (a request still
+//! waiting for a permit of the upstream's limiter does not start either); requests in flight
+//! finish, retries included. The part then holds what is done — lines never started are left
+//! out, not written as errors — and [`ChunkOutcome::complete`] is false: the service publishes
+//! the task again, and the next run continues from the part (see "Re-runs"). The longest a
+//! run takes is thus about the budget plus one request's longest life (`max_attempts` ×
+//! `timeout` plus backoffs), plus reading and writing.
 //!
 //! # Memory
 //!
-//! A chunk holds its input range (the parsed requests share its bytes) and its result lines
-//! until the part is written. Both are bounded by the chunk's size, which the scheduler's
-//! chunking bounds (`chunk_max_lines`, `chunk_max_bytes`, a few MB by default): results are
-//! at most `line_count` upstream answers. An executor holds at most `prefetch` chunks.
+//! A chunk holds its input range (the parsed requests share its bytes), bounded by the
+//! scheduler's chunking (`chunk_max_lines`, `chunk_max_bytes`, a few MB by default). Each
+//! upstream answer is read up to the upstream's `max_response_bytes` (default 16 MiB), and at
+//! most `chunk_concurrency` are read at once (and the upstream's limit, `max_concurrency`,
+//! bounds them across chunks). A finished line is serialised at once; result lines are held
+//! in memory up to [`result_memory_bytes`](RunnerSettings::result_memory_bytes) per chunk
+//! (default 32 MiB), and the rest go to an anonymous temporary file (in `$TMPDIR`, deleted
+//! when the chunk ends, however it ends). The part is uploaded from there in line order, in
+//! pieces of at most 1 MiB besides the storage adapter's own part buffers. An executor holds
+//! at most `prefetch` chunks.
+//!
+//! # Errors
+//!
+//! | error | means | service |
+//! | --- | --- | --- |
+//! | [`InvalidTask`](ChunkError::InvalidTask), [`InvalidInput`](ChunkError::InvalidInput) | the task does not describe its input | permanent: report the chunk failed |
+//! | [`InputMissing`](ChunkError::InputMissing) | the input object does not exist | permanent: report the chunk failed |
+//! | [`ReadInput`](ChunkError::ReadInput), [`ReadPart`](ChunkError::ReadPart), [`WritePart`](ChunkError::WritePart) with a `Backend` error | object storage is down | [`is_outage`](ChunkError::is_outage): wait and run it again |
+//! | [`Spill`](ChunkError::Spill), and the storage errors above that are not `Backend` | this run failed on its own | retry later (counts toward the delivery limit) |
+//!
+//! A live-state failure is never an error (see step 4), and an upstream failure is a result
+//! line, never an error.
 
+use std::collections::HashMap;
+use std::io::SeekFrom;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use nightshift_core::BatchId;
 use nightshift_core::batch::part_key;
 use nightshift_core::jsonl::{JsonlItem, JsonlSplitter};
-use nightshift_core::results::{BatchRequestId, NoResponseCode, Outcome, ResultLine, Usage};
+use nightshift_core::results::{
+    BatchRequestId, NoResponseCode, Outcome, ResultLine, ResultLineSummary, Usage,
+};
 use nightshift_proto::v1::{self, ChunkResult, ChunkTask};
 use nightshift_state::{LineOutcome, LiveState, StateError};
-use nightshift_storage::{ByteRange, ObjectStore, StorageError};
+use nightshift_storage::{ByteRange, ObjectStore, ObjectUpload, StorageError};
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -79,6 +137,10 @@ pub const RECORDER_FINISH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest time a deadline is taken to be in the future; a later one is cut to this (an
 /// `Instant` cannot hold arbitrary dates).
 const MAX_DEADLINE_DISTANCE: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Largest piece a part is written in: small lines are gathered up to it, spilled lines are
+/// read back in pieces of at most this.
+const WRITE_PIECE: usize = 1 << 20;
 
 /// How chunks are run. Part of [`ExecutorConfig`](crate::service::ExecutorConfig).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +163,15 @@ pub struct RunnerSettings {
     /// Longest a finished line waits before it is sent to the live state. Default 200 ms.
     #[serde(with = "humantime_serde")]
     pub record_interval: Duration,
+    /// How long one run of a chunk may start requests (> 0); past it the run ends with the
+    /// requests in flight and writes a partial part (see the module docs, "Time budget").
+    /// Together with the longest request (`max_attempts` × `timeout` of the upstreams) it
+    /// must stay well under the broker's consumer timeout. Default 10 minutes.
+    #[serde(with = "humantime_serde")]
+    pub chunk_time_budget: Duration,
+    /// Bytes of result lines one chunk keeps in memory; the rest wait in a temporary file
+    /// until the part is written. 0 sends every line to the file. Default 32 MiB.
+    pub result_memory_bytes: usize,
 }
 
 impl Default for RunnerSettings {
@@ -111,6 +182,8 @@ impl Default for RunnerSettings {
             max_line_bytes: nightshift_core::validation::ValidationLimits::default().max_line_bytes,
             record_batch: 64,
             record_interval: Duration::from_millis(200),
+            chunk_time_budget: Duration::from_secs(600),
+            result_memory_bytes: 32 * 1024 * 1024,
         }
     }
 }
@@ -119,7 +192,7 @@ impl RunnerSettings {
     /// Checks every field; the error names the bad one.
     ///
     /// # Errors
-    /// A zero count or duration.
+    /// A zero count or duration (`result_memory_bytes` may be 0).
     pub fn validate(&self) -> Result<(), String> {
         if self.chunk_concurrency == 0 {
             return Err("chunk_concurrency must be at least 1".into());
@@ -135,6 +208,9 @@ impl RunnerSettings {
         }
         if self.record_interval.is_zero() {
             return Err("record_interval must be more than 0".into());
+        }
+        if self.chunk_time_budget.is_zero() {
+            return Err("chunk_time_budget must be more than 0".into());
         }
         Ok(())
     }
@@ -162,7 +238,8 @@ pub enum LineKind {
     Cancelled,
     /// `batch_expired`.
     Expired,
-    /// Any other error-file line (an error status, a timeout, an unreachable upstream).
+    /// Any other error-file line (an error status, a timeout, an unreachable upstream, an
+    /// answer too large).
     Failed,
 }
 
@@ -181,13 +258,34 @@ impl LineKind {
             return Self::Succeeded;
         }
         match &line.outcome {
-            Outcome::NoResponse(error) if error.code == NoResponseCode::BatchCancelled => {
-                Self::Cancelled
-            }
-            Outcome::NoResponse(error) if error.code == NoResponseCode::BatchExpired => {
-                Self::Expired
-            }
+            Outcome::NoResponse(error) => Self::of_code(error.code),
+            Outcome::Response(_) => Self::Failed,
+        }
+    }
+
+    /// Classifies a line read back from a part.
+    fn of_summary(line: &ResultLineSummary) -> Self {
+        if line.succeeded {
+            return Self::Succeeded;
+        }
+        line.no_response_code.map_or(Self::Failed, Self::of_code)
+    }
+
+    fn of_code(code: NoResponseCode) -> Self {
+        match code {
+            NoResponseCode::BatchCancelled => Self::Cancelled,
+            NoResponseCode::BatchExpired => Self::Expired,
             _ => Self::Failed,
+        }
+    }
+
+    /// Its position in [`ALL`](Self::ALL).
+    fn index(self) -> usize {
+        match self {
+            Self::Succeeded => 0,
+            Self::Cancelled => 1,
+            Self::Expired => 2,
+            Self::Failed => 3,
         }
     }
 
@@ -202,13 +300,20 @@ impl LineKind {
     }
 }
 
-/// A chunk whose part is written: what its [`ChunkResult`] reports.
+/// A chunk whose part is written: what its [`ChunkResult`] reports. The counts cover every
+/// line of the part, kept ones included.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChunkOutcome {
     /// The part's object key ([`part_key`]).
     pub part_key: String,
-    /// The part's size in bytes.
+    /// The part's size in bytes (0: no part, when a run finished no line at all).
     pub part_bytes: u64,
+    /// True when the part holds a line for every request of the chunk: the chunk is done.
+    /// False when the time budget ended the run first: the task must run again (a
+    /// continuation), which keeps these lines and runs the rest.
+    pub complete: bool,
+    /// Of the lines below: final lines kept from the part of an earlier run.
+    pub kept: u64,
     /// Lines with a 2xx answer (the output file's).
     pub succeeded: u64,
     /// Every other line (the error file's), `cancelled` and `expired` included.
@@ -222,7 +327,8 @@ pub struct ChunkOutcome {
 }
 
 impl ChunkOutcome {
-    /// The chunk-result message announcing this outcome for `task`.
+    /// The chunk-result message announcing this outcome for `task` (a `DONE` report: send it
+    /// only for a [`complete`](Self::complete) outcome).
     pub fn result_message(&self, task: &ChunkTask) -> ChunkResult {
         ChunkResult {
             schema_version: SCHEMA_VERSION,
@@ -231,14 +337,20 @@ impl ChunkOutcome {
             completed: self.succeeded,
             failed: self.failed,
             usage: Some(v1::Usage::from(&self.usage)),
+            ..ChunkResult::default()
         }
     }
 
-    fn count(&mut self, line: &ResultLine) {
-        match LineKind::of(line) {
+    /// Lines in the part.
+    pub fn lines(&self) -> u64 {
+        self.succeeded + self.failed
+    }
+
+    fn count(&mut self, kind: LineKind, usage: &Usage) {
+        match kind {
             LineKind::Succeeded => {
                 self.succeeded += 1;
-                self.usage.merge(&line.usage());
+                self.usage.merge(usage);
             }
             LineKind::Cancelled => {
                 self.failed += 1;
@@ -265,121 +377,450 @@ pub enum ChunkError {
     /// Running it again cannot help.
     #[error("the chunk's input does not match its task: {0}")]
     InvalidInput(String),
-    /// Reading the input failed (storage unreachable, the object missing). May work later.
+    /// The input object does not exist (inputs outlive their batches, so it will not come
+    /// back). Running it again cannot help.
+    #[error("the chunk's input {0} does not exist")]
+    InputMissing(String),
+    /// Reading the input failed.
     #[error("reading the chunk's input failed: {0}")]
     ReadInput(#[source] StorageError),
-    /// Writing the part failed. May work later.
+    /// Reading the part of an earlier run failed (a missing part is not an error).
+    #[error("reading the chunk's earlier part failed: {0}")]
+    ReadPart(#[source] StorageError),
+    /// Writing the part failed.
     #[error("writing the chunk's part failed: {0}")]
     WritePart(#[source] StorageError),
+    /// The temporary file holding result lines failed (the disk is full, `$TMPDIR` is not
+    /// writable).
+    #[error("the chunk's temporary result file failed: {0}")]
+    Spill(#[source] std::io::Error),
 }
 
 impl ChunkError {
-    /// True when running the chunk again cannot succeed: the task should be dead-lettered,
-    /// not requeued.
+    /// The dependency named by [`is_outage`](Self::is_outage) errors.
+    pub const OUTAGE_DEPENDENCY: &'static str = "object storage";
+
+    /// True when running the chunk again cannot succeed: report the chunk failed and
+    /// dead-letter the task, do not retry.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, Self::InvalidTask(_) | Self::InvalidInput(_))
+        matches!(
+            self,
+            Self::InvalidTask(_) | Self::InvalidInput(_) | Self::InputMissing(_)
+        )
+    }
+
+    /// True when object storage failed ([`StorageError::Backend`] reading the input or the
+    /// earlier part, or writing the part): the dependency is down, not the task at fault.
+    /// Wait and run it again, without counting the failure against the task.
+    pub fn is_outage(&self) -> bool {
+        matches!(
+            self,
+            Self::ReadInput(StorageError::Backend(_))
+                | Self::ReadPart(StorageError::Backend(_))
+                | Self::WritePart(StorageError::Backend(_))
+        )
     }
 }
 
 /// Runs one chunk to its written part; see the [module docs](self) for every step.
 ///
-/// Idempotent: running a chunk again (a redelivery) rewrites the same part, with the same
-/// line ids, and counts no line twice in the live state. Cancel-safe: dropping the future
-/// stops the chunk's requests (those in flight are abandoned) and its cancel watcher; its
-/// recorder still flushes the lines that finished; no part is written.
+/// Idempotent and never losing a result: running a chunk again keeps every final line of its
+/// part (see "Re-runs"), rewrites the others with the same ids, and counts no line twice in
+/// the live state. Cancel-safe: dropping the future stops the chunk's requests (those in
+/// flight are abandoned), its cancel watcher, its temporary file and any upload under way;
+/// its recorder still flushes the lines that finished; no part is written.
 ///
 /// # Errors
-/// [`ChunkError`]; [`ChunkError::is_permanent`] says whether retrying can help. A live-state
-/// failure is never an error.
+/// [`ChunkError`]; [`ChunkError::is_permanent`] and [`ChunkError::is_outage`] say what to do
+/// with the task. A live-state failure is never an error.
 pub async fn run_chunk(task: &ChunkTask, deps: &ChunkDeps) -> Result<ChunkOutcome, ChunkError> {
-    let batch = check_task(task)?;
-    let deadline = deadline_instant(task.deadline, SystemTime::now(), Instant::now());
-    let requests = read_requests(task, deps).await?;
+    let started = Instant::now();
     let settings = &deps.settings;
+    let batch = check_task(task)?;
+    let deadline = deadline_instant(task.deadline, SystemTime::now(), started);
+    let start_by = started
+        .checked_add(settings.chunk_time_budget)
+        .unwrap_or_else(|| started + MAX_DEADLINE_DISTANCE);
+    let requests = read_requests(task, deps).await?;
+    let line_count = requests.len();
+    let key = part_key(&batch, task.chunk_index);
 
-    let cancel = CancelFlag::new();
-    if is_cancelled(deps.state.as_ref(), batch.as_str()).await {
-        tracing::info!("batch is cancelled: no request of this chunk will start");
-        cancel.cancel();
-    }
-    let watcher = AbortOnDrop(tokio::spawn(watch_cancel(
-        Arc::clone(&deps.state),
-        batch.as_str().to_owned(),
-        cancel.clone(),
-        settings.cancel_poll,
-    )));
     let recorder = Recorder::start(
         Arc::clone(&deps.state),
         batch.as_str().to_owned(),
         settings.record_batch,
         settings.record_interval,
     );
-
-    let upstream = deps.upstreams.for_model(&task.model);
-    if upstream.is_none() {
-        tracing::warn!("no upstream serves this model: its requests fail as upstream_unreachable");
-    }
-    let line_count = requests.len();
-    let mut results: Vec<Option<ResultLine>> = vec![None; line_count];
-    {
-        let context = LineContext {
-            batch: batch.as_str(),
-            model: &task.model,
-            endpoint: &task.endpoint,
-            upstream: upstream.as_deref(),
-            deadline,
-            cancel: &cancel,
-        };
-        let context = &context;
-        let mut finished = futures::stream::iter(requests.into_iter().enumerate())
-            .map(|(index, request)| async move { (index, context.run(request).await) })
-            .buffer_unordered(settings.chunk_concurrency);
-        while let Some((index, (line, result))) = finished.next().await {
-            recorder.send(LineOutcome::of(line, &result));
-            if let Some(slot) = results.get_mut(index) {
-                *slot = Some(result);
-            }
-        }
-    }
-    drop(watcher);
-    recorder.finish().await;
-
-    let key = part_key(&batch, task.chunk_index);
+    let mut results = Results::new(line_count, settings.result_memory_bytes);
     let mut outcome = ChunkOutcome {
         part_key: key.clone(),
         part_bytes: 0,
+        complete: false,
+        kept: 0,
         succeeded: 0,
         failed: 0,
         cancelled: 0,
         expired: 0,
         usage: Usage::default(),
     };
-    let mut part = Vec::new();
-    // Each line is freed once serialised: the chunk's results are not held twice.
-    for line in results.into_iter().flatten() {
-        line.write_json_line(&mut part);
-        outcome.count(&line);
+    let earlier = keep_earlier_lines(
+        &key,
+        &batch,
+        &requests,
+        deps,
+        &mut results,
+        &recorder,
+        &mut outcome,
+    )
+    .await?;
+
+    let pending: Vec<(usize, Request)> = requests
+        .into_iter()
+        .enumerate()
+        .filter(|(index, _)| !results.has(*index))
+        .collect();
+    let mut new = [0u64; LineKind::ALL.len()];
+    if !pending.is_empty() {
+        let cancel = CancelFlag::new();
+        if is_cancelled(deps.state.as_ref(), batch.as_str()).await {
+            tracing::info!("batch is cancelled: no request of this chunk will start");
+            cancel.cancel();
+        }
+        let _watcher = AbortOnDrop(tokio::spawn(watch_cancel(
+            Arc::clone(&deps.state),
+            batch.as_str().to_owned(),
+            cancel.clone(),
+            settings.cancel_poll,
+        )));
+        let upstream = deps.upstreams.for_model(&task.model);
+        if upstream.is_none() {
+            tracing::warn!(
+                "no upstream serves this model: its requests fail as upstream_unreachable"
+            );
+        }
+        let context = LineContext {
+            batch: batch.as_str(),
+            model: &task.model,
+            endpoint: &task.endpoint,
+            upstream: upstream.as_deref(),
+            deadline,
+            start_by,
+            cancel: &cancel,
+        };
+        let context = &context;
+        let mut finished = futures::stream::iter(pending)
+            .map(|(index, request)| async move { (index, context.run(request).await) })
+            .buffer_unordered(settings.chunk_concurrency);
+        while let Some((index, ran)) = finished.next().await {
+            // Not started: the time budget was spent first.
+            let Some((line, result)) = ran else { continue };
+            recorder.send(LineOutcome::of(line, &result));
+            let kind = LineKind::of(&result);
+            outcome.count(kind, &result.usage());
+            new[kind.index()] += 1;
+            let mut json = result.to_json_line();
+            // The line break is written with the part.
+            json.pop();
+            results
+                .put(index, Bytes::from(json))
+                .await
+                .map_err(ChunkError::Spill)?;
+        }
     }
-    outcome.part_bytes = part.len() as u64;
-    deps.storage
-        .put(&key, Bytes::from(part))
-        .await
-        .map_err(ChunkError::WritePart)?;
-    for (kind, count) in [
-        (LineKind::Succeeded, outcome.succeeded),
-        (LineKind::Cancelled, outcome.cancelled),
-        (LineKind::Expired, outcome.expired),
-        (
-            LineKind::Failed,
-            outcome.failed - outcome.cancelled - outcome.expired,
-        ),
-    ] {
+    recorder.finish().await;
+
+    let done = results.filled();
+    outcome.complete = done == line_count;
+    let new_lines: u64 = new.iter().sum();
+    if new_lines == 0 && earlier.lines == outcome.kept {
+        // Nothing changed: the part (or its absence) already says all this run knows.
+        outcome.part_bytes = earlier.size;
+    } else {
+        outcome.part_bytes = results.write(deps.storage.as_ref(), &key).await?;
+    }
+    for (kind, count) in LineKind::ALL.into_iter().zip(new) {
         if count > 0 {
             ::metrics::counter!(metrics::LINES_TOTAL, metrics::LABEL_OUTCOME => kind.as_str())
                 .increment(count);
         }
     }
+    if !outcome.complete {
+        tracing::info!(
+            lines = line_count,
+            done,
+            budget_s = settings.chunk_time_budget.as_secs_f64(),
+            "the chunk's time budget is spent: its part holds the lines done, \
+             the next run does the rest"
+        );
+    }
     Ok(outcome)
+}
+
+/// What the part of an earlier run held.
+#[derive(Debug, Default)]
+struct EarlierPart {
+    /// Its size in bytes (0: there was none).
+    size: u64,
+    /// Its lines (blank ones aside), kept or not.
+    lines: u64,
+}
+
+/// Reads the chunk's part, if an earlier run wrote one, and keeps its final lines in
+/// `results` (recorded, and counted in `outcome`); see the module docs, "Re-runs".
+async fn keep_earlier_lines(
+    key: &str,
+    batch: &BatchId,
+    requests: &[Request],
+    deps: &ChunkDeps,
+    results: &mut Results,
+    recorder: &Recorder,
+    outcome: &mut ChunkOutcome,
+) -> Result<EarlierPart, ChunkError> {
+    let body = match deps.storage.get(key, None).await {
+        Ok(body) => body,
+        Err(StorageError::NotFound(_)) => return Ok(EarlierPart::default()),
+        Err(error) => return Err(ChunkError::ReadPart(error)),
+    };
+    let mut earlier = EarlierPart {
+        size: body.object_size,
+        lines: 0,
+    };
+    let by_id: HashMap<BatchRequestId, usize> = requests
+        .iter()
+        .enumerate()
+        .map(|(index, request)| {
+            (
+                BatchRequestId::for_line(batch.as_str(), request.line),
+                index,
+            )
+        })
+        .collect();
+    let limit = deps
+        .upstreams
+        .largest_max_response_bytes()
+        .saturating_mul(4)
+        .saturating_add(deps.settings.max_line_bytes.saturating_mul(6))
+        .saturating_add(1 << 20);
+    let mut unreadable = 0u64;
+    let mut items = pin!(JsonlSplitter::new(limit).split_stream(body.stream));
+    while let Some(item) = items.next().await {
+        let line = match item.map_err(ChunkError::ReadPart)? {
+            JsonlItem::Line(line) if line.is_blank() => continue,
+            JsonlItem::Line(line) => line,
+            JsonlItem::Oversized(_) => {
+                earlier.lines += 1;
+                unreadable += 1;
+                continue;
+            }
+        };
+        earlier.lines += 1;
+        let summary = match ResultLineSummary::parse(&line.bytes) {
+            Ok(summary) => summary,
+            Err(_) => {
+                unreadable += 1;
+                continue;
+            }
+        };
+        if !summary.is_final() {
+            continue;
+        }
+        let Some(&index) = by_id.get(&summary.id) else {
+            unreadable += 1;
+            continue;
+        };
+        let Some(request) = requests.get(index) else {
+            continue;
+        };
+        if request.custom_id != summary.custom_id || results.has(index) {
+            unreadable += 1;
+            continue;
+        }
+        recorder.send(LineOutcome {
+            line: request.line,
+            succeeded: summary.succeeded,
+            usage: summary.usage,
+        });
+        outcome.count(LineKind::of_summary(&summary), &summary.usage);
+        outcome.kept += 1;
+        results
+            .put(index, Bytes::copy_from_slice(&line.bytes))
+            .await
+            .map_err(ChunkError::Spill)?;
+    }
+    if unreadable > 0 {
+        tracing::warn!(
+            lines = unreadable,
+            "the chunk's earlier part holds lines that are not this chunk's results; \
+             their requests run again"
+        );
+    }
+    if outcome.kept > 0 {
+        tracing::info!(
+            kept = outcome.kept,
+            of = requests.len(),
+            "kept the final lines of an earlier run of this chunk"
+        );
+    }
+    Ok(earlier)
+}
+
+/// A chunk's result lines by request index, as JSON without the line break: in memory while
+/// they fit in the budget, then in an anonymous temporary file (deleted when dropped).
+struct Results {
+    slots: Vec<Slot>,
+    /// Bytes of lines memory may still take.
+    memory_left: usize,
+    /// Created on the first line that does not fit in memory.
+    spill: Option<Spill>,
+    /// Slots holding a line.
+    filled: usize,
+}
+
+enum Slot {
+    Empty,
+    Memory(Bytes),
+    Spilled { offset: u64, len: usize },
+}
+
+struct Spill {
+    file: tokio::fs::File,
+    /// Bytes written so far: where the next line goes.
+    end: u64,
+}
+
+impl Results {
+    fn new(lines: usize, memory: usize) -> Self {
+        Self {
+            slots: (0..lines).map(|_| Slot::Empty).collect(),
+            memory_left: memory,
+            spill: None,
+            filled: 0,
+        }
+    }
+
+    fn has(&self, index: usize) -> bool {
+        matches!(
+            self.slots.get(index),
+            Some(Slot::Memory(_) | Slot::Spilled { .. })
+        )
+    }
+
+    fn filled(&self) -> usize {
+        self.filled
+    }
+
+    /// Stores the line of request `index` (replacing any).
+    async fn put(&mut self, index: usize, line: Bytes) -> std::io::Result<()> {
+        let slot = if line.len() <= self.memory_left {
+            self.memory_left -= line.len();
+            Slot::Memory(line)
+        } else {
+            let spill = match &mut self.spill {
+                Some(spill) => spill,
+                None => {
+                    let file = tokio::fs::File::from_std(tempfile::tempfile()?);
+                    self.spill.insert(Spill { file, end: 0 })
+                }
+            };
+            spill.file.write_all(&line).await?;
+            let offset = spill.end;
+            spill.end += line.len() as u64;
+            Slot::Spilled {
+                offset,
+                len: line.len(),
+            }
+        };
+        if let Some(old) = self.slots.get_mut(index) {
+            if matches!(old, Slot::Empty) {
+                self.filled += 1;
+            }
+            *old = slot;
+        }
+        Ok(())
+    }
+
+    /// Uploads the lines, in order, each followed by `\n`, as the object `key`; returns its
+    /// size. Nothing is visible under `key` unless it all succeeds.
+    async fn write(self, storage: &dyn ObjectStore, key: &str) -> Result<u64, ChunkError> {
+        let mut upload = storage.upload(key).await.map_err(ChunkError::WritePart)?;
+        match self.write_into(upload.as_mut()).await {
+            Ok(()) => upload.finish().await.map_err(ChunkError::WritePart),
+            Err(error) => {
+                if let Err(abort) = upload.abort().await {
+                    tracing::debug!(error = %abort, "abandoning the part's upload failed");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    async fn write_into(self, upload: &mut dyn ObjectUpload) -> Result<(), ChunkError> {
+        let Self {
+            slots, mut spill, ..
+        } = self;
+        if let Some(spill) = &mut spill {
+            spill.file.flush().await.map_err(ChunkError::Spill)?;
+        }
+        let mut piece = BytesMut::with_capacity(WRITE_PIECE);
+        // Consumed in order: each line's memory is freed once it is written.
+        for slot in slots {
+            match slot {
+                Slot::Empty => continue,
+                Slot::Memory(line) if line.len() >= WRITE_PIECE => {
+                    send(upload, &mut piece).await?;
+                    upload.write(line).await.map_err(ChunkError::WritePart)?;
+                }
+                Slot::Memory(line) => {
+                    if piece.len() + line.len() >= WRITE_PIECE {
+                        send(upload, &mut piece).await?;
+                    }
+                    piece.extend_from_slice(&line);
+                }
+                Slot::Spilled { offset, len } => {
+                    let Some(spill) = &mut spill else {
+                        continue;
+                    };
+                    spill
+                        .file
+                        .seek(SeekFrom::Start(offset))
+                        .await
+                        .map_err(ChunkError::Spill)?;
+                    let mut left = len;
+                    while left > 0 {
+                        if piece.len() >= WRITE_PIECE {
+                            send(upload, &mut piece).await?;
+                        }
+                        let take = left.min(WRITE_PIECE - piece.len());
+                        let start = piece.len();
+                        piece.resize(start + take, 0);
+                        spill
+                            .file
+                            .read_exact(&mut piece[start..])
+                            .await
+                            .map_err(ChunkError::Spill)?;
+                        left -= take;
+                    }
+                }
+            }
+            piece.extend_from_slice(b"\n");
+            if piece.len() >= WRITE_PIECE {
+                send(upload, &mut piece).await?;
+            }
+        }
+        send(upload, &mut piece).await
+    }
+}
+
+/// Writes out `piece` (if it holds anything) and starts a new one.
+async fn send(upload: &mut dyn ObjectUpload, piece: &mut BytesMut) -> Result<(), ChunkError> {
+    if piece.is_empty() {
+        return Ok(());
+    }
+    let full = std::mem::replace(piece, BytesMut::with_capacity(WRITE_PIECE));
+    upload
+        .write(full.freeze())
+        .await
+        .map_err(ChunkError::WritePart)
 }
 
 /// Checks what can be checked of a task without I/O; returns its batch id.
@@ -438,6 +879,7 @@ async fn read_requests(task: &ChunkTask, deps: &ChunkDeps) -> Result<Vec<Request
                 "the range [{}, {}) starts past the end of the {size}-byte input",
                 task.byte_start, task.byte_end
             )),
+            StorageError::NotFound(_) => ChunkError::InputMissing(task.input_storage_key.clone()),
             error => ChunkError::ReadInput(error),
         })?;
     if (body.start, body.end) != (task.byte_start, task.byte_end) {
@@ -494,27 +936,41 @@ struct LineContext<'a> {
     endpoint: &'a str,
     upstream: Option<&'a Upstream>,
     deadline: Instant,
+    /// No request starts at or after this: the chunk's time budget.
+    start_by: Instant,
     cancel: &'a CancelFlag,
 }
 
 impl LineContext<'_> {
-    /// Runs one request to its result line; returns its line number too.
-    async fn run(&self, request: Request) -> (u64, ResultLine) {
+    /// Runs one request to its result line; returns its line number too. `None`: the time
+    /// budget was spent before it started (nothing was sent; the line has no result).
+    async fn run(&self, request: Request) -> Option<(u64, ResultLine)> {
         let Request {
             line,
             custom_id,
             body,
         } = request;
-        // `Upstream::call` makes the same checks before its first attempt; they are repeated
-        // here so that a line that never reaches it (no upstream) gets the same codes.
+        // `Upstream::call_started_by` makes the same checks before its first attempt; they
+        // are repeated here so that a line that never reaches it (no upstream) gets the same
+        // codes.
+        let now = Instant::now();
         let outcome = if self.cancel.is_cancelled() {
             not_started(NoResponseCode::BatchCancelled, None)
-        } else if Instant::now() >= self.deadline {
+        } else if now >= self.deadline {
             not_started(NoResponseCode::BatchExpired, None)
+        } else if now >= self.start_by {
+            return None;
         } else if let Some(upstream) = self.upstream {
             upstream
-                .call(self.model, self.endpoint, body, self.deadline, self.cancel)
-                .await
+                .call_started_by(
+                    self.model,
+                    self.endpoint,
+                    body,
+                    self.deadline,
+                    self.start_by,
+                    self.cancel,
+                )
+                .await?
         } else {
             not_started(
                 NoResponseCode::UpstreamUnreachable,
@@ -525,7 +981,7 @@ impl LineContext<'_> {
             )
         };
         let id = BatchRequestId::for_line(self.batch, line);
-        (line, outcome.into_result_line(id, &custom_id))
+        Some((line, outcome.into_result_line(id, &custom_id)))
     }
 }
 
@@ -740,6 +1196,7 @@ mod tests {
             endpoint: "/v1/chat/completions".into(),
             model: "m".into(),
             deadline: 1_900_000_000,
+            attempt: 1,
         }
     }
 
@@ -796,6 +1253,8 @@ mod tests {
         let mut outcome = ChunkOutcome {
             part_key: String::new(),
             part_bytes: 0,
+            complete: true,
+            kept: 0,
             succeeded: 0,
             failed: 0,
             cancelled: 0,
@@ -803,8 +1262,11 @@ mod tests {
             usage: Usage::default(),
         };
         for line in &lines {
-            outcome.count(line);
+            outcome.count(LineKind::of(line), &line.usage());
+            let summary = ResultLineSummary::parse(&line.to_json_line()).unwrap();
+            assert_eq!(LineKind::of_summary(&summary), LineKind::of(line));
         }
+        assert_eq!(outcome.lines(), 5);
         assert_eq!(
             (
                 outcome.succeeded,
@@ -825,5 +1287,100 @@ mod tests {
             kinds,
             ["succeeded", "failed", "cancelled", "expired", "failed"]
         );
+        for (at, kind) in LineKind::ALL.into_iter().enumerate() {
+            assert_eq!(kind.index(), at);
+        }
+    }
+
+    #[test]
+    fn errors_say_what_to_do() {
+        let backend = || StorageError::Backend("down".into());
+        let missing = || StorageError::NotFound("k".into());
+        for error in [
+            ChunkError::ReadInput(backend()),
+            ChunkError::ReadPart(backend()),
+            ChunkError::WritePart(backend()),
+        ] {
+            assert!(error.is_outage() && !error.is_permanent(), "{error}");
+        }
+        for error in [
+            ChunkError::InvalidTask("t".into()),
+            ChunkError::InvalidInput("i".into()),
+            ChunkError::InputMissing("files/x".into()),
+        ] {
+            assert!(error.is_permanent() && !error.is_outage(), "{error}");
+        }
+        for error in [
+            ChunkError::WritePart(missing()),
+            ChunkError::Spill(std::io::Error::other("disk full")),
+        ] {
+            assert!(!error.is_permanent() && !error.is_outage(), "{error}");
+        }
+        assert!(
+            RunnerSettings {
+                chunk_time_budget: Duration::ZERO,
+                ..RunnerSettings::default()
+            }
+            .validate()
+            .is_err()
+        );
+        let defaults = RunnerSettings::default();
+        defaults.validate().unwrap();
+        assert_eq!(defaults.chunk_time_budget, Duration::from_secs(600));
+    }
+
+    /// Lines of every size, finished out of order, written with memory budgets from "all in
+    /// memory" to "all spilled": the same object every time.
+    #[tokio::test]
+    async fn results_are_written_in_order_whatever_the_memory_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = nightshift_storage::LocalStore::open(dir.path())
+            .await
+            .unwrap();
+        let lines: Vec<Bytes> = (0..40usize)
+            .map(|i| {
+                let size = match i % 4 {
+                    0 => 10,
+                    1 => 5_000,
+                    2 => WRITE_PIECE - 1 + i,
+                    _ => 3 * WRITE_PIECE + i,
+                };
+                Bytes::from(vec![b'a' + (i % 26) as u8; size])
+            })
+            .collect();
+        let mut expected = Vec::new();
+        for (i, line) in lines.iter().enumerate() {
+            // Line 7 never finishes: it is left out.
+            if i != 7 {
+                expected.extend_from_slice(line);
+                expected.push(b'\n');
+            }
+        }
+        let total: usize = lines.iter().map(Bytes::len).sum();
+        for budget in [usize::MAX, total / 2, 6_000, 0] {
+            let mut results = Results::new(lines.len(), budget);
+            // Out of order: odd indexes first, then even ones backwards.
+            let order = (0..lines.len())
+                .filter(|i| i % 2 == 1)
+                .chain((0..lines.len()).filter(|i| i % 2 == 0).rev())
+                .filter(|i| *i != 7);
+            for i in order {
+                results.put(i, lines[i].clone()).await.unwrap();
+            }
+            assert_eq!(results.filled(), lines.len() - 1);
+            assert!(results.has(0) && !results.has(7) && !results.has(99));
+            assert_eq!(results.spill.is_some(), budget < total, "budget {budget}");
+            let key = format!("parts/{budget}.jsonl");
+            let size = results.write(&store, &key).await.unwrap();
+            assert_eq!(size, expected.len() as u64);
+            let written = store
+                .get(&key, None)
+                .await
+                .unwrap()
+                .collect()
+                .await
+                .unwrap();
+            assert!(written == expected, "budget {budget}: the part differs");
+        }
     }
 }

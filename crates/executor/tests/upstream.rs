@@ -743,3 +743,171 @@ async fn no_key_configured_sends_no_authorization() {
     );
     assert!(!head.contains("authorization"), "{head}");
 }
+
+/// 100 MB: over any cap below.
+const HUGE: u64 = 100 * 1024 * 1024;
+/// The cap the size tests set: 1 MiB.
+const CAP: usize = 1 << 20;
+
+/// Polls the simulator's stats until no streamed body is being sent any more.
+async fn streams_done(sim: &Sim) -> SimStats {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stats = sim.stats().await;
+        if stats.streaming_bodies == 0 {
+            return stats;
+        }
+        assert!(Instant::now() < deadline, "still streaming: {stats:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// An answer over `max_response_bytes` is `response_too_large` at once, without a retry,
+/// whether its size is declared up front or only found while reading it; and the huge body is
+/// not read whole (the simulator counts what it could hand to the connection).
+#[tokio::test]
+async fn an_answer_over_max_response_bytes_is_response_too_large_and_not_read_whole() {
+    let sim = start(SimConfig::default()).await;
+    let mut config = sim.upstream_config();
+    config.max_response_bytes = CAP;
+    config.max_attempts = 5;
+    let upstream = build(config);
+    for (round, chunked) in [false, true].into_iter().enumerate() {
+        let directive = json!({"response_bytes": HUGE, "chunked": chunked});
+        let outcome = upstream
+            .call(
+                "m",
+                CHAT,
+                chat(&format!("huge {chunked}"), directive),
+                far(),
+                &CancelFlag::new(),
+            )
+            .await;
+        let (code, message, attempts) = no_response(&outcome);
+        assert_eq!(
+            (code, attempts),
+            (NoResponseCode::ResponseTooLarge, 1),
+            "{outcome:?}"
+        );
+        assert!(
+            message.contains("HTTP 200") && message.contains("1048576 bytes (1 MiB)"),
+            "{message}"
+        );
+        let stats = streams_done(&sim).await;
+        assert_eq!(stats.requests.total, round as u64 + 1, "never retried");
+        assert!(
+            stats.streamed_body_bytes < (round as u64 + 1) * HUGE / 4,
+            "{} bytes of huge answers were sent: read whole?",
+            stats.streamed_body_bytes
+        );
+        let line = outcome.into_result_line(BatchRequestId::for_line("batch_t", 9), "big");
+        let value: Value = serde_json::from_slice(&line.to_json_line()).unwrap();
+        assert_eq!(value["error"]["code"], "response_too_large");
+        assert_eq!(value["response"], Value::Null);
+    }
+    assert_eq!(upstream.in_flight(), 0);
+}
+
+#[tokio::test]
+async fn an_answer_within_max_response_bytes_is_read_whole() {
+    let sim = start(SimConfig::default()).await;
+    let mut config = sim.upstream_config();
+    config.max_response_bytes = CAP;
+    let upstream = build(config);
+    for (chunked, size) in [(true, CAP as u64), (false, CAP as u64), (true, 70_000)] {
+        let directive = json!({"response_bytes": size, "chunked": chunked});
+        let outcome = upstream
+            .call(
+                "m",
+                CHAT,
+                chat("fits", directive),
+                far(),
+                &CancelFlag::new(),
+            )
+            .await;
+        let CallOutcome::Response { status, body, .. } = &outcome else {
+            panic!("expected an answer, got {outcome:?}");
+        };
+        assert_eq!((*status, body.len() as u64), (200, size));
+        let line = outcome.into_result_line(BatchRequestId::for_line("batch_t", 1), "fits");
+        assert!(line.is_success());
+    }
+}
+
+/// A call that cannot start before its start limit sends nothing and says so; one whose batch
+/// is cancelled or expired still gets its line.
+#[tokio::test]
+async fn a_call_not_started_by_its_start_limit_sends_nothing() {
+    let sim = start(SimConfig::default()).await;
+    let mut config = sim.upstream_config();
+    config.max_concurrency = 1;
+    let upstream = build(config);
+    let cancel = CancelFlag::new();
+    let passed = Instant::now();
+    let not_started = upstream
+        .call_started_by("m", CHAT, chat("late", Value::Null), far(), passed, &cancel)
+        .await;
+    assert_eq!(not_started, None);
+    assert_eq!(sim.stats().await.requests.total, 0);
+
+    // Waiting for the only permit when the limit passes: not started either.
+    let holder = tokio::spawn({
+        let upstream = Arc::clone(&upstream);
+        async move {
+            let directive = json!({"latency_ms": 60_000});
+            upstream
+                .call(
+                    "m",
+                    CHAT,
+                    chat("hold", directive),
+                    far(),
+                    &CancelFlag::new(),
+                )
+                .await
+        }
+    });
+    sim.wait("in_flight=1").await;
+    let start_by = Instant::now() + Duration::from_millis(50);
+    let waiting = upstream
+        .call_started_by(
+            "m",
+            CHAT,
+            chat("queued", Value::Null),
+            far(),
+            start_by,
+            &cancel,
+        )
+        .await;
+    assert_eq!(waiting, None);
+    assert_eq!(sim.stats().await.requests.total, 1);
+    holder.abort();
+    _ = holder.await;
+
+    // Started in time: a normal call.
+    let outcome = upstream
+        .call_started_by(
+            "m",
+            CHAT,
+            chat("on time", Value::Null),
+            far(),
+            Instant::now() + Duration::from_secs(60),
+            &cancel,
+        )
+        .await
+        .expect("started");
+    assert_eq!(response(&outcome).0, 200);
+
+    // Cancellation and expiry are reported even past the start limit.
+    let expired = upstream
+        .call_started_by("m", CHAT, chat("x", Value::Null), passed, passed, &cancel)
+        .await
+        .expect("an outcome");
+    assert_eq!(no_response(&expired).0, NoResponseCode::BatchExpired);
+    cancel.cancel();
+    let cancelled = upstream
+        .call_started_by("m", CHAT, chat("x", Value::Null), far(), passed, &cancel)
+        .await
+        .expect("an outcome");
+    assert_eq!(no_response(&cancelled).0, NoResponseCode::BatchCancelled);
+    assert_eq!(sim.stats().await.requests.total, 2);
+}

@@ -105,6 +105,20 @@ pub struct SimConfig {
     /// Largest accepted request body in bytes; larger bodies get 413.
     #[arg(long, env = "INFERENCE_SIM_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub max_body_bytes: usize,
+
+    /// Pads every successful answer to this many bytes (a `sim_padding` string key is added
+    /// to the JSON object), to stand in for huge answers (`n`, `logprobs`, long generations).
+    /// The padding is streamed in 64 KiB pieces, never held whole. 0 (default), or a size
+    /// below the answer's own: the answer as it is. A `sim` directive's `response_bytes`
+    /// overrides it.
+    #[arg(long, env = "INFERENCE_SIM_RESPONSE_BYTES", default_value_t = 0)]
+    pub response_bytes: u64,
+
+    /// Sends successful answers without `Content-Length` (chunked transfer encoding), so a
+    /// client learns their size only by reading them. A `sim` directive's `chunked`
+    /// overrides it.
+    #[arg(long, env = "INFERENCE_SIM_CHUNKED_RESPONSES", default_value_t = false)]
+    pub chunked_responses: bool,
 }
 
 fn default_models() -> Vec<String> {
@@ -139,6 +153,8 @@ impl Default for SimConfig {
             strict_models: false,
             attempt_memory: 100_000,
             max_body_bytes: 32 * 1024 * 1024,
+            response_bytes: 0,
+            chunked_responses: false,
         }
     }
 }
@@ -237,12 +253,17 @@ mod tests {
             "--max-concurrency",
             "4",
             "--strict-models",
+            "--response-bytes",
+            "1000000",
+            "--chunked-responses",
         ]);
         assert_eq!(cli.config.rate_500, 0.25);
         assert_eq!(cli.config.rate_429, 0.5);
         assert_eq!(cli.config.models, vec!["a".to_owned(), "b".to_owned()]);
         assert_eq!(cli.config.max_concurrency, 4);
         assert!(cli.config.strict_models);
+        assert_eq!(cli.config.response_bytes, 1_000_000);
+        assert!(cli.config.chunked_responses);
     }
 
     #[test]

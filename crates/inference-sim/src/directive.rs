@@ -20,6 +20,8 @@ struct RawDirective {
     kind: Option<String>,
     retry_after: Option<f64>,
     latency_ms: Option<u64>,
+    response_bytes: Option<u64>,
+    chunked: Option<bool>,
 }
 
 /// How a request fails.
@@ -48,6 +50,12 @@ pub(crate) struct Directive {
     pub(crate) fail_times: Option<u32>,
     /// Overrides the latency model for this request.
     pub(crate) latency: Option<Duration>,
+    /// Overrides [`SimConfig::response_bytes`](crate::SimConfig::response_bytes): the success
+    /// body is padded to this many bytes.
+    pub(crate) response_bytes: Option<u64>,
+    /// Overrides [`SimConfig::chunked_responses`](crate::SimConfig::chunked_responses): the
+    /// success body is sent without `Content-Length`.
+    pub(crate) chunked: Option<bool>,
 }
 
 impl Directive {
@@ -131,6 +139,8 @@ impl Directive {
             failure,
             fail_times: raw.fail_times,
             latency: raw.latency_ms.map(Duration::from_millis),
+            response_bytes: raw.response_bytes,
+            chunked: raw.chunked,
         })
     }
 
@@ -253,6 +263,12 @@ mod tests {
         let latency_only = parse(json!({"latency_ms": 5})).expect("valid");
         assert_eq!(latency_only.failure, None);
         assert_eq!(latency_only.latency, Some(Duration::from_millis(5)));
+        let big = parse(json!({"response_bytes": 1_000_000, "chunked": true})).expect("valid");
+        assert_eq!(big.failure, None);
+        assert_eq!(
+            (big.response_bytes, big.chunked),
+            (Some(1_000_000), Some(true))
+        );
     }
 
     #[test]
@@ -264,6 +280,8 @@ mod tests {
             json!({"kind": "429", "status": 500}),
             json!({"typo": 1}),
             json!({"retry_after": 1}),
+            json!({"response_bytes": -1}),
+            json!({"chunked": "yes"}),
             json!("drop"),
         ] {
             let error = parse(sim.clone()).expect_err("invalid directive");

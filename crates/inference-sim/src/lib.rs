@@ -69,6 +69,8 @@
 //! | `fail_times` | only the first N attempts fail; later attempts succeed. Absent: every attempt fails |
 //! | `retry_after` | seconds (fractional allowed) for `Retry-After`/`retry-after-ms` on a status failure; absent: no such header |
 //! | `latency_ms` | replaces the latency model for this request: delays its success or its scripted failure; a timeout holds this long plus `timeout_hold_ms` |
+//! | `response_bytes` | pads the successful answer to exactly this many bytes (overrides [`SimConfig::response_bytes`]) |
+//! | `chunked` | `true`: the successful answer is sent without `Content-Length`; `false`: with it (overrides [`SimConfig::chunked_responses`]) |
 //!
 //! ```json
 //! {"model": "m", "messages": [...], "sim": {"status": 400}}
@@ -76,6 +78,13 @@
 //! {"model": "m", "messages": [...], "sim": {"fail_times": 1, "kind": "drop"}}
 //! {"model": "m", "messages": [...], "sim": {"latency_ms": 250}}
 //! ```
+//!
+//! Huge answers: `response_bytes` adds a `"sim_padding"` string to the answer's JSON object so
+//! that it is exactly that long (the answer as it is when it is already as long); the padding
+//! is streamed in 64 KiB pieces from a static buffer, never held, and the stream ends as soon
+//! as the client's connection is gone. [`SimStats::streamed_body_bytes`] counts what was
+//! handed to connections, [`SimStats::streaming_bodies`] the bodies still being sent. Without
+//! `chunked`, `Content-Length` declares the full size before the body.
 //!
 //! `fail_times` alone fails with 500. Attempts are counted per request identity, the hash of
 //! the whole body with keys sorted (so a retried identical body is the same request, whatever

@@ -29,8 +29,8 @@ use crate::stats::{FailureKind, SimStats, Stats};
 pub(crate) struct App {
     /// The configuration served; never changes while running.
     config: SimConfig,
-    /// Counters for `/sim/stats`.
-    stats: Stats,
+    /// Counters for `/sim/stats` (shared with the streamed bodies still being sent).
+    stats: Arc<Stats>,
     /// `fail_times` attempt counts per request identity.
     attempts: Mutex<AttemptMemory>,
     /// Draws rate-based failures; seeded from `config.seed`, re-seeded by `/sim/reset`.
@@ -77,7 +77,7 @@ impl App {
         Self {
             attempts: Mutex::new(AttemptMemory::new(config.attempt_memory)),
             rng: Mutex::new(StdRng::seed_from_u64(config.seed)),
-            stats: Stats::default(),
+            stats: Arc::new(Stats::default()),
             shutdown: watch::Sender::new(false),
             started: unix_now(),
             config,
@@ -205,7 +205,7 @@ impl App {
                     {
                         return Outcome::Cut;
                     }
-                    Outcome::Answer((StatusCode::OK, axum::Json(generated.body)).into_response())
+                    Outcome::Answer(self.success(generated.body, &directive))
                 }
                 Err(error) => error.into(),
             };
@@ -273,6 +273,49 @@ impl App {
                 Outcome::Answer(response)
             }
         }
+    }
+
+    /// The 200 answer carrying `body`: as it is, or padded to `response_bytes` and/or sent
+    /// `chunked` (directive first, then the configuration), streamed in [`PAD_PIECE`] pieces.
+    fn success(&self, body: Value, directive: &Directive) -> Response {
+        let pad_to = directive
+            .response_bytes
+            .unwrap_or(self.config.response_bytes);
+        let chunked = directive.chunked.unwrap_or(self.config.chunked_responses);
+        if pad_to == 0 && !chunked {
+            return (StatusCode::OK, axum::Json(body)).into_response();
+        }
+        let body = PaddedBody::new(body.to_string(), pad_to);
+        let length = body.len();
+        let streaming = self.stats.stream_started();
+        let shutdown = self.shutdown.subscribe();
+        let pieces = futures::stream::unfold((body, streaming), move |(mut body, streaming)| {
+            // Checked before every piece, so a huge body never holds up shutdown.
+            let down = *shutdown.borrow();
+            async move {
+                if down {
+                    let error = std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "the simulator is shutting down",
+                    );
+                    return Some((Err(error), (PaddedBody::done(), streaming)));
+                }
+                let piece = body.next_piece()?;
+                streaming.stats().streamed(piece.len());
+                Some((Ok(piece), (body, streaming)))
+            }
+        });
+        let mut response = Response::new(Body::from_stream(pieces));
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if !chunked {
+            // hyper sends a stream of unknown size with this length, not chunked.
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        }
+        response
     }
 
     /// The scripted failure of this attempt, counting the attempt when `fail_times` is set.
@@ -371,6 +414,82 @@ impl App {
         let mut stats = self.stats.snapshot();
         stats.attempts_tracked = lock(&self.attempts).len() as u64;
         stats
+    }
+}
+
+/// The size of the pieces a streamed body is sent in.
+const PAD_PIECE: usize = 64 * 1024;
+
+/// The padding of padded bodies, sent from this one static buffer.
+static PADDING: [u8; PAD_PIECE] = [b'x'; PAD_PIECE];
+
+/// A success body as it is sent: the answer's JSON with its closing `}` cut off, `pad` bytes
+/// of `x` inside a `"sim_padding"` string, then `"}`; or the whole answer when it is not
+/// padded. Never holds the padding in memory.
+struct PaddedBody {
+    /// The JSON before the padding (the whole answer when `pad` is 0 and `tail` empty).
+    head: Option<Bytes>,
+    /// Padding bytes still to send.
+    pad: u64,
+    /// What closes the object after the padding.
+    tail: Option<Bytes>,
+}
+
+impl PaddedBody {
+    /// What follows the answer's fields when it is padded, padding excluded.
+    const OPEN: &'static str = ",\"sim_padding\":\"";
+    const CLOSE: &'static str = "\"}";
+
+    /// `json` (a compact JSON object) padded to `pad_to` bytes, or as it is when that is no
+    /// larger than the answer with an empty padding.
+    fn new(json: String, pad_to: u64) -> Self {
+        // The answer's `}` is replaced by OPEN, padding, CLOSE.
+        let bare = (json.len() - 1 + Self::OPEN.len() + Self::CLOSE.len()) as u64;
+        if !json.ends_with('}') || pad_to < bare {
+            return Self {
+                head: Some(Bytes::from(json)),
+                pad: 0,
+                tail: None,
+            };
+        }
+        let mut head = json.into_bytes();
+        head.pop();
+        head.extend_from_slice(Self::OPEN.as_bytes());
+        Self {
+            head: Some(Bytes::from(head)),
+            pad: pad_to - bare,
+            tail: Some(Bytes::from_static(Self::CLOSE.as_bytes())),
+        }
+    }
+
+    /// A body with nothing left to send.
+    fn done() -> Self {
+        Self {
+            head: None,
+            pad: 0,
+            tail: None,
+        }
+    }
+
+    /// Bytes left to send.
+    fn len(&self) -> u64 {
+        let part = |b: &Option<Bytes>| b.as_ref().map_or(0, |b| b.len() as u64);
+        part(&self.head) + self.pad + part(&self.tail)
+    }
+
+    /// The next piece to send, `None` at the end.
+    fn next_piece(&mut self) -> Option<Bytes> {
+        if let Some(head) = self.head.take() {
+            return Some(head);
+        }
+        if self.pad > 0 {
+            let n = usize::try_from(self.pad)
+                .unwrap_or(PAD_PIECE)
+                .min(PAD_PIECE);
+            self.pad -= n as u64;
+            return Some(Bytes::from_static(&PADDING[..n]));
+        }
+        self.tail.take()
     }
 }
 
@@ -568,4 +687,43 @@ async fn method_not_allowed(request: Request) -> Response {
         ),
     )
     .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drain(mut body: PaddedBody) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Some(piece) = body.next_piece() {
+            assert!(piece.len() <= PAD_PIECE.max(1000));
+            out.extend_from_slice(&piece);
+        }
+        out
+    }
+
+    #[test]
+    fn padded_bodies_are_exactly_as_long_as_asked_and_stay_json() {
+        let answer = json!({"id": "x", "choices": []}).to_string();
+        for pad_to in [200u64, 65_536 * 3 + 17, 1_000_001] {
+            let body = PaddedBody::new(answer.clone(), pad_to);
+            assert_eq!(body.len(), pad_to);
+            let bytes = drain(body);
+            assert_eq!(bytes.len() as u64, pad_to);
+            let value: Value = serde_json::from_slice(&bytes).expect("JSON");
+            assert_eq!(value["id"], "x");
+            assert!(
+                value["sim_padding"]
+                    .as_str()
+                    .is_some_and(|p| p.bytes().all(|b| b == b'x'))
+            );
+        }
+        // Too small to pad: the answer as it is.
+        for pad_to in [0, 1, answer.len() as u64] {
+            let body = PaddedBody::new(answer.clone(), pad_to);
+            assert_eq!(body.len(), answer.len() as u64);
+            assert_eq!(drain(body), answer.as_bytes());
+        }
+        assert_eq!(PaddedBody::done().len(), 0);
+    }
 }

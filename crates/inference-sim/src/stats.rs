@@ -29,6 +29,13 @@ pub struct SimStats {
     pub max_in_flight: u64,
     /// Request identities in the `fail_times` attempt memory.
     pub attempts_tracked: u64,
+    /// Bytes of streamed success bodies (padded by `response_bytes`, or `chunked`) handed to
+    /// their connections so far. A client that stops reading a body stops this count within
+    /// its socket buffers: what a test checks to prove a huge body was not read whole.
+    pub streamed_body_bytes: u64,
+    /// Streamed success bodies being sent right now: one ends when its last byte is handed
+    /// over or its connection is gone. (`in_flight` ends when the response starts.)
+    pub streaming_bodies: u64,
 }
 
 /// Requests received, per endpoint.
@@ -169,16 +176,31 @@ impl Stats {
         InFlight { stats: self, level }
     }
 
+    /// Counts a streamed body being sent until the returned guard is dropped.
+    pub(crate) fn stream_started(self: &std::sync::Arc<Self>) -> Streaming {
+        self.update(|s| s.streaming_bodies += 1);
+        Streaming {
+            stats: std::sync::Arc::clone(self),
+        }
+    }
+
+    /// Counts `bytes` of a streamed body handed to its connection.
+    pub(crate) fn streamed(&self, bytes: usize) {
+        self.update(|s| s.streamed_body_bytes += bytes as u64);
+    }
+
     pub(crate) fn snapshot(&self) -> SimStats {
         self.lock().clone()
     }
 
-    /// Zeroes every counter but the live `in_flight`, which also restarts `max_in_flight`.
+    /// Zeroes every counter but the live `in_flight` (which also restarts `max_in_flight`) and
+    /// `streaming_bodies`.
     pub(crate) fn reset(&self) {
         self.update(|s| {
             *s = SimStats {
                 in_flight: s.in_flight,
                 max_in_flight: s.in_flight,
+                streaming_bodies: s.streaming_bodies,
                 ..SimStats::default()
             };
         });
@@ -219,6 +241,24 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.stats
             .update(|s| s.in_flight = s.in_flight.saturating_sub(1));
+    }
+}
+
+/// A streamed body being sent; dropping it ends its count.
+pub(crate) struct Streaming {
+    stats: std::sync::Arc<Stats>,
+}
+
+impl Streaming {
+    pub(crate) fn stats(&self) -> &Stats {
+        &self.stats
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        self.stats
+            .update(|s| s.streaming_bodies = s.streaming_bodies.saturating_sub(1));
     }
 }
 

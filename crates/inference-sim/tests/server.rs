@@ -918,3 +918,87 @@ async fn router_can_be_mounted_elsewhere() {
     assert!(outcome.is_err(), "{outcome:?}");
     server.abort();
 }
+
+#[tokio::test]
+async fn padded_answers_have_the_asked_size_with_or_without_content_length() {
+    let sim = start(SimConfig::default()).await;
+    for (chunked, size) in [(false, 300_000u64), (true, 200_001)] {
+        let body = with_sim(
+            chat("big"),
+            json!({"response_bytes": size, "chunked": chunked}),
+        );
+        let response = sim.post("/v1/chat/completions", &body).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["content-type"], "application/json");
+        let declared = response.headers().get("content-length").cloned();
+        assert_eq!(declared.is_none(), chunked, "{declared:?}");
+        assert_eq!(response.content_length().is_none(), chunked);
+        let bytes = response.bytes().await.unwrap();
+        assert_eq!(bytes.len() as u64, size);
+        let value: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(value["object"], "chat.completion");
+        assert_usage(&value["usage"]);
+        assert!(value["sim_padding"].as_str().unwrap().len() > 100_000);
+    }
+    let stats = sim.stats().await;
+    assert_eq!(stats.streamed_body_bytes, 500_001);
+    assert_eq!(stats.streaming_bodies, 0);
+
+    // Chunked alone streams the answer as it is; a configured size pads every answer.
+    let response = sim
+        .post(
+            "/v1/chat/completions",
+            &with_sim(chat("plain"), json!({"chunked": true})),
+        )
+        .await;
+    assert!(response.content_length().is_none());
+    let value: Value = response.json().await.unwrap();
+    assert!(value.get("sim_padding").is_none());
+    sim.shutdown().await;
+
+    let sim = start(SimConfig {
+        response_bytes: 100_000,
+        ..SimConfig::default()
+    })
+    .await;
+    let response = sim.post("/v1/chat/completions", &chat("configured")).await;
+    assert_eq!(response.content_length(), Some(100_000));
+    assert_eq!(response.bytes().await.unwrap().len(), 100_000);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_huge_answer_stops_streaming_when_the_client_stops_reading() {
+    let sim = start(SimConfig::default()).await;
+    let size = 100 * 1024 * 1024;
+    let body = with_sim(
+        chat("huge"),
+        json!({"response_bytes": size, "chunked": true}),
+    );
+    let mut response = sim.post("/v1/chat/completions", &body).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut read = 0;
+    while read < 1024 * 1024 {
+        read += response.chunk().await.unwrap().expect("more body").len();
+    }
+    drop(response);
+    // The body ends once its connection is gone: poll until it does.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let stats = loop {
+        let stats = sim.stats().await;
+        if stats.streaming_bodies == 0 {
+            break stats;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the body is still streaming: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        stats.streamed_body_bytes < size / 2,
+        "{} bytes sent",
+        stats.streamed_body_bytes
+    );
+    sim.shutdown().await;
+}

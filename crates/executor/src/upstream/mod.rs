@@ -20,11 +20,17 @@
 //! | other statuses (4xx, and 1xx/3xx: redirects are not followed) | `rejected` | no: returned at once |
 //! | no complete answer within the attempt timeout | `timeout` | yes, and the limit halves |
 //! | refused, reset, closed before a complete answer, TLS, DNS | `connection_error` | yes |
+//! | a body larger than `max_response_bytes` (any status) | `too_large` | no: `response_too_large` |
 //!
 //! - **Attempts**: at most `max_attempts` per call, the first included.
 //! - **Attempt timeout**: `min(timeout, time left to the deadline)`, covering the headers and
 //!   the whole body. There is no other timeout (the client has none overall; connecting is
 //!   bounded by [`CONNECT_TIMEOUT`]).
+//! - **Bounded answers**: the body is read as it arrives, never past the upstream's
+//!   `max_response_bytes`. An answer whose `Content-Length` exceeds it is refused before its
+//!   body is read; one without a length is cut as soon as it passes the limit (the connection
+//!   is then closed, not reused). Either way the call ends at once with `response_too_large`,
+//!   whose message names the limit: retrying would get as large an answer again.
 //! - **Backoff**: before retry `n`, a wait drawn uniformly from
 //!   `[0, min(backoff_max, backoff_base × 2^(n-1))]` (full jitter). When the answer carried
 //!   `retry-after-ms` (preferred: more precise) or `Retry-After` (delta-seconds or an
@@ -53,6 +59,11 @@
 //! permit or sleeps a backoff. Cancelled before the first attempt: `batch_cancelled`.
 //! Cancelled later: the last outcome. An attempt already sent is never cut short: its answer
 //! is finished work, kept like any other.
+//!
+//! [`Upstream::call_started_by`] also takes a start limit (a chunk's time budget): a call whose
+//! first attempt could not start before it (waiting for a permit, say) ends without sending
+//! anything and reports that it never started. A call that did start runs to its end, retries
+//! included.
 
 mod cancel;
 mod limiter;
@@ -63,7 +74,7 @@ use std::error::Error as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue};
 use nightshift_core::results::NoResponseCode;
@@ -169,6 +180,13 @@ impl Upstreams {
     pub fn for_model(&self, model: &str) -> Option<Arc<Upstream>> {
         let index = self.routing.route_index(model)?;
         self.upstreams.get(index).cloned()
+    }
+
+    /// The largest `max_response_bytes` of the table (see
+    /// [`RoutingConfig::largest_max_response_bytes`]): no answer read from any upstream is
+    /// larger.
+    pub fn largest_max_response_bytes(&self) -> usize {
+        self.routing.largest_max_response_bytes()
     }
 
     /// Every upstream, in table order (for metrics and readiness).
@@ -283,6 +301,48 @@ impl Upstream {
         deadline: Instant,
         cancel: &CancelFlag,
     ) -> CallOutcome {
+        match self
+            .call_within(model, endpoint, body, deadline, None, cancel)
+            .await
+        {
+            Some(outcome) => outcome,
+            // Unreachable without a start limit; stay total anyway.
+            None => CallOutcome::NoResponse {
+                code: NoResponseCode::BatchExpired,
+                message: NoResponseCode::BatchExpired.default_message().to_owned(),
+                attempts: 0,
+            },
+        }
+    }
+
+    /// [`call`](Self::call), but no first attempt starts at or after `start_by`: `None` when
+    /// the call had not started by then (it was waiting for a permit; nothing was sent), which
+    /// a chunk past its time budget reports by leaving the line without a result. Once its
+    /// first attempt is sent, a call runs to its end as [`call`](Self::call) does, retries
+    /// included. Checked after the cancel flag and the deadline: a cancelled or expired
+    /// batch still gets its `batch_cancelled` / `batch_expired` outcome.
+    pub async fn call_started_by(
+        &self,
+        model: &str,
+        endpoint: &str,
+        body: Bytes,
+        deadline: Instant,
+        start_by: Instant,
+        cancel: &CancelFlag,
+    ) -> Option<CallOutcome> {
+        self.call_within(model, endpoint, body, deadline, Some(start_by), cancel)
+            .await
+    }
+
+    async fn call_within(
+        &self,
+        model: &str,
+        endpoint: &str,
+        body: Bytes,
+        deadline: Instant,
+        start_by: Option<Instant>,
+        cancel: &CancelFlag,
+    ) -> Option<CallOutcome> {
         let span = tracing::info_span!(
             "upstream_request",
             otel.kind = "client",
@@ -294,10 +354,15 @@ impl Upstream {
             http.response.status_code = field::Empty,
             outcome = field::Empty,
         );
-        let outcome = self
-            .run(endpoint, body, deadline, cancel)
+        let Some(outcome) = self
+            .run(endpoint, body, deadline, start_by, cancel)
             .instrument(span.clone())
-            .await;
+            .await
+        else {
+            span.record("attempts", 0);
+            span.record("outcome", "not_started");
+            return None;
+        };
         span.record("attempts", outcome.attempts());
         span.record("retries", outcome.attempts().saturating_sub(1));
         match &outcome {
@@ -309,46 +374,57 @@ impl Upstream {
                 span.record("outcome", code.as_str());
             }
         }
-        outcome
+        Some(outcome)
     }
 
+    /// The call's loop; `None`: not started by `start_by`.
     async fn run(
         &self,
         endpoint: &str,
         body: Bytes,
         deadline: Instant,
+        start_by: Option<Instant>,
         cancel: &CancelFlag,
-    ) -> CallOutcome {
+    ) -> Option<CallOutcome> {
         let url = match Url::parse(&self.config.endpoint_url(endpoint)) {
             Ok(url) => url,
             Err(error) => {
-                return CallOutcome::NoResponse {
+                return Some(CallOutcome::NoResponse {
                     code: NoResponseCode::UpstreamUnreachable,
                     message: format!(
                         "The endpoint {endpoint:?} cannot be called on this upstream: {error}."
                     ),
                     attempts: 0,
-                };
+                });
             }
         };
         let mut history = History::default();
         let mut backoff = retry::Backoff::new(self.config.backoff_base, self.config.backoff_max);
         loop {
+            // Only the first attempt is held to the start limit.
+            let start_by = start_by.filter(|_| history.attempts == 0);
             let permit = tokio::select! {
                 biased;
-                () = cancel.cancelled() => return history.finish(NoResponseCode::BatchCancelled),
-                () = tokio::time::sleep_until(deadline) => {
-                    return history.finish(NoResponseCode::BatchExpired);
+                () = cancel.cancelled() => {
+                    return Some(history.finish(NoResponseCode::BatchCancelled));
                 }
+                () = tokio::time::sleep_until(deadline) => {
+                    return Some(history.finish(NoResponseCode::BatchExpired));
+                }
+                () = sleep_until_some(start_by) => return None,
                 permit = self.limiter.acquire() => permit,
             };
             let Some(permit) = permit else {
                 // The limiter's semaphore is never closed; stay total anyway.
-                return history.finish(NoResponseCode::UpstreamUnreachable);
+                return Some(history.finish(NoResponseCode::UpstreamUnreachable));
             };
-            let left = deadline.saturating_duration_since(Instant::now());
+            let now = Instant::now();
+            let left = deadline.saturating_duration_since(now);
             if left.is_zero() {
-                return history.finish(NoResponseCode::BatchExpired);
+                return Some(history.finish(NoResponseCode::BatchExpired));
+            }
+            if start_by.is_some_and(|start_by| now >= start_by) {
+                return None;
             }
             let timeout = self.config.timeout.min(left);
             let attempt = self.attempt(&url, body.clone(), timeout).await;
@@ -366,10 +442,10 @@ impl Upstream {
             if matches!(kind, AttemptKind::Timeout) && timeout < self.config.timeout {
                 // Cut short by the batch deadline, not by a slow upstream: the request did not
                 // time out, the batch expired while it was in flight.
-                return history.finish(NoResponseCode::BatchExpired);
+                return Some(history.finish(NoResponseCode::BatchExpired));
             }
             if !kind.is_retryable() {
-                return history.finish_with(attempt.result);
+                return Some(history.finish_with(attempt.result));
             }
             history.record(attempt.result);
             if history.attempts >= self.config.max_attempts {
@@ -378,7 +454,7 @@ impl Upstream {
                     last = kind.as_str(),
                     "upstream attempts exhausted"
                 );
-                return history.finish(NoResponseCode::UpstreamUnreachable);
+                return Some(history.finish(NoResponseCode::UpstreamUnreachable));
             }
             let wait = retry::next_wait(
                 backoff.next_delay(),
@@ -394,7 +470,7 @@ impl Upstream {
                     last = kind.as_str(),
                     "no time left for another upstream attempt"
                 );
-                return history.finish(NoResponseCode::UpstreamUnreachable);
+                return Some(history.finish(NoResponseCode::UpstreamUnreachable));
             }
             ::metrics::counter!(
                 metrics::UPSTREAM_RETRIES_TOTAL,
@@ -410,13 +486,16 @@ impl Upstream {
             );
             tokio::select! {
                 biased;
-                () = cancel.cancelled() => return history.finish(NoResponseCode::BatchCancelled),
+                () = cancel.cancelled() => {
+                    return Some(history.finish(NoResponseCode::BatchCancelled));
+                }
                 () = tokio::time::sleep(wait) => {}
             }
         }
     }
 
-    /// Sends one attempt and reads its whole answer, within `timeout`.
+    /// Sends one attempt and reads its whole answer, at most `max_response_bytes` of it,
+    /// within `timeout`.
     async fn attempt(&self, url: &Url, body: Bytes, timeout: Duration) -> Attempt {
         let mut request = self
             .client
@@ -428,21 +507,45 @@ impl Upstream {
         }
         let labels = [(metrics::LABEL_UPSTREAM, Arc::clone(&self.name))];
         let started = Instant::now();
+        let limit = self.config.max_response_bytes;
         let exchange = async {
-            let response = request.send().await?;
+            let mut response = request.send().await?;
             ::metrics::histogram!(metrics::UPSTREAM_TIME_TO_FIRST_BYTE_SECONDS, &labels)
                 .record(started.elapsed());
             let status = response.status().as_u16();
             let request_id = request_id(response.headers());
             let server_ask = retry::server_delay(response.headers(), SystemTime::now());
-            let body = response.bytes().await?;
-            Ok::<_, reqwest::Error>((status, request_id, server_ask, body))
+            let declared = response.content_length();
+            if declared.is_some_and(|length| length > limit as u64) {
+                // Refused before a byte of the body is read; dropping the response closes
+                // the connection.
+                return Ok(Answer::TooLarge { status });
+            }
+            let capacity = declared.map_or(0, |length| usize::try_from(length).unwrap_or(limit));
+            let mut body = BytesMut::with_capacity(capacity.min(limit));
+            while let Some(chunk) = response.chunk().await? {
+                if chunk.len() > limit - body.len() {
+                    return Ok(Answer::TooLarge { status });
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok::<_, reqwest::Error>(Answer::Complete {
+                status,
+                request_id,
+                server_ask,
+                body: body.freeze(),
+            })
         };
         let result = tokio::time::timeout(timeout, exchange).await;
         ::metrics::histogram!(metrics::UPSTREAM_REQUEST_DURATION_SECONDS, &labels)
             .record(started.elapsed());
         match result {
-            Ok(Ok((status, request_id, server_ask, body))) => Attempt {
+            Ok(Ok(Answer::Complete {
+                status,
+                request_id,
+                server_ask,
+                body,
+            })) => Attempt {
                 kind: AttemptKind::of_answer(status, &body),
                 result: AttemptResult::Answer {
                     status,
@@ -451,6 +554,14 @@ impl Upstream {
                 },
                 server_ask,
             },
+            Ok(Ok(Answer::TooLarge { status })) => {
+                tracing::debug!(status, limit, "upstream answer over max_response_bytes");
+                Attempt {
+                    kind: AttemptKind::TooLarge,
+                    result: AttemptResult::TooLarge { status, limit },
+                    server_ask: None,
+                }
+            }
             Ok(Err(error)) => {
                 tracing::debug!(error = %error, "upstream connection failed");
                 Attempt {
@@ -474,6 +585,27 @@ impl Upstream {
     }
 }
 
+/// Resolves at `at`, or never.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What reading an answer gave.
+enum Answer {
+    /// The whole answer, within `max_response_bytes`.
+    Complete {
+        status: u16,
+        request_id: String,
+        server_ask: Option<Duration>,
+        body: Bytes,
+    },
+    /// The body is larger than `max_response_bytes`; it was not read (further).
+    TooLarge { status: u16 },
+}
+
 /// One attempt's end.
 struct Attempt {
     kind: AttemptKind,
@@ -489,6 +621,8 @@ enum AttemptResult {
         request_id: String,
         body: Bytes,
     },
+    /// An HTTP answer whose body is larger than `limit` (`max_response_bytes`).
+    TooLarge { status: u16, limit: usize },
     /// No answer within this timeout.
     Timeout(Duration),
     /// The connection failed; a description without the URL.
@@ -508,7 +642,9 @@ struct History {
 impl History {
     fn record(&mut self, result: AttemptResult) {
         match result {
-            AttemptResult::Answer { .. } => self.last_answer = Some(result),
+            AttemptResult::Answer { .. } | AttemptResult::TooLarge { .. } => {
+                self.last_answer = Some(result);
+            }
             AttemptResult::Timeout(_) | AttemptResult::Connection(_) => {
                 self.last_failure = Some(result);
             }
@@ -546,6 +682,17 @@ impl History {
                 body,
                 attempts,
             },
+            AttemptResult::TooLarge { status, limit } => CallOutcome::NoResponse {
+                code: NoResponseCode::ResponseTooLarge,
+                message: format!(
+                    "The upstream's answer (HTTP {status}) is larger than its \
+                     max_response_bytes limit of {limit} bytes ({}); it was not kept. \
+                     Ask for less output (max_tokens, n, logprobs), or have the operator \
+                     raise the limit.",
+                    byte_size(limit)
+                ),
+                attempts,
+            },
             AttemptResult::Timeout(timeout) => CallOutcome::NoResponse {
                 code: NoResponseCode::RequestTimeout,
                 message: format!(
@@ -563,6 +710,16 @@ impl History {
             },
         }
     }
+}
+
+/// `bytes` in the largest binary unit that divides it, e.g. `16 MiB`, `1536 KiB`, `1000 B`.
+fn byte_size(bytes: usize) -> String {
+    for (unit, size) in [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if bytes >= size && bytes.is_multiple_of(size) {
+            return format!("{} {unit}", bytes / size);
+        }
+    }
+    format!("{bytes} B")
 }
 
 fn round_to_millis(duration: Duration) -> Duration {
@@ -621,6 +778,15 @@ mod tests {
         assert_eq!(request_id(&headers), "req_abc");
         headers.insert("x-request-id", HeaderValue::from_static(" "));
         assert!(request_id(&headers).starts_with("nightshift-"));
+    }
+
+    #[test]
+    fn byte_sizes_read_well() {
+        assert_eq!(byte_size(16 << 20), "16 MiB");
+        assert_eq!(byte_size(1536 << 10), "1536 KiB");
+        assert_eq!(byte_size(1 << 30), "1 GiB");
+        assert_eq!(byte_size(1000), "1000 B");
+        assert_eq!(byte_size(0), "0 B");
     }
 
     #[test]

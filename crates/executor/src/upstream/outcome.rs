@@ -26,7 +26,8 @@ pub enum CallOutcome {
         /// `batch_cancelled` / `batch_expired`: no attempt was sent (the batch was cancelled,
         /// or its deadline passed, before the first one). `request_timeout`: the last attempt
         /// got no answer in time (the attempt timeout, or the deadline). `upstream_unreachable`:
-        /// the last attempt failed to connect or lost its connection.
+        /// the last attempt failed to connect or lost its connection. `response_too_large`:
+        /// the answer's body was larger than the upstream's `max_response_bytes`.
         code: NoResponseCode,
         /// Human-readable detail for `error.message`; never the upstream's URL.
         message: String,

@@ -32,11 +32,15 @@ pub enum AttemptKind {
     /// The connection failed: refused, reset, closed before a complete response, TLS, DNS.
     /// Retried.
     ConnectionError,
+    /// The answer's body is larger than the upstream's `max_response_bytes` (declared by
+    /// `Content-Length`, or found while reading it). Final: the same request would be answered
+    /// as large again.
+    TooLarge,
 }
 
 impl AttemptKind {
     /// Every kind, for tests and dashboards.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::Success,
         Self::Malformed,
         Self::Rejected,
@@ -45,6 +49,7 @@ impl AttemptKind {
         Self::ServerError,
         Self::Timeout,
         Self::ConnectionError,
+        Self::TooLarge,
     ];
 
     /// The metric label value, e.g. `"rate_limited"`.
@@ -58,12 +63,13 @@ impl AttemptKind {
             Self::ServerError => "server_error",
             Self::Timeout => "timeout",
             Self::ConnectionError => "connection_error",
+            Self::TooLarge => "too_large",
         }
     }
 
     /// Whether another attempt may fix it.
     pub fn is_retryable(self) -> bool {
-        !matches!(self, Self::Success | Self::Rejected)
+        !matches!(self, Self::Success | Self::Rejected | Self::TooLarge)
     }
 
     /// Classifies an HTTP answer by status, and for a 2xx by whether the body is a JSON
@@ -91,7 +97,8 @@ impl AttemptKind {
             | Self::Malformed
             | Self::Http408
             | Self::ServerError
-            | Self::ConnectionError => Signal::Neutral,
+            | Self::ConnectionError
+            | Self::TooLarge => Signal::Neutral,
         }
     }
 }
@@ -236,6 +243,7 @@ mod tests {
             .collect();
         assert_eq!(retryable.len(), 6);
         assert!(!AttemptKind::Success.is_retryable() && !AttemptKind::Rejected.is_retryable());
+        assert!(!AttemptKind::TooLarge.is_retryable());
     }
 
     #[test]
@@ -246,6 +254,7 @@ mod tests {
         assert_eq!(AttemptKind::Success.signal(true), Signal::Success);
         assert_eq!(AttemptKind::Rejected.signal(true), Signal::Success);
         assert_eq!(AttemptKind::ServerError.signal(true), Signal::Neutral);
+        assert_eq!(AttemptKind::TooLarge.signal(true), Signal::Neutral);
         let labels: std::collections::HashSet<_> =
             AttemptKind::ALL.iter().map(|k| k.as_str()).collect();
         assert_eq!(labels.len(), AttemptKind::ALL.len());

@@ -92,16 +92,57 @@ impl Sim {
     }
 
     pub fn upstreams(&self, models: &[&str], max_attempts: u32) -> Arc<Upstreams> {
-        Arc::new(Upstreams::new(&self.routing(models, max_attempts)).expect("upstreams"))
+        self.upstreams_with(models, max_attempts, |_| {})
+    }
+
+    /// [`upstreams`](Self::upstreams) with the upstream's config edited.
+    pub fn upstreams_with(
+        &self,
+        models: &[&str],
+        max_attempts: u32,
+        edit: impl Fn(&mut UpstreamConfig),
+    ) -> Arc<Upstreams> {
+        let mut routing = self.routing(models, max_attempts);
+        for upstream in &mut routing.upstreams {
+            edit(upstream);
+        }
+        Arc::new(Upstreams::new(&routing).expect("upstreams"))
+    }
+
+    /// Polls the stats (every [`POLL`], at most [`WAIT`]) until no streamed body is being
+    /// sent any more: every huge answer was read to its end or its connection is gone.
+    pub async fn streams_done(&self) -> SimStats {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let stats = self.stats().await;
+            if stats.streaming_bodies == 0 {
+                return stats;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "streamed bodies still being sent: {stats:?}"
+            );
+            tokio::time::sleep(POLL).await;
+        }
     }
 }
+
+/// 100 MB: a "huge" answer, over any cap a test sets.
+pub const HUGE: u64 = 100 * 1024 * 1024;
 
 /// An S3 store over the dev Garage (env overrides as in the storage tests), under a prefix
 /// of its own. Call `cleanup` at the end.
 pub async fn storage() -> S3Store {
+    let endpoint = std::env::var("NIGHTSHIFT_STORAGE__ENDPOINT")
+        .unwrap_or_else(|_| "http://127.0.0.1:3900".to_owned());
+    storage_at(&endpoint).await
+}
+
+/// [`storage`] at another endpoint (a closed port stands for an S3 outage).
+pub async fn storage_at(endpoint: &str) -> S3Store {
     let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
     let config = S3Config {
-        endpoint: Some(env("NIGHTSHIFT_STORAGE__ENDPOINT", "http://127.0.0.1:3900")),
+        endpoint: Some(endpoint.to_owned()),
         region: env("NIGHTSHIFT_STORAGE__REGION", "us-east-1"),
         bucket: env("NIGHTSHIFT_STORAGE__BUCKET", "nightshift"),
         access_key_id: Some(env(
@@ -184,6 +225,7 @@ impl Input {
             endpoint: "/v1/chat/completions".into(),
             model: "sim-chat".into(),
             deadline: unix_now() + 3600,
+            attempt: 1,
         }
     }
 }
@@ -202,6 +244,15 @@ pub fn batch_id() -> String {
 
 /// The JSON lines of an object.
 pub async fn read_lines(store: &dyn ObjectStore, key: &str) -> Vec<Value> {
+    raw_lines(store, key)
+        .await
+        .iter()
+        .map(|line| serde_json::from_slice(line).expect("a JSON line"))
+        .collect()
+}
+
+/// The lines of an object, as bytes without their `\n`.
+pub async fn raw_lines(store: &dyn ObjectStore, key: &str) -> Vec<Bytes> {
     let bytes = store
         .get(key, None)
         .await
@@ -210,9 +261,26 @@ pub async fn read_lines(store: &dyn ObjectStore, key: &str) -> Vec<Value> {
         .await
         .expect("read object");
     assert!(bytes.ends_with(b"\n"), "a part ends with a newline");
-    bytes
-        .split(|b| *b == b'\n')
-        .filter(|line| !line.is_empty())
-        .map(|line| serde_json::from_slice(line).expect("a JSON line"))
-        .collect()
+    let mut lines = Vec::new();
+    let mut start = 0;
+    for (at, byte) in bytes.iter().enumerate() {
+        if *byte == b'\n' {
+            lines.push(bytes.slice(start..at));
+            start = at + 1;
+        }
+    }
+    lines
+}
+
+/// Writes `lines` (each followed by `\n`) as the object `key`.
+pub async fn put_lines(store: &dyn ObjectStore, key: &str, lines: &[Bytes]) {
+    let mut bytes = Vec::new();
+    for line in lines {
+        bytes.extend_from_slice(line);
+        bytes.push(b'\n');
+    }
+    store
+        .put(key, Bytes::from(bytes))
+        .await
+        .expect("put object");
 }
