@@ -35,12 +35,15 @@ pub const UPSTREAM_IN_FLIGHT: &str = "nightshift_executor_upstream_in_flight";
 /// Gauge `{upstream}`: the adaptive concurrency limit right now.
 pub const UPSTREAM_LIMIT: &str = "nightshift_executor_upstream_limit";
 
-/// Counter `{outcome}`: chunk deliveries handled, by how they were settled: `completed`
-/// (result published, task acked), `requeued` (an infrastructure failure; it comes back),
-/// `dead_lettered` (it can never run: undecodable, invalid), `abandoned` (shutdown
-/// interrupted it; requeued).
+/// Counter `{outcome}`: chunk runs (one per handling of a delivery; a delivery held through
+/// an outage runs several times), by how they ended: `completed` (`DONE` published, task
+/// acked), `continued` (the time budget ended the run; a fresh copy continues it), `held` (a
+/// dependency is down: the task waits and runs again, uncounted), `requeued` (failed on its
+/// own; requeued after a delay), `failed` (it can never run: `FAILED` published, task
+/// dead-lettered), `dead_lettered` (undecodable task), `abandoned` (shutdown interrupted it;
+/// re-published).
 pub const CHUNKS_TOTAL: &str = "nightshift_executor_chunks_total";
-/// Histogram `{outcome}`, seconds: one chunk delivery, from its decoding to its settlement;
+/// Histogram `{outcome}`, seconds: one chunk run, from decoding the task to its outcome;
 /// `outcome` as for [`CHUNKS_TOTAL`].
 pub const CHUNK_DURATION_SECONDS: &str = "nightshift_executor_chunk_duration_seconds";
 /// Gauge: chunks being handled right now.
