@@ -6,10 +6,19 @@
 //!   read with one GET and split into lines; each line goes to the output file if it is a
 //!   success (a response with a 2xx status), to the error file otherwise. Counts and usage are
 //!   recomputed from these lines: they are the authoritative numbers, Redis only a live view;
-//! - a chunk that is **not done** never ran (the batch was cancelled or expired before it was
-//!   handed out). Its byte range of the input is read, and each request line becomes an error
-//!   line `batch_cancelled` / `batch_expired` carrying the line's `custom_id` and the
-//!   deterministic id [`BatchRequestId::for_line`] an executor would have given it.
+//! - a chunk that is **not done** did not finish: it never ran (the batch was cancelled or
+//!   expired before it was handed out), it ran in part (a run cut short by its time budget, a
+//!   shutdown, or the ending's grace period), or it was given up (failed). It may have a part
+//!   holding *some* of its result lines, in line order, each with the id
+//!   [`BatchRequestId::for_line`] of its line; a missing part means no line has a result. Its
+//!   byte range of the input is streamed alongside its part (both in line order, one line of
+//!   each in hand): each request line takes its part line when the part's next line has its
+//!   id (and its `custom_id`), otherwise it becomes the error line
+//!   [`FinalizePlan::missing_result`] names — `chunk_failed` with the chunk's failure message
+//!   for a failed chunk, else `batch_cancelled` / `batch_expired` — carrying the line's
+//!   `custom_id` and the id an executor would have given it. So every request gets exactly one
+//!   line, whatever the part holds; a part line that matches no request (out of order, a
+//!   duplicate, another chunk's) fails the assembly rather than being dropped.
 //!
 //! Both files are streamed to object storage (multipart uploads, see
 //! [`ObjectStore::upload`]) under `files/<id>`, where the id is
@@ -19,29 +28,34 @@
 //! (an all-failed batch has no output file, a batch without failures no error file).
 //!
 //! Every line written ends in `\n` (a `\r\n` in a part becomes `\n`); blank lines are dropped.
-//! Nothing is ever dropped silently otherwise: a missing part, an unreadable line, or a part or
+//! Nothing is ever dropped silently otherwise: a done chunk's missing part, an unreadable line,
+//! a part line of an unfinished chunk that matches no request, or a done chunk's part or an
 //! input range whose line count differs from the chunk's fails the whole assembly, and nothing
 //! becomes visible (both uploads are abandoned).
 //!
-//! Memory: one line (at most `max_line_bytes`), the byte-stream chunks in hand, a small write
-//! buffer per file, and the storage adapter's upload buffers — never a whole part or file.
+//! Line length: every line read, of a part or of the input, must fit `max_line_bytes`; see
+//! [`AssembleSettings::max_line_bytes`] for why the default covers every result line an
+//! executor writes (an upstream answer is at most `max_response_bytes`).
+//!
+//! Memory: one line (at most `max_line_bytes`) of a part and one of the input, the byte-stream
+//! chunks in hand, a small write buffer per file, and the storage adapter's upload buffers —
+//! never a whole part or file.
 
 use std::borrow::Cow;
 
 use bytes::Bytes;
 use futures::StreamExt;
+use futures::stream::BoxStream;
 use nightshift_core::FileId;
 use nightshift_core::batch::{ResultFile, part_key};
 use nightshift_core::file::FileRecord;
 use nightshift_core::jsonl::{JsonlItem, JsonlSplitter, Line};
-use nightshift_core::results::{
-    BatchRequestId, NoResponseCode, ResultLine, ResultLineSummary, Usage,
-};
+use nightshift_core::results::{BatchRequestId, ResultLine, ResultLineSummary, Usage};
 use nightshift_storage::{ByteRange, ObjectStore, ObjectUpload, StorageError};
 use serde::Deserialize;
 
 use crate::metrics;
-use crate::plan::{FinalizePlan, PlannedChunk};
+use crate::plan::{FinalizePlan, MissingResult, PlannedChunk};
 
 /// Bytes gathered per file before they are handed to the upload: fewer, larger writes.
 const WRITE_BUFFER_BYTES: usize = 256 * 1024;
@@ -50,15 +64,25 @@ const WRITE_BUFFER_BYTES: usize = 256 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AssembleSettings {
     /// Longest line accepted, in a result part or in the input (terminator excluded). A longer
-    /// line fails the assembly: it must be at least the scheduler's input line limit and the
-    /// longest result line executors write.
+    /// line fails the assembly, so it must be at least the scheduler's input line limit and
+    /// the longest result line executors write. The longest result line is an upstream body
+    /// (kept verbatim; at most the upstream's `max_response_bytes`, default 16 MiB, else the
+    /// line is a short `response_too_large` error) plus its envelope: the id, the
+    /// `custom_id` (at most an input line, 16 MiB by default), the request id and a few keys.
+    /// The default, 64 MiB, covers 16 + 16 MiB and the envelope with room to spare; raise it
+    /// with `max_response_bytes` or the input line limit (see [`DEFAULT_MAX_LINE_BYTES`]).
     pub max_line_bytes: usize,
 }
+
+/// The default [`AssembleSettings::max_line_bytes`]: 64 MiB, at least
+/// `max_response_bytes` (16 MiB by default) + the input line limit (16 MiB by default) + the
+/// envelope of a result line.
+pub const DEFAULT_MAX_LINE_BYTES: usize = 64 * 1024 * 1024;
 
 impl Default for AssembleSettings {
     fn default() -> Self {
         Self {
-            max_line_bytes: 64 * 1024 * 1024,
+            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
         }
     }
 }
@@ -97,9 +121,9 @@ pub enum FinalizeError {
     /// A done chunk has no result part: its lines would be lost.
     #[error("the result part {key} of done chunk {chunk} is missing")]
     MissingPart { chunk: u32, key: String },
-    /// A chunk never ran, yet the batch ends `completed` (a scheduler bug).
-    #[error("chunk {chunk} never ran, but the batch ends completed")]
-    NeverRanInCompletedBatch { chunk: u32 },
+    /// A chunk is neither done nor failed, yet the batch ends `completed` (a scheduler bug).
+    #[error("chunk {chunk} is neither done nor failed, but the batch ends completed")]
+    UnfinishedInCompletedBatch { chunk: u32 },
     /// A line of a result part is not a result line.
     #[error("line {line} of the result part of chunk {chunk} is not a result line: {reason}")]
     CorruptPart {
@@ -107,7 +131,7 @@ pub enum FinalizeError {
         line: u64,
         reason: String,
     },
-    /// A request line of the input (of a chunk that never ran) has no readable `custom_id`.
+    /// A request line of the input (of a chunk that is not done) has no readable `custom_id`.
     #[error("input line {line} (chunk {chunk}) has no readable custom_id: {reason}")]
     CorruptInput {
         chunk: u32,
@@ -140,6 +164,18 @@ pub enum FinalizeError {
 }
 
 impl FinalizeError {
+    /// Object storage itself failed (unreachable, 5xx...): running again later will work, and
+    /// it is not the job's fault. A missing object or an unusable range is not an outage.
+    pub fn is_storage_outage(&self) -> bool {
+        matches!(
+            self,
+            Self::Storage {
+                source: StorageError::Backend(_),
+                ..
+            }
+        )
+    }
+
     fn storage(context: impl Into<String>) -> impl FnOnce(StorageError) -> Self {
         let context = context.into();
         move |source| Self::Storage { context, source }
@@ -148,8 +184,8 @@ impl FinalizeError {
 
 /// Assembles the output and error files of `plan`'s batch and returns what to commit.
 ///
-/// Contract: reads exactly one part per done chunk and the input range of each chunk that is
-/// not done, in chunk order; writes `files/<output id>` and `files/<error id>` (each only if
+/// Contract: reads exactly one part per done chunk, and the input range and the part (if any)
+/// of each chunk that is not done, in chunk order; writes `files/<output id>` and `files/<error id>` (each only if
 /// it has a line), overwriting what an earlier attempt left there. On error the unfinished
 /// uploads are aborted, so nothing half-written is ever visible — only, if completing the
 /// error file is what failed, a complete output file, which the next attempt rewrites
@@ -218,13 +254,13 @@ impl Assembly<'_> {
             if chunk.done {
                 self.copy_part(plan, chunk).await?;
             } else {
-                // FinalizePlan::new already refuses a not-done chunk in a completed batch.
-                let code = plan.ending().never_ran_code().ok_or(
-                    FinalizeError::NeverRanInCompletedBatch {
+                // FinalizePlan::new already refuses an unfinished chunk in a completed batch.
+                let missing = plan.missing_result(chunk).ok_or(
+                    FinalizeError::UnfinishedInCompletedBatch {
                         chunk: chunk.span.index,
                     },
                 )?;
-                self.never_ran(plan, chunk, code).await?;
+                self.merge_unfinished(plan, chunk, missing).await?;
             }
         }
         Ok(())
@@ -261,24 +297,43 @@ impl Assembly<'_> {
                     line: line.number,
                     reason: e.to_string(),
                 })?;
-            if summary.succeeded {
-                self.usage.merge(&summary.usage);
-                self.output.write_line(self.storage, &line.bytes).await?;
-            } else {
-                self.error.write_line(self.storage, &line.bytes).await?;
-            }
+            self.write_part_line(&line.bytes, &summary).await?;
         }
         check_count(chunk, "result part", found)
     }
 
-    /// Writes a `code` error line for every request of a chunk that never ran.
-    async fn never_ran(
+    /// Writes a line of a part to the file it belongs in, counting its usage if a success.
+    async fn write_part_line(
+        &mut self,
+        line: &[u8],
+        summary: &ResultLineSummary,
+    ) -> Result<(), FinalizeError> {
+        if summary.succeeded {
+            self.usage.merge(&summary.usage);
+            self.output.write_line(self.storage, line).await
+        } else {
+            self.error.write_line(self.storage, line).await
+        }
+    }
+
+    /// Writes one line per request of a chunk that is not done: its part line if its part has
+    /// one, else a `missing` error line. The input range and the part are read side by side.
+    async fn merge_unfinished(
         &mut self,
         plan: &FinalizePlan,
         chunk: &PlannedChunk,
-        code: NoResponseCode,
+        missing: MissingResult<'_>,
     ) -> Result<(), FinalizeError> {
         let span = &chunk.span;
+        let batch = plan.batch().id.as_str();
+        let mut part = PartLines::open(
+            self.storage,
+            part_key(&plan.batch().id, span.index),
+            span.index,
+            self.settings.max_line_bytes,
+        )
+        .await?;
+
         let key = plan.input_storage_key();
         let range = ByteRange::Bounded {
             start: span.byte_start,
@@ -295,11 +350,12 @@ impl Assembly<'_> {
             .get(key, Some(range))
             .await
             .map_err(FinalizeError::storage(context()))?;
-        let batch = plan.batch().id.as_str();
         let lines = span
             .splitter(self.settings.max_line_bytes)
             .split_stream(body.stream);
         let mut lines = std::pin::pin!(lines);
+        // The part's next line, not yet matched to a request.
+        let mut pending = part.next().await?;
         let mut found = 0u64;
         while let Some(item) = lines.next().await {
             let item = item.map_err(FinalizeError::storage(context()))?;
@@ -313,15 +369,48 @@ impl Assembly<'_> {
                 line: line.number,
                 reason: e.to_string(),
             })?;
-            let result = ResultLine::no_response(
-                BatchRequestId::for_line(batch, line.number),
-                custom_id,
-                code,
-                None,
-            );
-            self.error.write_result(self.storage, &result).await?;
+            let id = BatchRequestId::for_line(batch, line.number);
+            match pending.take() {
+                Some(result) if result.summary.id == id => {
+                    if result.summary.custom_id != custom_id {
+                        return Err(FinalizeError::CorruptPart {
+                            chunk: span.index,
+                            line: result.number,
+                            reason: format!(
+                                "it is the line of request {} but its custom_id {:?} is not the \
+                                 request's {custom_id:?}",
+                                line.number, result.summary.custom_id
+                            ),
+                        });
+                    }
+                    self.write_part_line(&result.bytes, &result.summary).await?;
+                    pending = part.next().await?;
+                }
+                not_this_one => {
+                    pending = not_this_one;
+                    let result = ResultLine::no_response(
+                        id,
+                        custom_id,
+                        missing.code,
+                        missing.message.map(str::to_owned),
+                    );
+                    self.error.write_result(self.storage, &result).await?;
+                }
+            }
         }
-        check_count(chunk, "input range", found)
+        check_count(chunk, "input range", found)?;
+        match pending {
+            None => Ok(()),
+            Some(result) => Err(FinalizeError::CorruptPart {
+                chunk: span.index,
+                line: result.number,
+                reason: format!(
+                    "its id {} is the id of no request of the chunk after the lines before it \
+                     (out of line order, a duplicate, or another chunk's line)",
+                    result.summary.id
+                ),
+            }),
+        }
     }
 
     fn line_of(
@@ -353,6 +442,80 @@ fn check_count(chunk: &PlannedChunk, what: &'static str, found: u64) -> Result<(
             expected,
             found,
         })
+    }
+}
+
+/// A line of the part of a chunk that is not done, read.
+struct PartLine {
+    /// Its line number in the part.
+    number: u64,
+    /// The line (without terminator).
+    bytes: Bytes,
+    summary: ResultLineSummary,
+}
+
+/// The lines of the part of a chunk that is not done, one at a time; none if it has no part.
+struct PartLines {
+    lines: BoxStream<'static, Result<JsonlItem, StorageError>>,
+    key: String,
+    chunk: u32,
+    max_line_bytes: usize,
+}
+
+impl PartLines {
+    async fn open(
+        storage: &dyn ObjectStore,
+        key: String,
+        chunk: u32,
+        max_line_bytes: usize,
+    ) -> Result<Self, FinalizeError> {
+        let lines = match storage.get(&key, None).await {
+            Ok(body) => JsonlSplitter::new(max_line_bytes)
+                .split_stream(body.stream)
+                .boxed(),
+            // No run of the chunk wrote a line yet.
+            Err(StorageError::NotFound(_)) => futures::stream::empty().boxed(),
+            Err(e) => return Err(FinalizeError::storage(format!("reading {key}"))(e)),
+        };
+        Ok(Self {
+            lines,
+            key,
+            chunk,
+            max_line_bytes,
+        })
+    }
+
+    /// The next (non-blank) line, read; `None` at the end.
+    async fn next(&mut self) -> Result<Option<PartLine>, FinalizeError> {
+        while let Some(item) = self.lines.next().await {
+            let item = item.map_err(FinalizeError::storage(format!("reading {}", self.key)))?;
+            let line = match item {
+                JsonlItem::Line(line) => line,
+                JsonlItem::Oversized(o) => {
+                    return Err(FinalizeError::LineTooLong {
+                        chunk: self.chunk,
+                        what: "result part",
+                        line: o.number,
+                        max: self.max_line_bytes,
+                    });
+                }
+            };
+            if line.is_blank() {
+                continue;
+            }
+            let summary =
+                ResultLineSummary::parse(&line.bytes).map_err(|e| FinalizeError::CorruptPart {
+                    chunk: self.chunk,
+                    line: line.number,
+                    reason: e.to_string(),
+                })?;
+            return Ok(Some(PartLine {
+                number: line.number,
+                bytes: line.bytes,
+                summary,
+            }));
+        }
+        Ok(None)
     }
 }
 

@@ -16,14 +16,21 @@ pub const LABEL_FILE: &str = "file";
 pub const OUTCOME_COMMITTED: &str = "committed";
 /// The batch was already terminal (a redelivered job): only cleaned up.
 pub const OUTCOME_ALREADY_TERMINAL: &str = "already_terminal";
+/// Another finalizer holds (or took over) the batch's finalization lease: the job was a
+/// duplicate, dropped.
+pub const OUTCOME_DUPLICATE: &str = "duplicate";
 /// Something failed before the commit: the job was requeued to run again.
 pub const OUTCOME_RETRIED: &str = "retried";
+/// A dependency (the scheduler, object storage) was unreachable: the job is held and runs
+/// again (one count per run that met the outage).
+pub const OUTCOME_OUTAGE: &str = "outage";
 /// The job can never be processed (undecodable, unknown batch): dead-lettered.
 pub const OUTCOME_DEAD_LETTERED: &str = "dead_lettered";
-/// Shutdown interrupted the job after its grace period: requeued.
+/// Shutdown interrupted the job after its grace period: published again.
 pub const OUTCOME_ABANDONED: &str = "abandoned";
 
-/// Counter `{ending, outcome}`: finalize jobs handled, by how they ended.
+/// Counter `{ending, outcome}`: finalize job runs, by how they ended (a job held in an outage
+/// runs several times).
 pub const FINALIZATIONS_TOTAL: &str = "nightshift_finalizer_finalizations_total";
 /// Histogram `{ending}`, seconds: one committed finalization, from the job's delivery to the
 /// end of its clean-up.
@@ -32,10 +39,12 @@ pub const FINALIZE_DURATION_SECONDS: &str = "nightshift_finalizer_finalize_durat
 pub const LINES_WRITTEN: &str = "nightshift_finalizer_lines_written_total";
 
 /// Every value of [`LABEL_OUTCOME`].
-pub const OUTCOMES: [&str; 5] = [
+pub const OUTCOMES: [&str; 7] = [
     OUTCOME_COMMITTED,
     OUTCOME_ALREADY_TERMINAL,
+    OUTCOME_DUPLICATE,
     OUTCOME_RETRIED,
+    OUTCOME_OUTAGE,
     OUTCOME_DEAD_LETTERED,
     OUTCOME_ABANDONED,
 ];

@@ -2,8 +2,13 @@
 //!
 //! The wire plan (`nightshift.v1.FinalizePlan`) is converted here, at the crate's edge, into a
 //! checked domain value: chunks in index order with no gap and no duplicate, an [`Ending`], and
-//! the guarantee that a batch ending `completed` has every chunk done. The assembly code then
-//! never has to second-guess its input.
+//! the guarantee that a batch ending `completed` has every chunk done or given up (failed). The
+//! assembly code then never has to second-guess its input.
+//!
+//! Which error a line without a result line gets ([`FinalizePlan::missing_result`]):
+//! `chunk_failed` (with the chunk's failure message) when its chunk was given up, else
+//! `batch_cancelled` / `batch_expired` by the ending. A completed batch has no such line but in
+//! failed chunks.
 
 use std::fmt;
 
@@ -16,11 +21,11 @@ use nightshift_proto::v1;
 /// The terminal status a finalization commits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Ending {
-    /// Every chunk ran.
+    /// Every chunk ran (or was given up: its lines without a result are `chunk_failed`).
     Completed,
-    /// The deadline passed: chunks that never ran become `batch_expired` lines.
+    /// The deadline passed: lines without a result become `batch_expired` lines.
     Expired,
-    /// The batch was cancelled: chunks that never ran become `batch_cancelled` lines.
+    /// The batch was cancelled: lines without a result become `batch_cancelled` lines.
     Cancelled,
 }
 
@@ -47,9 +52,9 @@ impl Ending {
         }
     }
 
-    /// The `error.code` of the lines of chunks that never ran; `None` for `completed`, where
-    /// every chunk must have run.
-    pub fn never_ran_code(self) -> Option<NoResponseCode> {
+    /// The `error.code` of the lines without a result of a chunk that is neither done nor
+    /// failed; `None` for `completed`, where every chunk is done or failed.
+    pub fn unfinished_code(self) -> Option<NoResponseCode> {
         match self {
             Self::Completed => None,
             Self::Expired => Some(NoResponseCode::BatchExpired),
@@ -64,14 +69,58 @@ impl fmt::Display for Ending {
     }
 }
 
-/// One chunk of the batch and whether it ran.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One chunk of the batch and how far it got.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlannedChunk {
     /// The chunk's lines: its byte range in the input and its line numbers.
     pub span: ChunkSpan,
-    /// Its result part is durable in object storage. A chunk that is not done never ran (the
-    /// batch was cancelled or expired before it was handed out).
+    /// Its result part is durable and complete: one result line per request. A chunk that is
+    /// not done may still have a part holding some of its lines (a run cut short), or none.
+    /// A done chunk's `failure` is ignored: its part has every line.
     pub done: bool,
+    /// The chunk was given up (it can never run, or its attempts ran out): the message of the
+    /// `chunk_failed` lines of its lines without a result line. An empty message means the
+    /// code's default one.
+    pub failure: Option<String>,
+}
+
+impl PlannedChunk {
+    /// A chunk whose part is complete.
+    pub fn done(span: ChunkSpan) -> Self {
+        Self {
+            span,
+            done: true,
+            failure: None,
+        }
+    }
+
+    /// A chunk that did not finish (never ran, or ran in part) and was not given up.
+    pub fn unfinished(span: ChunkSpan) -> Self {
+        Self {
+            span,
+            done: false,
+            failure: None,
+        }
+    }
+
+    /// A chunk given up with `failure` as the message of its lines without a result.
+    pub fn failed(span: ChunkSpan, failure: impl Into<String>) -> Self {
+        Self {
+            span,
+            done: false,
+            failure: Some(failure.into()),
+        }
+    }
+}
+
+/// The error line a request without a result line gets: its code and message (`None`: the
+/// code's default message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MissingResult<'a> {
+    /// `error.code`.
+    pub code: NoResponseCode,
+    /// `error.message`, if not the code's default.
+    pub message: Option<&'a str>,
 }
 
 /// A plan the scheduler sent that cannot be finalized as it is.
@@ -95,16 +144,16 @@ pub enum PlanError {
     /// A chunk's byte range or line count is impossible.
     #[error("chunk {index} is malformed: {detail}")]
     Chunk { index: u32, detail: String },
-    /// The batch ends `completed` but a chunk never ran: a scheduler bug, since completion
-    /// means every chunk is done.
-    #[error("chunk {index} never ran, but the batch ends completed")]
+    /// The batch ends `completed` but a chunk is neither done nor failed: a scheduler bug,
+    /// since completion means every chunk is done or given up.
+    #[error("chunk {index} is neither done nor failed, but the batch ends completed")]
     NotDoneChunk { index: u32 },
     /// The chunks do not hold as many requests as the batch has: lines would be lost (or
     /// invented).
     #[error("the chunks hold {chunks} requests but the batch has {batch}")]
     LineTotal { chunks: u64, batch: u64 },
-    /// Some chunk never ran but the plan says nowhere to read its input lines from.
-    #[error("chunks never ran but the plan has no input storage key")]
+    /// Some chunk is not done but the plan says nowhere to read its input lines from.
+    #[error("chunks are not done but the plan has no input storage key")]
     MissingInputKey,
 }
 
@@ -119,12 +168,12 @@ impl From<ApiError> for PlanError {
 /// Invariants (enforced by [`FinalizePlan::new`]): chunks are in index order with indices
 /// exactly `0..n`; each has a non-empty byte range holding at least one line; together they
 /// hold the batch's `request_counts.total` requests; if the ending is `completed` every chunk
-/// is done; if some chunk is not done the input key is set.
+/// is done or failed; if some chunk is not done the input key is set.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FinalizePlan {
     /// The batch (not terminal: a terminal batch has nothing left to assemble).
     batch: BatchRecord,
-    /// Object key of the batch's input file, to read the lines of chunks that never ran.
+    /// Object key of the batch's input file, to read the lines of chunks that are not done.
     input_storage_key: String,
     /// Every chunk of the batch, in index order.
     chunks: Vec<PlannedChunk>,
@@ -163,7 +212,7 @@ impl FinalizePlan {
                 });
             }
             if !chunk.done {
-                if ending == Ending::Completed {
+                if ending == Ending::Completed && chunk.failure.is_none() {
                     return Err(PlanError::NotDoneChunk { index });
                 }
                 if input_storage_key.is_empty() {
@@ -200,6 +249,7 @@ impl FinalizePlan {
                     line_count: c.line_count,
                 },
                 done: c.done,
+                failure: c.failure,
             })
             .collect();
         Self::new(batch, wire.input_storage_key, chunks, ending)
@@ -223,6 +273,27 @@ impl FinalizePlan {
     /// How the batch ends.
     pub fn ending(&self) -> Ending {
         self.ending
+    }
+
+    /// The error line of a request of `chunk` that has no result line: `chunk_failed` with
+    /// the chunk's failure when it was given up, else the ending's
+    /// [`unfinished_code`](Ending::unfinished_code). `None` for a done chunk (every request
+    /// has its line) and for an unfinished one in a completed batch (which
+    /// [`FinalizePlan::new`] refuses).
+    pub fn missing_result<'a>(&self, chunk: &'a PlannedChunk) -> Option<MissingResult<'a>> {
+        if chunk.done {
+            return None;
+        }
+        match chunk.failure.as_deref() {
+            Some(failure) => Some(MissingResult {
+                code: NoResponseCode::ChunkFailed,
+                message: Some(failure).filter(|m| !m.is_empty()),
+            }),
+            None => self.ending.unfinished_code().map(|code| MissingResult {
+                code,
+                message: None,
+            }),
+        }
     }
 
     /// Requests in the batch: the sum of the chunks' line counts.
@@ -297,16 +368,22 @@ mod tests {
 
     fn chunk(index: u32, done: bool) -> PlannedChunk {
         let i = u64::from(index);
-        PlannedChunk {
-            span: ChunkSpan {
-                index,
-                byte_start: i * 10,
-                byte_end: i * 10 + 10,
-                first_line: i * 2 + 1,
-                line_count: 2,
-            },
-            done,
+        let span = ChunkSpan {
+            index,
+            byte_start: i * 10,
+            byte_end: i * 10 + 10,
+            first_line: i * 2 + 1,
+            line_count: 2,
+        };
+        if done {
+            PlannedChunk::done(span)
+        } else {
+            PlannedChunk::unfinished(span)
         }
+    }
+
+    fn failed_chunk(index: u32, failure: &str) -> PlannedChunk {
+        PlannedChunk::failed(chunk(index, false).span, failure)
     }
 
     #[test]
@@ -317,13 +394,13 @@ mod tests {
         }
         assert_eq!(Ending::parse(""), None);
         assert_eq!(Ending::parse("failed"), None);
-        assert_eq!(Ending::Completed.never_ran_code(), None);
+        assert_eq!(Ending::Completed.unfinished_code(), None);
         assert_eq!(
-            Ending::Expired.never_ran_code(),
+            Ending::Expired.unfinished_code(),
             Some(NoResponseCode::BatchExpired)
         );
         assert_eq!(
-            Ending::Cancelled.never_ran_code(),
+            Ending::Cancelled.unfinished_code(),
             Some(NoResponseCode::BatchCancelled)
         );
     }
@@ -389,6 +466,31 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e, PlanError::NotDoneChunk { index: 1 });
+        // A chunk given up is allowed: its lines without a result become chunk_failed.
+        let plan = FinalizePlan::new(
+            batch(),
+            "files/x".into(),
+            vec![chunk(0, true), failed_chunk(1, "gave up")],
+            Ending::Completed,
+        )
+        .unwrap();
+        assert_eq!(plan.missing_result(&plan.chunks()[0]), None);
+        assert_eq!(
+            plan.missing_result(&plan.chunks()[1]),
+            Some(MissingResult {
+                code: NoResponseCode::ChunkFailed,
+                message: Some("gave up")
+            })
+        );
+        // ... but it needs the input, to name its lines.
+        let e = FinalizePlan::new(
+            batch_of_total(2),
+            String::new(),
+            vec![failed_chunk(0, "gave up")],
+            Ending::Completed,
+        )
+        .unwrap_err();
+        assert_eq!(e, PlanError::MissingInputKey);
         for ending in [Ending::Expired, Ending::Cancelled] {
             FinalizePlan::new(
                 batch(),
@@ -409,6 +511,53 @@ mod tests {
     }
 
     #[test]
+    fn lines_without_a_result_get_the_chunk_s_failure_else_the_ending_s_code() {
+        for (ending, code) in [
+            (Ending::Expired, NoResponseCode::BatchExpired),
+            (Ending::Cancelled, NoResponseCode::BatchCancelled),
+        ] {
+            let mut done_but_failed = chunk(2, true);
+            done_but_failed.failure = Some("ignored".into());
+            let plan = FinalizePlan::new(
+                batch_of_total(8),
+                "files/x".into(),
+                vec![
+                    chunk(0, false),
+                    failed_chunk(1, "no upstream"),
+                    done_but_failed,
+                    failed_chunk(3, ""),
+                ],
+                ending,
+            )
+            .unwrap();
+            let missing: Vec<_> = plan
+                .chunks()
+                .iter()
+                .map(|c| plan.missing_result(c))
+                .collect();
+            assert_eq!(
+                missing,
+                [
+                    Some(MissingResult {
+                        code,
+                        message: None
+                    }),
+                    Some(MissingResult {
+                        code: NoResponseCode::ChunkFailed,
+                        message: Some("no upstream")
+                    }),
+                    None,
+                    Some(MissingResult {
+                        code: NoResponseCode::ChunkFailed,
+                        message: None
+                    }),
+                ],
+                "{ending}"
+            );
+        }
+    }
+
+    #[test]
     fn wire_plans_convert() {
         let b = batch_of_total(2);
         let mut wire = v1::FinalizePlan {
@@ -421,6 +570,7 @@ mod tests {
                 first_line: 1,
                 line_count: 2,
                 done: false,
+                failure: Some("lost".into()),
             }],
             ending: "cancelled".into(),
         };
@@ -431,6 +581,7 @@ mod tests {
         assert_eq!(plan.input_storage_key(), "files/file-abc");
         assert_eq!(plan.chunks()[0].span.byte_end, 20);
         assert!(!plan.chunks()[0].done);
+        assert_eq!(plan.chunks()[0].failure.as_deref(), Some("lost"));
 
         wire.ending = String::new();
         let e = FinalizePlan::from_wire(b.clone(), wire).unwrap_err();

@@ -1,36 +1,65 @@
-//! The finalizer service: consumes finalize jobs, assembles each batch's files, commits the
-//! batch's terminal state through the scheduler, then cleans up.
+//! The finalizer service: consumes finalize jobs, assembles each batch's files under the
+//! batch's finalization lease, commits the batch's terminal state through the scheduler, then
+//! cleans up.
 //!
-//! Per job (a `FinalizeJob` from the finalize-jobs queue):
-//! 1. decode it — an undecodable job, or one naming a malformed batch id, is dead-lettered;
+//! The queue side — consuming with at most `prefetch` jobs at once, reconnecting, settling,
+//! backoff, graceful shutdown — is the shared worker, [`nightshift_queue::run_worker`]; this
+//! module is its [`Handler`]. Per job (a `FinalizeJob` from the finalize-jobs queue):
+//! 1. decode it — an undecodable job, or one naming a malformed batch id, is poison;
 //! 2. ask the scheduler for the batch's [`FinalizePlan`] (`GetFinalizePlan`) — a batch the
-//!    scheduler does not know is dead-lettered;
+//!    scheduler does not know is poison;
 //! 3. if the batch is already terminal (the job was delivered again after an earlier run
-//!    committed), only clean up and ack;
-//! 4. otherwise [`assemble::finalize`] the files, `CommitBatch` (files, counts, usage; the
-//!    scheduler records them and the terminal status in one transaction, idempotently), clean
-//!    up, ack.
+//!    committed), only clean up: done;
+//! 4. take the batch's finalization lease (`LeaseFinalization`, for `lease_ttl`). Refused:
+//!    another finalizer is working on the batch, and this job is a duplicate of its job — done
+//!    (acked) without touching anything. One finalizer at a time assembles a batch; the
+//!    scheduler publishes the job again if that finalizer dies (its lease expires);
+//! 5. [`assemble::finalize`] the files, `CommitBatch` (files, counts, usage; the scheduler
+//!    records them and the terminal status in one transaction, idempotently), clean up —
+//!    while renewing the lease every `lease_ttl / 3`. A renewal refused means another holder
+//!    took the lease over (this run was too slow to renew, and its job was published again):
+//!    this run stops at once and its job is done, as a duplicate. A renewal that cannot reach
+//!    the scheduler is retried until the lease would lapse, then the run stops as an outage;
+//! 6. release the lease, however the run ended (done, failed, interrupted).
 //!
-//! Any failure before the commit requeues the job after a backoff (doubling with each earlier
-//! delivery), so a re-run overwrites the same deterministic objects; the queue's delivery limit
-//! dead-letters a job that keeps failing. Clean-up — deleting the batch's result parts and its
-//! live state — only happens after the commit, and its failures are logged, not fatal: the
-//! parts are garbage by then, not results.
+//! The lease holder is this finalizer process (`finalizer-<random>`), and a process never
+//! runs two jobs of one batch at once (the second is a duplicate): so a run that follows an
+//! earlier run of this process whose release failed (the scheduler was down) takes the lease
+//! back at once instead of waiting for it to lapse.
 //!
-//! Shutdown: stop taking jobs, let the jobs in hand finish within `shutdown_grace`, then
-//! interrupt the rest and requeue them (a job interrupted after its commit is harmless: its
-//! next delivery finds the batch terminal).
+//! How a job is settled (the worker's [`Disposition`]): poison (above) is dead-lettered; the
+//! scheduler unreachable (`UNAVAILABLE`, `DEADLINE_EXCEEDED`, or a scheduler that does not
+//! offer leases yet: `UNIMPLEMENTED`) and object storage failing (a backend error) are
+//! outages — the job is held and run again once the dependency is back, without counting
+//! toward the delivery limit; anything else before the commit (an unusable plan, a missing
+//! or corrupt part, a refused commit) is retried with backoff and dead-lettered when it keeps
+//! failing. A re-run overwrites the same deterministic objects. Clean-up — deleting the
+//! batch's result parts and its live state — only happens after the commit, and its failures
+//! are logged, not fatal: the parts are garbage by then, not results.
+//!
+//! Shutdown: the worker stops taking jobs and lets the jobs in hand finish within
+//! `shutdown_grace`; a job still running then is interrupted (its lease released) and
+//! published again (a job interrupted after its commit is harmless: its next delivery finds
+//! the batch terminal).
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use bytes::Bytes;
 use nightshift_core::BatchId;
 use nightshift_core::batch::{BatchStatus, parts_prefix};
 use nightshift_proto::v1::pipeline_client::PipelineClient;
-use nightshift_proto::v1::{self, CommitBatchRequest, FinalizeJob, GetFinalizePlanRequest};
-use nightshift_queue::{Consumer, Delivery, QueueKind, WorkQueue};
+use nightshift_proto::v1::{
+    self, CommitBatchRequest, FinalizeJob, GetFinalizePlanRequest, LeaseFinalizationRequest,
+    LeaseFinalizationResponse,
+};
+use nightshift_queue::worker::DEFAULT_MAX_HOLD;
+use nightshift_queue::{
+    CancellationToken, Disposition, Handler, Job, QueueKind, WorkQueue, WorkerConfig, run_worker,
+};
 use nightshift_state::LiveState;
 use nightshift_storage::ObjectStore;
 use nightshift_telemetry::Readiness;
@@ -38,8 +67,6 @@ use nightshift_telemetry::propagation::{self, TraceContextInterceptor};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio::task::{JoinError, JoinSet};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
@@ -57,6 +84,10 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// bytes each), so this allows batches of about two million chunks.
 const MAX_PLAN_BYTES: usize = 64 * 1024 * 1024;
 
+/// Longest wait for the release of a lease: the run is over, and an unreleased lease only
+/// lapses `lease_ttl` later.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The finalizer's own settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -65,27 +96,44 @@ pub struct FinalizerConfig {
     pub listen: SocketAddr,
     /// The scheduler's gRPC endpoint (its `Pipeline` service and gRPC health).
     pub scheduler_url: String,
-    /// Finalize jobs handled at once (≥ 1). Memory grows with it: each job holds one line of
-    /// at most `max_line_bytes` plus two uploads' buffers (see the storage's `part_size`).
+    /// Finalize jobs handled at once (≥ 1). Memory grows with it: each job holds a line of
+    /// its input and one of a part, each at most `max_line_bytes`, plus two uploads' buffers
+    /// (see the storage's `part_size`).
     pub prefetch: u16,
     /// Longest line accepted in a result part or in an input file (terminator excluded); a
     /// longer line fails the job. At least the scheduler's input line limit, and the longest
-    /// result line executors write.
+    /// result line executors write: an upstream answer of up to its `max_response_bytes`
+    /// (16 MiB by default) plus the envelope, whose `custom_id` may be as long as an input
+    /// line (16 MiB by default). The default, 64 MiB, covers both defaults; raise it with them.
     pub max_line_bytes: usize,
     /// Deadline of each call to the scheduler.
     #[serde(with = "humantime_serde")]
     pub control_timeout: Duration,
     /// After shutdown is asked, how long the jobs in hand may take to finish before they are
-    /// interrupted and requeued.
+    /// interrupted and published again.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
-    /// Delay before a failed job is requeued, doubled for each earlier delivery of it; also
-    /// the first delay before reconnecting to the queue.
+    /// A job that failed on its own (an unusable plan, a corrupt part, a refused commit) is
+    /// requeued after this, doubled for each earlier delivery of it.
     #[serde(with = "humantime_serde")]
     pub retry_backoff: Duration,
-    /// Cap of those delays.
+    /// Cap of those delays; also of the wait before consuming again after the queue failed.
     #[serde(with = "humantime_serde")]
     pub retry_backoff_max: Duration,
+    /// A job that met an outage (the scheduler or object storage unreachable) runs again
+    /// after 1 s, doubling up to this; meanwhile no other job is taken.
+    #[serde(with = "humantime_serde")]
+    pub outage_backoff_max: Duration,
+    /// A job held in an outage longer than this is published again (and the held delivery
+    /// acked), so the broker never reclaims it. At most a quarter of `queue.consumer_timeout`
+    /// is used.
+    #[serde(with = "humantime_serde")]
+    pub max_hold: Duration,
+    /// How long the finalization lease of a batch lasts; the job working on the batch renews
+    /// it every `lease_ttl / 3`. A finalizer that dies keeps its batches from being finalized
+    /// again for at most this long (whole seconds, at least 3 s).
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
 }
 
 impl Default for FinalizerConfig {
@@ -99,12 +147,16 @@ impl Default for FinalizerConfig {
             shutdown_grace: Duration::from_secs(30),
             retry_backoff: Duration::from_secs(2),
             retry_backoff_max: Duration::from_secs(60),
+            outage_backoff_max: Duration::from_secs(30),
+            max_hold: DEFAULT_MAX_HOLD,
+            lease_ttl: Duration::from_secs(60),
         }
     }
 }
 
 impl FinalizerConfig {
-    /// Checks what serde cannot: `prefetch ≥ 1`, `max_line_bytes ≥ 1`, a usable URL.
+    /// Checks what serde cannot: `prefetch ≥ 1`, `max_line_bytes ≥ 1`, `lease_ttl ≥ 3 s`, a
+    /// usable URL, and the worker's settings (see [`WorkerConfig::validate`]).
     pub fn validate(&self) -> Result<(), ServeError> {
         if self.prefetch == 0 {
             return Err(ServeError::Config(
@@ -116,9 +168,36 @@ impl FinalizerConfig {
                 "finalizer.max_line_bytes must be at least 1".into(),
             ));
         }
+        if self.lease_ttl < Duration::from_secs(3) {
+            return Err(ServeError::Config(
+                "finalizer.lease_ttl must be at least 3s".into(),
+            ));
+        }
         Endpoint::from_shared(self.scheduler_url.clone())
             .map_err(|e| ServeError::Config(format!("finalizer.scheduler_url: {e}")))?;
-        Ok(())
+        self.worker(None)
+            .validate(None)
+            .map_err(|e| ServeError::Config(format!("finalizer: {e}")))
+    }
+
+    /// The queue worker's settings, `max_hold` fit to the broker's `consumer_timeout`.
+    fn worker(&self, consumer_timeout: Option<Duration>) -> WorkerConfig {
+        WorkerConfig {
+            kind: QueueKind::FinalizeJobs,
+            prefetch: self.prefetch,
+            shutdown_grace: self.shutdown_grace,
+            retry_base: self.retry_backoff,
+            retry_max: self.retry_backoff_max,
+            outage_backoff_max: self.outage_backoff_max,
+            max_hold: self.max_hold,
+        }
+        .fit_to(consumer_timeout)
+    }
+
+    /// `lease_ttl` in whole seconds (rounded up).
+    fn lease_ttl_seconds(&self) -> u32 {
+        let secs = self.lease_ttl.as_secs() + u64::from(self.lease_ttl.subsec_nanos() > 0);
+        u32::try_from(secs).unwrap_or(u32::MAX)
     }
 }
 
@@ -146,7 +225,8 @@ pub enum ServeError {
 
 /// Runs the finalizer until `shutdown` resolves: serves the ops endpoints on `listener` and
 /// consumes finalize jobs; then stops taking jobs, finishes (or, past `shutdown_grace`,
-/// requeues) the jobs in hand, and returns.
+/// interrupts and publishes again) the jobs in hand, and returns — at most
+/// `shutdown_grace` + [`nightshift_queue::worker::SHUTDOWN_MARGIN`] after `shutdown`.
 ///
 /// The queue and the scheduler may be down at start or at any time: the finalizer keeps
 /// retrying (and `/readyz` says what is missing) rather than exiting.
@@ -157,15 +237,21 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     config.validate()?;
+    let consumer_timeout = ports.queue.consumer_timeout();
+    let worker = config.worker(consumer_timeout);
+    worker
+        .validate(consumer_timeout)
+        .map_err(|e| ServeError::Config(format!("finalizer: {e}")))?;
     let scheduler = Scheduler::connect_lazy(&config.scheduler_url, config.control_timeout)
         .map_err(|e| ServeError::Config(format!("finalizer.scheduler_url: {e}")))?;
     metrics::describe();
     metrics::register();
 
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop = CancellationToken::new();
+    let stop_on_shutdown = stop.clone();
     tokio::spawn(async move {
         shutdown.await;
-        let _ = stop_tx.send(true);
+        stop_on_shutdown.cancel();
     });
 
     // The ops endpoints stay up until every job in hand is settled.
@@ -180,16 +266,26 @@ pub async fn serve(
     });
     let ops = tokio::spawn(async move { ops.await });
 
-    tracing::info!(addr = %addr, scheduler = %config.scheduler_url, prefetch = config.prefetch, "finalizer listening");
-    let worker = Arc::new(Worker {
+    let handler = Arc::new(FinalizeHandler {
         settings: AssembleSettings {
             max_line_bytes: config.max_line_bytes,
         },
-        config,
+        lease_ttl: config.lease_ttl,
+        lease_ttl_seconds: config.lease_ttl_seconds(),
+        holder: format!("finalizer-{}", uuid::Uuid::new_v4().simple()),
+        active: Mutex::default(),
+        queue: ports.queue.clone(),
         ports,
         scheduler,
     });
-    worker.run(stop_rx).await;
+    tracing::info!(
+        addr = %addr,
+        scheduler = %config.scheduler_url,
+        prefetch = config.prefetch,
+        holder = %handler.holder,
+        "finalizer listening"
+    );
+    run_worker(handler.queue.clone(), worker, handler, stop).await;
 
     let _ = ops_stop_tx.send(());
     let served = ops.await.map_err(std::io::Error::other)?;
@@ -247,6 +343,21 @@ impl Scheduler {
             .max_decoding_message_size(MAX_PLAN_BYTES)
     }
 
+    /// Takes, renews or (`release`) gives up the finalization lease of `batch`, within
+    /// `timeout`.
+    async fn lease(
+        &self,
+        request: LeaseFinalizationRequest,
+        timeout: Duration,
+    ) -> Result<LeaseFinalizationResponse, tonic::Status> {
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(timeout);
+        self.pipeline()
+            .lease_finalization(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
     /// Whether the scheduler answers the standard gRPC health check.
     async fn ping(&self) -> Result<(), String> {
         HealthClient::new(self.channel.clone())
@@ -259,34 +370,64 @@ impl Scheduler {
     }
 }
 
-/// Why a job did not finish. [`JobError::dead_letters`] says what becomes of it.
+/// Why a job did not finish. [`JobError::disposition`] says what becomes of it.
 #[derive(Debug, thiserror::Error)]
 enum JobError {
     #[error("undecodable finalize job: {0}")]
     BadPayload(String),
     #[error("the scheduler does not know the batch: {0}")]
     UnknownBatch(String),
-    #[error("asking the scheduler for the finalize plan: {0}")]
-    Plan(String),
+    #[error("the scheduler's {call} failed: {code:?}: {message}")]
+    Scheduler {
+        call: &'static str,
+        code: tonic::Code,
+        message: String,
+    },
     #[error("unusable finalize plan: {0}")]
     BadPlan(#[from] PlanError),
     #[error("assembling the files: {0}")]
     Assemble(#[from] FinalizeError),
     #[error("committing the batch: {0}")]
     Commit(String),
+    #[error("the finalization lease could not be renewed before it lapsed: {0}")]
+    LeaseLapsed(String),
     #[error("interrupted by shutdown")]
     Abandoned,
 }
 
 impl JobError {
-    /// The job can never succeed: dead-letter it rather than requeue it.
-    fn dead_letters(&self) -> bool {
-        matches!(self, Self::BadPayload(_) | Self::UnknownBatch(_))
+    fn scheduler(call: &'static str) -> impl FnOnce(tonic::Status) -> Self {
+        move |status| Self::Scheduler {
+            call,
+            code: status.code(),
+            message: status.message().to_owned(),
+        }
     }
-}
 
-fn status_text(status: &tonic::Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
+    /// How the worker settles a job that ended so.
+    fn disposition(&self) -> Disposition {
+        match self {
+            Self::BadPayload(_) | Self::UnknownBatch(_) => Disposition::Poison(self.to_string()),
+            // The scheduler is down or cannot answer in time, or it is an older one that does
+            // not offer leases yet (during an upgrade): wait for it.
+            Self::Scheduler {
+                code:
+                    tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Unimplemented,
+                ..
+            }
+            | Self::LeaseLapsed(_) => Disposition::Outage {
+                dependency: "scheduler",
+                error: self.to_string(),
+            },
+            Self::Assemble(e) if e.is_storage_outage() => Disposition::Outage {
+                dependency: "object_storage",
+                error: self.to_string(),
+            },
+            _ => Disposition::Retry(self.to_string()),
+        }
+    }
 }
 
 /// How a job ended well.
@@ -299,6 +440,11 @@ enum Finished {
     },
     /// The batch was already `status` (a repeated job): only cleaned up.
     AlreadyTerminal { status: BatchStatus },
+    /// Another finalizer (`holder`) holds the batch's lease: this job is a duplicate.
+    Duplicate { holder: String },
+    /// Another finalizer (`holder`) took the lease over while this job worked: this job
+    /// stopped, its work is that finalizer's now.
+    TakenOver { holder: String },
 }
 
 /// What is known about a job so far, for its log line and metrics.
@@ -314,171 +460,48 @@ impl JobContext {
     }
 }
 
-/// Signals a job watches.
-#[derive(Clone)]
-struct JobSignals {
-    /// Shutdown was asked: a job waiting to be requeued requeues now.
-    stop: watch::Receiver<bool>,
-    /// The grace period is over: a job still working stops and requeues.
-    abandon: watch::Receiver<bool>,
-}
-
-/// Resolves once the flag is raised (or its sender is gone, which means the same).
-async fn raised(flag: &mut watch::Receiver<bool>) {
-    let _ = flag.wait_for(|raised| *raised).await;
-}
-
-/// Doubling delays between `initial` and `max`.
-struct Backoff {
-    initial: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    fn new(initial: Duration, max: Duration) -> Self {
-        Self {
-            initial,
-            max,
-            next: initial,
-        }
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        let delay = self.next.min(self.max);
-        self.next = delay.saturating_mul(2).max(self.initial);
-        delay
-    }
-
-    fn reset(&mut self) {
-        self.next = self.initial;
-    }
-}
-
-/// Consumes finalize jobs and handles each.
-struct Worker {
-    config: FinalizerConfig,
+/// The finalizer's handler of finalize jobs.
+struct FinalizeHandler {
     settings: AssembleSettings,
     ports: FinalizerPorts,
+    /// `ports.queue`, as the worker takes it.
+    queue: Arc<dyn WorkQueue>,
     scheduler: Scheduler,
+    lease_ttl: Duration,
+    lease_ttl_seconds: u32,
+    /// This process's name as a lease holder.
+    holder: String,
+    /// Batches a job of this process is working on now.
+    active: Mutex<HashSet<String>>,
 }
 
-impl Worker {
-    /// The consume loop, until `stop` is raised; then the drain.
-    async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let (abandon_tx, abandon_rx) = watch::channel(false);
-        let signals = JobSignals {
-            stop: stop.clone(),
-            abandon: abandon_rx,
-        };
-        let prefetch = usize::from(self.config.prefetch);
-        let mut jobs: JoinSet<()> = JoinSet::new();
-        let mut consumer: Option<Box<dyn Consumer>> = None;
-        let mut reconnect = Backoff::new(self.config.retry_backoff, self.config.retry_backoff_max);
-
-        loop {
-            let Some(current) = consumer.as_mut() else {
-                tokio::select! {
-                    biased;
-                    () = raised(&mut stop) => break,
-                    Some(joined) = jobs.join_next(), if !jobs.is_empty() => log_join(joined),
-                    started = self.ports.queue.consume(QueueKind::FinalizeJobs, self.config.prefetch) => {
-                        match started {
-                            Ok(c) => {
-                                tracing::info!("consuming finalize jobs");
-                                consumer = Some(c);
-                            }
-                            Err(e) => {
-                                let delay = reconnect.next_delay();
-                                tracing::warn!(error = %e, retry_in = ?delay, "cannot consume finalize jobs");
-                                tokio::select! {
-                                    () = raised(&mut stop) => break,
-                                    () = tokio::time::sleep(delay) => {}
-                                }
-                            }
-                        }
-                    }
-                }
-                continue;
-            };
-            let mut ended = false;
-            tokio::select! {
-                biased;
-                () = raised(&mut stop) => break,
-                Some(joined) = jobs.join_next(), if !jobs.is_empty() => log_join(joined),
-                next = current.next(), if jobs.len() < prefetch => match next {
-                    Some(Ok(delivery)) => {
-                        reconnect.reset();
-                        jobs.spawn(self.clone().handle(delivery, signals.clone()));
-                    }
-                    Some(Err(e)) => tracing::warn!(error = %e, "the finalize-job consumer failed"),
-                    None => ended = true,
-                },
-            }
-            if ended {
-                // Its unsettled deliveries come back to the queue; the jobs holding them
-                // settle into the void, and the next deliveries redo them idempotently.
-                consumer = None;
-                let delay = reconnect.next_delay();
-                tracing::warn!(retry_in = ?delay, "the finalize-job consumer ended; reconnecting");
-                tokio::select! {
-                    () = raised(&mut stop) => break,
-                    () = tokio::time::sleep(delay) => {}
-                }
-            }
+#[async_trait]
+impl Handler for FinalizeHandler {
+    /// Handles one job in a `finalize` span of the batch's trace (its parent is the
+    /// scheduler's request to finalize, from the job's headers).
+    async fn handle(&self, job: &Job<'_>) -> Disposition {
+        if job.attempt == 1 {
+            propagation::observe_delivery(QueueKind::FinalizeJobs.as_str(), job.headers);
         }
-
-        if !jobs.is_empty() {
-            tracing::info!(jobs = jobs.len(), grace = ?self.config.shutdown_grace, "finishing the finalize jobs in hand");
-        }
-        let grace = tokio::time::sleep(self.config.shutdown_grace);
-        tokio::pin!(grace);
-        loop {
-            tokio::select! {
-                joined = jobs.join_next() => match joined {
-                    Some(joined) => log_join(joined),
-                    None => break,
-                },
-                () = &mut grace => {
-                    tracing::warn!(jobs = jobs.len(), "shutdown grace period over; requeueing the jobs in hand");
-                    let _ = abandon_tx.send(true);
-                    while let Some(joined) = jobs.join_next().await {
-                        log_join(joined);
-                    }
-                    break;
-                }
-            }
-        }
-        // Only now: dropping the consumer earlier would make settling the jobs unreliable.
-        drop(consumer);
-    }
-
-    /// Handles one delivery and settles it, in a `finalize` span of the batch's trace (its
-    /// parent is the scheduler's request to finalize, from the job's headers).
-    async fn handle(self: Arc<Self>, delivery: Delivery, signals: JobSignals) {
-        propagation::observe_delivery(QueueKind::FinalizeJobs.as_str(), &delivery.headers);
         let span = tracing::info_span!(
             "finalize",
             batch_id = tracing::field::Empty,
-            delivery_count = delivery.delivery_count
+            delivery_count = job.delivery_count,
+            attempt = job.attempt
         );
-        propagation::set_parent_from_headers(&span, &delivery.headers);
-        self.handle_in_span(delivery, signals)
-            .instrument(span)
-            .await;
+        propagation::set_parent_from_headers(&span, job.headers);
+        self.handle_in_span(job).instrument(span).await
     }
+}
 
-    async fn handle_in_span(&self, delivery: Delivery, mut signals: JobSignals) {
+impl FinalizeHandler {
+    async fn handle_in_span(&self, job: &Job<'_>) -> Disposition {
         let started = Instant::now();
         let mut ctx = JobContext::default();
-        let payload = delivery.payload.clone();
-        let result = tokio::select! {
-            result = self.process(payload, &mut ctx) => result,
-            () = raised(&mut signals.abandon) => Err(JobError::Abandoned),
-        };
+        let result = self.process(job, &mut ctx).await;
         let batch_id = ctx.batch_id.as_ref().map(BatchId::as_str).unwrap_or("");
         let ending = ctx.ending_label();
-        let outcome = match result {
+        let (outcome, disposition) = match result {
             Ok(Finished::Committed {
                 files,
                 status,
@@ -501,38 +524,52 @@ impl Worker {
                     duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
                     "batch finalized"
                 );
-                settle_ack(delivery, batch_id).await;
-                metrics::OUTCOME_COMMITTED
+                (metrics::OUTCOME_COMMITTED, Disposition::Done)
             }
             Ok(Finished::AlreadyTerminal { status }) => {
                 tracing::info!(batch_id, status = %status, "batch already terminal: cleaned up after a repeated finalize job");
-                settle_ack(delivery, batch_id).await;
-                metrics::OUTCOME_ALREADY_TERMINAL
+                (metrics::OUTCOME_ALREADY_TERMINAL, Disposition::Done)
             }
-            Err(e) if e.dead_letters() => {
-                tracing::error!(batch_id, error = %e, "finalize job can never succeed; dead-lettering it");
-                if let Err(e) = delivery.dead_letter().await {
-                    tracing::warn!(batch_id, error = %e, "could not dead-letter the finalize job; it will be delivered again");
-                }
-                metrics::OUTCOME_DEAD_LETTERED
+            Ok(Finished::Duplicate { holder }) => {
+                tracing::info!(
+                    batch_id,
+                    holder,
+                    "another finalizer is finalizing the batch: dropping this duplicate job"
+                );
+                (metrics::OUTCOME_DUPLICATE, Disposition::Done)
             }
-            Err(JobError::Abandoned) => {
+            Ok(Finished::TakenOver { holder }) => {
                 tracing::warn!(
                     batch_id,
-                    "finalize job interrupted by shutdown; requeueing it"
+                    holder,
+                    "another finalizer took the batch's lease over: stopped, dropping this job"
                 );
-                settle_requeue(delivery, batch_id).await;
-                metrics::OUTCOME_ABANDONED
+                (metrics::OUTCOME_DUPLICATE, Disposition::Done)
             }
             Err(e) => {
-                let delay = self.retry_delay(delivery.delivery_count);
-                tracing::warn!(batch_id, ending, error = %e, retry_in = ?delay, "finalize job failed; requeueing it");
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = raised(&mut signals.stop) => {}
-                }
-                settle_requeue(delivery, batch_id).await;
-                metrics::OUTCOME_RETRIED
+                let disposition = e.disposition();
+                let outcome = match &disposition {
+                    Disposition::Poison(_) => {
+                        tracing::error!(batch_id, error = %e, "finalize job can never succeed; dead-lettering it");
+                        metrics::OUTCOME_DEAD_LETTERED
+                    }
+                    Disposition::Outage { dependency, .. } => {
+                        tracing::warn!(batch_id, ending, dependency, error = %e, "finalize job waits for a dependency");
+                        metrics::OUTCOME_OUTAGE
+                    }
+                    _ if matches!(e, JobError::Abandoned) => {
+                        tracing::warn!(
+                            batch_id,
+                            "finalize job interrupted by shutdown; it will run again"
+                        );
+                        metrics::OUTCOME_ABANDONED
+                    }
+                    _ => {
+                        tracing::warn!(batch_id, ending, error = %e, "finalize job failed; it will be retried");
+                        metrics::OUTCOME_RETRIED
+                    }
+                };
+                (outcome, disposition)
             }
         };
         ::metrics::counter!(
@@ -541,21 +578,62 @@ impl Worker {
             metrics::LABEL_OUTCOME => outcome
         )
         .increment(1);
+        disposition
     }
 
-    /// Delay before requeueing a job delivered `delivery_count` times before.
-    fn retry_delay(&self, delivery_count: u32) -> Duration {
-        let factor = 1u32 << delivery_count.min(20);
-        self.config
-            .retry_backoff
-            .saturating_mul(factor)
-            .min(self.config.retry_backoff_max)
+    /// Everything a job does; `ctx` learns the batch and ending on the way. Stops when the
+    /// job is abandoned (releasing the lease if it holds it).
+    async fn process(&self, job: &Job<'_>, ctx: &mut JobContext) -> Result<Finished, JobError> {
+        let prepared = tokio::select! {
+            biased;
+            prepared = self.prepare(job.payload, ctx) => prepared?,
+            () = job.abandoned() => return Err(JobError::Abandoned),
+        };
+        let plan = match prepared {
+            Prepared::Finished(finished) => return Ok(finished),
+            Prepared::Plan(plan) => plan,
+        };
+        let batch = &plan.batch().id;
+
+        // The lease holder is this process: two of its jobs must not work on one batch.
+        let Some(_active) = Active::enter(&self.active, batch.as_str()) else {
+            return Ok(Finished::Duplicate {
+                holder: format!("{} (another job of this process)", self.holder),
+            });
+        };
+        let valid_until = tokio::select! {
+            biased;
+            taken = self.take_lease(batch) => match taken? {
+                Ok(valid_until) => valid_until,
+                Err(holder) => return Ok(Finished::Duplicate { holder }),
+            },
+            () = job.abandoned() => return Err(JobError::Abandoned),
+        };
+        // Work done is preferred to a lease lost or an interruption noticed at the same time.
+        let committed = tokio::select! {
+            biased;
+            committed = self.assemble_and_commit(&plan) => committed,
+            lost = self.keep_lease(batch, valid_until) => match lost {
+                LeaseLost::TakenOver(holder) => return Ok(Finished::TakenOver { holder }),
+                LeaseLost::Lapsed(error) => Err(JobError::LeaseLapsed(error)),
+            },
+            () = job.abandoned() => Err(JobError::Abandoned),
+        };
+        self.release_lease(batch).await;
+        let (files, status) = committed?;
+        self.clean_up(batch).await;
+        Ok(Finished::Committed {
+            files,
+            status,
+            total: plan.total_lines(),
+        })
     }
 
-    /// Everything a job does before it is settled; `ctx` learns the batch and ending on the
-    /// way.
-    async fn process(&self, payload: Bytes, ctx: &mut JobContext) -> Result<Finished, JobError> {
-        let job = FinalizeJob::decode(payload).map_err(|e| JobError::BadPayload(e.to_string()))?;
+    /// Decodes the job and gets its batch's plan: the plan to run, or how the job ended
+    /// already (the batch is terminal).
+    async fn prepare(&self, payload: &Bytes, ctx: &mut JobContext) -> Result<Prepared, JobError> {
+        let job = FinalizeJob::decode(payload.clone())
+            .map_err(|e| JobError::BadPayload(e.to_string()))?;
         if job.schema_version != SCHEMA_VERSION {
             return Err(JobError::BadPayload(format!(
                 "schema version {} (this finalizer reads {SCHEMA_VERSION})",
@@ -575,29 +653,101 @@ impl Worker {
             })
             .await
             .map_err(|s| match s.code() {
-                tonic::Code::NotFound => JobError::UnknownBatch(status_text(&s)),
-                _ => JobError::Plan(status_text(&s)),
+                tonic::Code::NotFound => {
+                    JobError::UnknownBatch(format!("{:?}: {}", s.code(), s.message()))
+                }
+                _ => JobError::scheduler("GetFinalizePlan")(s),
             })?
             .into_inner();
         let batch = plan::batch_of(&mut wire, batch_id.as_str())?;
         if batch.status.is_terminal() {
             ctx.ending = Ending::parse(batch.status.as_str());
             self.clean_up(&batch_id).await;
-            return Ok(Finished::AlreadyTerminal {
+            return Ok(Prepared::Finished(Finished::AlreadyTerminal {
                 status: batch.status,
-            });
+            }));
         }
         let plan = FinalizePlan::from_wire(batch, wire)?;
         ctx.ending = Some(plan.ending());
+        Ok(Prepared::Plan(Box::new(plan)))
+    }
 
-        let files = assemble::finalize(&plan, self.ports.storage.as_ref(), self.settings).await?;
-        let status = self.commit(&batch_id, &files).await?;
-        self.clean_up(&batch_id).await;
-        Ok(Finished::Committed {
-            files,
-            status,
-            total: plan.total_lines(),
-        })
+    /// Assembles the files and commits them; returns them and the terminal status the
+    /// scheduler reports.
+    async fn assemble_and_commit(
+        &self,
+        plan: &FinalizePlan,
+    ) -> Result<(BatchFiles, BatchStatus), JobError> {
+        let files = assemble::finalize(plan, self.ports.storage.as_ref(), self.settings).await?;
+        let status = self.commit(&plan.batch().id, &files).await?;
+        Ok((files, status))
+    }
+
+    fn lease_request(&self, batch: &BatchId, release: bool) -> LeaseFinalizationRequest {
+        LeaseFinalizationRequest {
+            batch_id: batch.to_string(),
+            holder: self.holder.clone(),
+            ttl_seconds: self.lease_ttl_seconds,
+            release,
+        }
+    }
+
+    /// Takes the batch's lease: `Ok(until when it holds)`, or `Err(the holder keeping it)`.
+    async fn take_lease(&self, batch: &BatchId) -> Result<Result<Instant, String>, JobError> {
+        let asked = Instant::now();
+        let answer = self
+            .scheduler
+            .lease(self.lease_request(batch, false), self.lease_ttl / 3)
+            .await
+            .map_err(JobError::scheduler("LeaseFinalization"))?;
+        if answer.granted {
+            tracing::debug!(batch_id = %batch, holder = %self.holder, "finalization lease taken");
+            Ok(Ok(asked + self.lease_ttl))
+        } else {
+            Ok(Err(answer.holder))
+        }
+    }
+
+    /// Renews the lease every `lease_ttl / 3` until it is lost: never returns otherwise. A
+    /// failed renewal is tried again at the next tick, unless the lease would lapse first.
+    async fn keep_lease(&self, batch: &BatchId, mut valid_until: Instant) -> LeaseLost {
+        let every = self.lease_ttl / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            let asked = Instant::now();
+            match self
+                .scheduler
+                .lease(self.lease_request(batch, false), every)
+                .await
+            {
+                Ok(answer) if answer.granted => valid_until = asked + self.lease_ttl,
+                Ok(answer) => return LeaseLost::TakenOver(answer.holder),
+                Err(status) => {
+                    let error = format!("{:?}: {}", status.code(), status.message());
+                    if Instant::now() + every >= valid_until {
+                        return LeaseLost::Lapsed(error);
+                    }
+                    tracing::warn!(batch_id = %batch, error, "could not renew the finalization lease; trying again");
+                }
+            }
+        }
+    }
+
+    /// Gives the lease up. Best effort: an unreleased lease lapses `lease_ttl` later (or is
+    /// taken back by this process's next job of the batch).
+    async fn release_lease(&self, batch: &BatchId) {
+        match self
+            .scheduler
+            .lease(self.lease_request(batch, true), RELEASE_TIMEOUT)
+            .await
+        {
+            Ok(_) => tracing::debug!(batch_id = %batch, "finalization lease released"),
+            Err(status) => tracing::warn!(
+                batch_id = %batch,
+                error = %format!("{:?}: {}", status.code(), status.message()),
+                "could not release the finalization lease; it will lapse"
+            ),
+        }
     }
 
     /// Commits the files, counts and usage; returns the terminal status the scheduler reports.
@@ -620,7 +770,7 @@ impl Worker {
                 usage: Some(v1::Usage::from(&files.usage)),
             })
             .await
-            .map_err(|s| JobError::Commit(status_text(&s)))?
+            .map_err(JobError::scheduler("CommitBatch"))?
             .into_inner();
         BatchStatus::parse(&committed.status)
             .filter(|s| s.is_terminal())
@@ -647,22 +797,49 @@ impl Worker {
     }
 }
 
-async fn settle_ack(delivery: Delivery, batch_id: &str) {
-    if let Err(e) = delivery.ack().await {
-        tracing::warn!(batch_id, error = %e, "could not ack the finalize job; it will be delivered again");
+/// What [`FinalizeHandler::prepare`] found.
+enum Prepared {
+    /// The job is over already.
+    Finished(Finished),
+    /// The batch to assemble.
+    Plan(Box<FinalizePlan>),
+}
+
+/// Why a lease stopped being held.
+enum LeaseLost {
+    /// A renewal was refused: `holder` has it now (empty: the batch is not being finalized
+    /// any more).
+    TakenOver(String),
+    /// The scheduler could not be reached to renew it before it lapsed (the last error).
+    Lapsed(String),
+}
+
+/// A batch a job of this process works on, until dropped.
+struct Active<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    batch: String,
+}
+
+impl<'a> Active<'a> {
+    /// Marks `batch` active; `None` if another job of this process already works on it.
+    fn enter(set: &'a Mutex<HashSet<String>>, batch: &str) -> Option<Self> {
+        let inserted = set
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(batch.to_owned());
+        inserted.then(|| Self {
+            set,
+            batch: batch.to_owned(),
+        })
     }
 }
 
-async fn settle_requeue(delivery: Delivery, batch_id: &str) {
-    if let Err(e) = delivery.requeue().await {
-        tracing::warn!(batch_id, error = %e, "could not requeue the finalize job; it returns to the queue anyway");
-    }
-}
-
-fn log_join(joined: Result<(), JoinError>) {
-    if let Err(e) = joined {
-        // A panicking job dropped its delivery unsettled: it returns to the queue.
-        tracing::error!(error = %e, "a finalize job panicked");
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.batch);
     }
 }
 
@@ -678,17 +855,65 @@ mod tests {
         assert_eq!(config.listen.port(), 9093);
         assert_eq!(config.scheduler_url, "http://127.0.0.1:50051");
         assert_eq!(config.prefetch, 2);
+        assert_eq!(config.lease_ttl, Duration::from_secs(60));
+        assert_eq!(config.lease_ttl_seconds(), 60);
         config.validate().unwrap();
-        let zero = FinalizerConfig {
-            prefetch: 0,
+        for bad in [
+            FinalizerConfig {
+                prefetch: 0,
+                ..FinalizerConfig::default()
+            },
+            FinalizerConfig {
+                scheduler_url: "not a url".into(),
+                ..FinalizerConfig::default()
+            },
+            FinalizerConfig {
+                lease_ttl: Duration::from_secs(2),
+                ..FinalizerConfig::default()
+            },
+            FinalizerConfig {
+                retry_backoff_max: Duration::from_millis(1),
+                ..FinalizerConfig::default()
+            },
+        ] {
+            assert!(
+                matches!(bad.validate(), Err(ServeError::Config(_))),
+                "{bad:?}"
+            );
+        }
+        let fractional = FinalizerConfig {
+            lease_ttl: Duration::from_millis(4500),
             ..FinalizerConfig::default()
         };
-        assert!(matches!(zero.validate(), Err(ServeError::Config(_))));
-        let bad_url = FinalizerConfig {
-            scheduler_url: "not a url".into(),
-            ..FinalizerConfig::default()
-        };
-        assert!(matches!(bad_url.validate(), Err(ServeError::Config(_))));
+        assert_eq!(fractional.lease_ttl_seconds(), 5);
+    }
+
+    #[test]
+    fn the_worker_gets_the_settings_with_max_hold_fit_to_the_broker() {
+        let config = FinalizerConfig::default();
+        let worker = config.worker(None);
+        assert_eq!(worker.kind, QueueKind::FinalizeJobs);
+        assert_eq!(worker.prefetch, config.prefetch);
+        assert_eq!(worker.shutdown_grace, config.shutdown_grace);
+        assert_eq!(worker.retry_base, config.retry_backoff);
+        assert_eq!(worker.retry_max, config.retry_backoff_max);
+        assert_eq!(worker.outage_backoff_max, config.outage_backoff_max);
+        assert_eq!(worker.max_hold, DEFAULT_MAX_HOLD);
+        let fit = config.worker(Some(Duration::from_secs(60)));
+        assert_eq!(fit.max_hold, Duration::from_secs(15));
+        fit.validate(Some(Duration::from_secs(60))).unwrap();
+    }
+
+    #[test]
+    fn the_default_line_limit_covers_the_longest_result_line() {
+        // An upstream answer of max_response_bytes (16 MiB by default) and a custom_id as long
+        // as an input line may be, in one result line with its envelope.
+        let max_response_bytes = nightshift_core::routing::defaults::max_response_bytes();
+        let input_line = nightshift_core::validation::ValidationLimits::default().max_line_bytes;
+        let envelope = 64 * 1024;
+        assert!(
+            FinalizerConfig::default().max_line_bytes >= max_response_bytes + input_line + envelope
+        );
     }
 
     #[test]
@@ -697,11 +922,13 @@ mod tests {
             "prefetch": 4,
             "shutdown_grace": "5s",
             "retry_backoff": "250ms",
+            "lease_ttl": "90s",
         }))
         .unwrap();
         assert_eq!(config.prefetch, 4);
         assert_eq!(config.shutdown_grace, Duration::from_secs(5));
         assert_eq!(config.retry_backoff, Duration::from_millis(250));
+        assert_eq!(config.lease_ttl, Duration::from_secs(90));
         assert_eq!(
             config.max_line_bytes,
             FinalizerConfig::default().max_line_bytes
@@ -711,11 +938,56 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_up_to_its_cap() {
-        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(5));
-        let delays: Vec<u64> = (0..5).map(|_| b.next_delay().as_secs()).collect();
-        assert_eq!(delays, [1, 2, 4, 5, 5]);
-        b.reset();
-        assert_eq!(b.next_delay(), Duration::from_secs(1));
+    fn errors_settle_as_poison_outage_or_retry() {
+        let scheduler = |code| JobError::Scheduler {
+            call: "CommitBatch",
+            code,
+            message: "m".into(),
+        };
+        let storage = |source| {
+            JobError::Assemble(FinalizeError::Storage {
+                context: "reading".into(),
+                source,
+            })
+        };
+        use nightshift_storage::StorageError;
+        let cases = [
+            (JobError::BadPayload("x".into()), "poison"),
+            (JobError::UnknownBatch("x".into()), "poison"),
+            (scheduler(tonic::Code::Unavailable), "outage"),
+            (scheduler(tonic::Code::DeadlineExceeded), "outage"),
+            (scheduler(tonic::Code::Unimplemented), "outage"),
+            (scheduler(tonic::Code::Internal), "retry"),
+            (scheduler(tonic::Code::FailedPrecondition), "retry"),
+            (JobError::LeaseLapsed("x".into()), "outage"),
+            (storage(StorageError::Backend("down".into())), "outage"),
+            (storage(StorageError::NotFound("files/x".into())), "retry"),
+            (JobError::BadPlan(PlanError::MissingBatch), "retry"),
+            (JobError::Commit("x".into()), "retry"),
+            (JobError::Abandoned, "retry"),
+        ];
+        for (error, expected) in cases {
+            assert_eq!(error.disposition().as_str(), expected, "{error}");
+        }
+        match scheduler(tonic::Code::Unavailable).disposition() {
+            Disposition::Outage { dependency, .. } => assert_eq!(dependency, "scheduler"),
+            other => panic!("{other:?}"),
+        }
+        match storage(StorageError::Backend("down".into())).disposition() {
+            Disposition::Outage { dependency, .. } => assert_eq!(dependency, "object_storage"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_process_works_on_a_batch_in_one_job_at_a_time() {
+        let set = Mutex::default();
+        let first = Active::enter(&set, "batch_a").unwrap();
+        assert!(Active::enter(&set, "batch_a").is_none());
+        let other = Active::enter(&set, "batch_b").unwrap();
+        drop(first);
+        let again = Active::enter(&set, "batch_a").unwrap();
+        drop((again, other));
+        assert!(set.lock().unwrap().is_empty());
     }
 }

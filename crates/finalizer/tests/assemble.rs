@@ -8,7 +8,9 @@ use common::*;
 use nightshift_core::BatchId;
 use nightshift_core::batch::{BatchRecord, BatchStatus, ResultFile, part_key};
 use nightshift_core::file::FileRecord;
-use nightshift_core::results::{NoResponseCode, ResultLine, ResultLineSummary, Usage};
+use nightshift_core::results::{
+    BatchRequestId, NoResponseCode, ResultLine, ResultLineSummary, Usage,
+};
 use nightshift_finalizer::{
     AssembleSettings, BatchFiles, Ending, FinalizeError, FinalizePlan, PlannedChunk, finalize,
 };
@@ -180,9 +182,12 @@ async fn chunks_that_never_ran_become_cancelled_or_expired_lines() {
         put_part(store.as_ref(), id, 0, &ran).await;
         let chunks = spans
             .iter()
-            .map(|&span| PlannedChunk {
-                span,
-                done: span.index == 0,
+            .map(|&span| {
+                if span.index == 0 {
+                    PlannedChunk::done(span)
+                } else {
+                    PlannedChunk::unfinished(span)
+                }
             })
             .collect();
 
@@ -195,7 +200,7 @@ async fn chunks_that_never_ran_become_cancelled_or_expired_lines() {
         let never_ran: Vec<ResultLine> = (3..=6)
             .map(|line| {
                 ResultLine::no_response(
-                    nightshift_core::results::BatchRequestId::for_line(id.as_str(), line),
+                    BatchRequestId::for_line(id.as_str(), line),
                     custom_ids[line as usize - 1],
                     code,
                     None,
@@ -380,9 +385,12 @@ async fn assembling_twice_writes_identical_objects() {
     .await;
     let chunks: Vec<PlannedChunk> = spans
         .iter()
-        .map(|&span| PlannedChunk {
-            span,
-            done: span.index == 0,
+        .map(|&span| {
+            if span.index == 0 {
+                PlannedChunk::done(span)
+            } else {
+                PlannedChunk::unfinished(span)
+            }
         })
         .collect();
     let plan = plan(&b, chunks, Ending::Cancelled);
@@ -411,5 +419,330 @@ async fn assembling_twice_writes_identical_objects() {
     ];
     expected.sort();
     assert_eq!(keys, expected);
+    cleanup(&store).await;
+}
+
+/// Writes the input of `custom_ids` (chunks of `sizes` lines) and returns its chunk spans.
+async fn put_input(
+    store: &S3Store,
+    custom_ids: &[&str],
+    sizes: &[u32],
+) -> Vec<nightshift_core::chunking::ChunkSpan> {
+    let (bytes, spans) = input(custom_ids, sizes);
+    store
+        .put("files/file-input", Bytes::from(bytes))
+        .await
+        .expect("put input");
+    spans
+}
+
+/// The error line a request without a result gets.
+fn missing(
+    batch: &BatchId,
+    line: u64,
+    custom_id: &str,
+    code: NoResponseCode,
+    message: Option<&str>,
+) -> ResultLine {
+    ResultLine::no_response(
+        BatchRequestId::for_line(batch.as_str(), line),
+        custom_id,
+        code,
+        message.map(str::to_owned),
+    )
+}
+
+/// `custom_id`s of both files, sorted: each request must appear exactly once.
+fn custom_ids_of(files: &(Option<Vec<u8>>, Option<Vec<u8>>)) -> Vec<String> {
+    let mut ids: Vec<String> = [&files.0, &files.1]
+        .into_iter()
+        .flatten()
+        .flat_map(|file| file.split_inclusive(|&b| b == b'\n'))
+        .map(|line| {
+            ResultLineSummary::parse(line)
+                .expect("result line")
+                .custom_id
+        })
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// The output and error files of `lines` (every request's line, in line order).
+fn expected_files(lines: &[ResultLine]) -> (Vec<u8>, Vec<u8>) {
+    let successes: Vec<&ResultLine> = lines.iter().filter(|l| l.is_success()).collect();
+    let failures: Vec<&ResultLine> = lines.iter().filter(|l| !l.is_success()).collect();
+    (jsonl(&successes), jsonl(&failures))
+}
+
+#[tokio::test]
+async fn partial_parts_are_merged_with_lines_for_the_requests_they_lack() {
+    let store = store().await;
+    // As the part lines of `ok_line` & co. name them.
+    let custom_ids = [
+        "req-1", "req-2", "req-3", "req-4", "req-5", "req-6", "req-7", "req-8", "req-9", "req-10",
+    ];
+    let spans = put_input(&store, &custom_ids, &[2, 4, 2, 2]).await;
+
+    // (ending, chunk 1 given up?) and the code its lines without a result get.
+    let given_up = "the chunk was given up after 4 attempts (its executors stopped reporting)";
+    for (ending, failure, code) in [
+        (Ending::Cancelled, None, NoResponseCode::BatchCancelled),
+        (Ending::Expired, None, NoResponseCode::BatchExpired),
+        (
+            Ending::Cancelled,
+            Some(given_up),
+            NoResponseCode::ChunkFailed,
+        ),
+        (
+            Ending::Completed,
+            Some(given_up),
+            NoResponseCode::ChunkFailed,
+        ),
+    ] {
+        let b = batch(BatchStatus::Cancelling);
+        let id = &b.id;
+        // Chunk 0 (lines 1-2) done. Chunk 1 (lines 3-6): a part with lines 4 and 6 (its first
+        // and a middle line lack a result). Chunk 2 (lines 7-8): no part at all. Chunk 3
+        // (lines 9-10): a part with line 9 (its last line lacks a result).
+        let done = [ok_line(id, 1, 1, 1), http_error_line(id, 2, 400)];
+        let part1 = [ok_line(id, 4, 4, 4), http_error_line(id, 6, 500)];
+        let part3 = [no_response_line(id, 9, NoResponseCode::RequestTimeout)];
+        put_part(store.as_ref(), id, 0, &done).await;
+        put_part(store.as_ref(), id, 1, &part1).await;
+        put_part(store.as_ref(), id, 3, &part3).await;
+        let chunks: Vec<PlannedChunk> = spans
+            .iter()
+            .map(|&span| match (span.index, failure) {
+                (0, _) => PlannedChunk::done(span),
+                (_, Some(failure)) => PlannedChunk::failed(span, failure),
+                (_, None) => PlannedChunk::unfinished(span),
+            })
+            .collect();
+
+        let got = run(&store, &plan(&b, chunks, ending))
+            .await
+            .expect("finalize");
+
+        let lacking = |line: u64| missing(id, line, custom_ids[line as usize - 1], code, failure);
+        // Every request, in line order, with its part line where there is one.
+        let all = [
+            done[0].clone(),
+            done[1].clone(),
+            lacking(3),
+            part1[0].clone(),
+            lacking(5),
+            part1[1].clone(),
+            lacking(7),
+            lacking(8),
+            part3[0].clone(),
+            lacking(10),
+        ];
+        let (output, error) = expected_files(&all);
+        let stored = files(&store, id).await;
+        assert_eq!(stored.0.as_deref(), Some(&output[..]), "{ending}");
+        assert_eq!(
+            String::from_utf8(stored.1.clone().expect("error file")).expect("utf-8"),
+            String::from_utf8(error).expect("utf-8"),
+            "{ending} {failure:?}"
+        );
+        assert_eq!((got.completed, got.failed), (2, 8), "{ending}");
+        assert_eq!(got.usage, usage_of(&[(1, 1), (4, 4)]));
+        let mut expected_ids: Vec<String> = custom_ids.iter().map(|&c| c.to_owned()).collect();
+        expected_ids.sort();
+        assert_eq!(custom_ids_of(&stored), expected_ids, "exactly once each");
+        for line in stored
+            .1
+            .expect("error file")
+            .split_inclusive(|&b| b == b'\n')
+        {
+            let value: serde_json::Value = serde_json::from_slice(line).expect("json");
+            if value["error"]["code"] == code.as_str() {
+                let message = failure.unwrap_or(code.default_message());
+                assert_eq!(value["error"]["message"], message);
+            }
+        }
+    }
+    cleanup(&store).await;
+}
+
+#[tokio::test]
+async fn a_completed_batch_may_hold_a_failed_chunk_but_not_an_unfinished_one() {
+    let store = store().await;
+    let custom_ids = ["req-1", "req-2", "req-3", "req-4", "req-5"];
+    let spans = put_input(&store, &custom_ids, &[2, 3]).await;
+    let b = batch(BatchStatus::Finalizing);
+    let id = &b.id;
+    let done = [ok_line(id, 1, 2, 3), ok_line(id, 2, 5, 7)];
+    put_part(store.as_ref(), id, 0, &done).await;
+    put_part(store.as_ref(), id, 1, &[ok_line(id, 4, 1, 1)]).await;
+    let failure = "the input of this chunk cannot be read: bytes 10..20 hold 2 requests, not 3";
+
+    let got = run(
+        &store,
+        &plan(
+            &b,
+            vec![
+                PlannedChunk::done(spans[0]),
+                PlannedChunk::failed(spans[1], failure),
+            ],
+            Ending::Completed,
+        ),
+    )
+    .await
+    .expect("finalize");
+    assert_eq!((got.completed, got.failed), (3, 2));
+    assert_eq!(got.usage, usage_of(&[(2, 3), (5, 7), (1, 1)]));
+    let failed = |line: u64| {
+        missing(
+            id,
+            line,
+            custom_ids[line as usize - 1],
+            NoResponseCode::ChunkFailed,
+            Some(failure),
+        )
+    };
+    let (output, error) = expected_files(&[
+        done[0].clone(),
+        done[1].clone(),
+        failed(3),
+        ok_line(id, 4, 1, 1),
+        failed(5),
+    ]);
+    assert_eq!(files(&store, id).await, (Some(output), Some(error)));
+
+    // Neither done nor failed: a completed batch cannot have it.
+    let mut batch = b.clone();
+    batch.request_counts.total = 5;
+    let e = FinalizePlan::new(
+        batch,
+        "files/file-input".into(),
+        vec![
+            PlannedChunk::done(spans[0]),
+            PlannedChunk::unfinished(spans[1]),
+        ],
+        Ending::Completed,
+    )
+    .expect_err("an unfinished chunk in a completed batch");
+    assert_eq!(
+        e,
+        nightshift_finalizer::PlanError::NotDoneChunk { index: 1 }
+    );
+    cleanup(&store).await;
+}
+
+#[tokio::test]
+async fn an_unfinished_chunk_with_a_complete_part_keeps_every_line() {
+    let store = store().await;
+    let custom_ids = ["req-1", "req-2", "req-3"];
+    let spans = put_input(&store, &custom_ids, &[3]).await;
+    let b = batch(BatchStatus::Cancelling);
+    let id = &b.id;
+    // The run finished, but its report did not arrive before the batch ended.
+    let part = [
+        ok_line(id, 1, 1, 2),
+        http_error_line(id, 2, 404),
+        ok_line(id, 3, 3, 4),
+    ];
+    put_part(store.as_ref(), id, 0, &part).await;
+    let got = run(
+        &store,
+        &plan(
+            &b,
+            vec![PlannedChunk::unfinished(spans[0])],
+            Ending::Expired,
+        ),
+    )
+    .await
+    .expect("finalize");
+    assert_eq!((got.completed, got.failed), (2, 1));
+    let (output, error) = expected_files(&part);
+    assert_eq!(files(&store, id).await, (Some(output), Some(error)));
+    cleanup(&store).await;
+}
+
+#[tokio::test]
+async fn a_partial_part_that_does_not_match_its_requests_fails_and_leaves_nothing_visible() {
+    let store = store().await;
+    let custom_ids = ["req-1", "req-2", "req-3", "req-4"];
+    let spans = put_input(&store, &custom_ids, &[4]).await;
+    let b = batch(BatchStatus::Cancelling);
+    let id = &b.id;
+    let other = BatchId::generate();
+    let renamed = {
+        let mut line = ok_line(id, 2, 1, 1);
+        line.custom_id = "not-req-2".into();
+        line
+    };
+    let cases: [(&str, Vec<ResultLine>, u64); 4] = [
+        // Lines 3 then 2: out of line order (line 2 then matches nothing after line 3).
+        (
+            "out of order",
+            vec![ok_line(id, 3, 1, 1), ok_line(id, 2, 1, 1)],
+            2,
+        ),
+        (
+            "a duplicate",
+            vec![ok_line(id, 2, 1, 1), ok_line(id, 2, 1, 1)],
+            2,
+        ),
+        ("another batch's line", vec![ok_line(&other, 1, 1, 1)], 1),
+        ("another custom_id", vec![renamed], 1),
+    ];
+    for (what, part, bad_line) in cases {
+        put_part(store.as_ref(), id, 0, &part).await;
+        let e = run(
+            &store,
+            &plan(
+                &b,
+                vec![PlannedChunk::unfinished(spans[0])],
+                Ending::Cancelled,
+            ),
+        )
+        .await
+        .expect_err(what);
+        match e {
+            FinalizeError::CorruptPart { chunk, line, .. } => {
+                assert_eq!((chunk, line), (0, bad_line), "{what}: {e}");
+            }
+            other => panic!("{what}: expected CorruptPart, got {other}"),
+        }
+        assert_eq!(files(&store, id).await, (None, None), "{what}");
+    }
+    cleanup(&store).await;
+}
+
+#[tokio::test]
+async fn result_lines_as_long_as_the_largest_upstream_answer_are_assembled() {
+    let store = store().await;
+    let max_response_bytes = nightshift_core::routing::defaults::max_response_bytes();
+    let custom_ids = ["req-1", "req-2", "req-3"];
+    let spans = put_input(&store, &custom_ids, &[1, 2]).await;
+    let b = batch(BatchStatus::Cancelling);
+    let id = &b.id;
+    // A body of max_response_bytes, in a done chunk and in a chunk that ran in part.
+    let filler = max_response_bytes - 200;
+    let first = big_ok_line(id, 1, filler);
+    let second = big_ok_line(id, 2, filler);
+    assert!(first.to_json_line().len() > max_response_bytes);
+    put_part(store.as_ref(), id, 0, std::slice::from_ref(&first)).await;
+    put_part(store.as_ref(), id, 1, std::slice::from_ref(&second)).await;
+
+    let got = run(
+        &store,
+        &plan(
+            &b,
+            vec![
+                PlannedChunk::done(spans[0]),
+                PlannedChunk::unfinished(spans[1]),
+            ],
+            Ending::Cancelled,
+        ),
+    )
+    .await
+    .expect("finalize with the default max_line_bytes");
+    assert_eq!((got.completed, got.failed), (2, 1));
+    let (output, _) = files(&store, id).await;
+    assert!(output.expect("output") == jsonl(&[&first, &second]));
     cleanup(&store).await;
 }

@@ -1,7 +1,8 @@
 //! The finalizer service end to end, in process: real Garage and RabbitMQ (`make up`), the
 //! in-memory live state, and a fake scheduler — a tonic server implementing `Pipeline` that
-//! serves a plan and records the commits. The queue is wrapped to record how each delivery is
-//! settled.
+//! serves a plan, keeps a finalization lease (one holder at a time, until released or taken
+//! away by the test) and records the commits. The queue is wrapped to record how each
+//! delivery is settled.
 
 mod common;
 
@@ -14,11 +15,14 @@ use bytes::Bytes;
 use common::*;
 use nightshift_core::batch::{BatchRecord, BatchStatus, ResultFile, parts_prefix};
 use nightshift_core::file::FileRecord;
-use nightshift_core::results::Usage;
+use nightshift_core::results::{NoResponseCode, Usage};
 use nightshift_core::secret::Secret;
-use nightshift_finalizer::{FinalizerConfig, FinalizerPorts, ServeError, serve};
+use nightshift_finalizer::{FinalizerConfig, FinalizerPorts, PlannedChunk, ServeError, serve};
 use nightshift_proto::v1::pipeline_server::{Pipeline, PipelineServer};
-use nightshift_proto::v1::{self, CommitBatchRequest, FinalizeJob, GetFinalizePlanRequest};
+use nightshift_proto::v1::{
+    self, CommitBatchRequest, FinalizeJob, GetFinalizePlanRequest, LeaseFinalizationRequest,
+    LeaseFinalizationResponse,
+};
 use nightshift_queue::{
     Consumer, Delivery, Headers, QueueConfig, QueueKind, RabbitQueue, Settle, Settlement, WorkQueue,
 };
@@ -27,7 +31,7 @@ use nightshift_storage::{ObjectStore, S3Store};
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status};
 
@@ -59,10 +63,42 @@ struct SchedulerState {
     plan: Option<v1::FinalizePlan>,
     plan_calls: u32,
     commits: Vec<CommitBatchRequest>,
-    /// Commits to fail with UNAVAILABLE (after recording them) before succeeding.
+    /// Commits to fail with `fail_commits_with` (after recording them) before succeeding.
     fail_commits: u32,
+    fail_commits_with: Option<tonic::Code>,
+    /// Set: each commit (after being recorded) waits for a permit of it.
+    commit_gate: Option<Arc<Notify>>,
     /// GetFinalizePlan never answers.
     hang_plan: bool,
+    /// Who holds the batch's finalization lease (expiry is not modelled: it is held until
+    /// released, or given to another holder by the test).
+    lease_holder: Option<String>,
+    /// Every LeaseFinalization call, and whether it was granted.
+    leases: Vec<(LeaseFinalizationRequest, bool)>,
+    /// LeaseFinalization calls to fail with UNIMPLEMENTED (an older scheduler) first.
+    unimplemented_leases: u32,
+}
+
+impl SchedulerState {
+    /// The holders that asked for the lease (not a release) and were refused it.
+    fn refused(&self) -> Vec<String> {
+        self.leases
+            .iter()
+            .filter(|(r, granted)| !r.release && !granted)
+            .map(|(r, _)| r.holder.clone())
+            .collect()
+    }
+
+    /// The holders that took or renewed the lease, in call order, without repeats.
+    fn holders(&self) -> Vec<String> {
+        let mut holders: Vec<String> = Vec::new();
+        for (request, granted) in &self.leases {
+            if *granted && !request.release && holders.last() != Some(&request.holder) {
+                holders.push(request.holder.clone());
+            }
+        }
+        holders
+    }
 }
 
 #[derive(Clone, Default)]
@@ -97,11 +133,19 @@ impl Pipeline for FakeScheduler {
         request: Request<CommitBatchRequest>,
     ) -> Result<Response<v1::Batch>, Status> {
         let req = request.into_inner();
+        let gate = {
+            let mut s = lock(&self.0);
+            s.commits.push(req.clone());
+            s.commit_gate.clone()
+        };
+        if let Some(gate) = gate {
+            gate.notified().await;
+        }
         let mut s = lock(&self.0);
-        s.commits.push(req.clone());
         if s.fail_commits > 0 {
             s.fail_commits -= 1;
-            return Err(Status::unavailable("the metadata store is restarting"));
+            let code = s.fail_commits_with.unwrap_or(tonic::Code::Unavailable);
+            return Err(Status::new(code, "the metadata store is restarting"));
         }
         let plan = s
             .plan
@@ -122,6 +166,52 @@ impl Pipeline for FakeScheduler {
         }
         Ok(Response::new(batch.clone()))
     }
+
+    /// Grants the lease to its holder or to anyone when free, while the batch is not
+    /// terminal; a release by the holder frees it.
+    async fn lease_finalization(
+        &self,
+        request: Request<LeaseFinalizationRequest>,
+    ) -> Result<Response<LeaseFinalizationResponse>, Status> {
+        let req = request.into_inner();
+        let mut s = lock(&self.0);
+        if s.unimplemented_leases > 0 {
+            s.unimplemented_leases -= 1;
+            return Err(Status::unimplemented("LeaseFinalization"));
+        }
+        let finalizing = s.plan.as_ref().is_some_and(|p| {
+            p.batch.as_ref().is_some_and(|b| {
+                b.id == req.batch_id
+                    && !BatchStatus::parse(&b.status).is_some_and(BatchStatus::is_terminal)
+            })
+        });
+        let granted = if req.release {
+            if s.lease_holder.as_deref() == Some(req.holder.as_str()) {
+                s.lease_holder = None;
+            }
+            false
+        } else if finalizing
+            && s.lease_holder
+                .as_ref()
+                .is_none_or(|holder| *holder == req.holder)
+        {
+            s.lease_holder = Some(req.holder.clone());
+            true
+        } else {
+            false
+        };
+        let holder = if granted {
+            String::new()
+        } else {
+            s.lease_holder.clone().unwrap_or_default()
+        };
+        s.leases.push((req, granted));
+        Ok(Response::new(LeaseFinalizationResponse {
+            granted,
+            expires_at: 0,
+            holder,
+        }))
+    }
 }
 
 /// Serves `fake` (and gRPC health) on a fresh port; returns its URL.
@@ -140,11 +230,7 @@ async fn start_scheduler(fake: FakeScheduler) -> String {
     format!("http://{addr}")
 }
 
-fn plan_for(
-    batch: &BatchRecord,
-    chunks: &[nightshift_finalizer::PlannedChunk],
-    ending: &str,
-) -> v1::FinalizePlan {
+fn plan_for(batch: &BatchRecord, chunks: &[PlannedChunk], ending: &str) -> v1::FinalizePlan {
     let mut batch = v1::Batch::from(batch);
     batch.total = chunks.iter().map(|c| u64::from(c.span.line_count)).sum();
     v1::FinalizePlan {
@@ -159,6 +245,7 @@ fn plan_for(
                 first_line: c.span.first_line,
                 line_count: c.span.line_count,
                 done: c.done,
+                failure: c.failure.clone(),
             })
             .collect(),
         ending: ending.into(),
@@ -209,6 +296,10 @@ impl WorkQueue for Recording {
 
     fn delivery_limit(&self) -> u32 {
         self.inner.delivery_limit()
+    }
+
+    fn consumer_timeout(&self) -> Option<Duration> {
+        self.inner.consumer_timeout()
     }
 
     async fn ping(&self) -> nightshift_queue::Result<()> {
@@ -292,6 +383,7 @@ impl Harness {
             delivery_limit: 3,
             connect_timeout: Duration::from_secs(3),
             operation_timeout: Duration::from_secs(3),
+            ..QueueConfig::default()
         };
         let scheduler = FakeScheduler::default();
         Self {
@@ -309,7 +401,9 @@ impl Harness {
             scheduler_url: self.scheduler_url.clone(),
             retry_backoff: Duration::from_millis(10),
             retry_backoff_max: Duration::from_millis(50),
+            outage_backoff_max: Duration::from_millis(50),
             shutdown_grace: Duration::from_secs(5),
+            lease_ttl: Duration::from_secs(3),
             ..FinalizerConfig::default()
         }
     }
@@ -401,10 +495,7 @@ impl Running {
 
 /// A batch of two done chunks (two successes, one failure) with its parts written and live
 /// counts recorded.
-async fn finished_batch(
-    h: &Harness,
-    status: BatchStatus,
-) -> (BatchRecord, Vec<nightshift_finalizer::PlannedChunk>) {
+async fn finished_batch(h: &Harness, status: BatchStatus) -> (BatchRecord, Vec<PlannedChunk>) {
     let b = batch(status);
     let id = &b.id;
     put_part(
@@ -511,13 +602,14 @@ async fn a_job_for_an_already_terminal_batch_is_cleaned_up_and_acked_without_a_c
 }
 
 #[tokio::test]
-async fn a_failed_commit_requeues_the_job_and_its_next_delivery_commits_the_same() {
+async fn a_commit_refused_on_its_own_requeues_the_job_and_its_next_delivery_commits_the_same() {
     let h = Harness::new().await;
     let (b, chunks) = finished_batch(&h, BatchStatus::Finalizing).await;
     {
         let mut s = h.scheduler();
         s.plan = Some(plan_for(&b, &chunks, "completed"));
         s.fail_commits = 1;
+        s.fail_commits_with = Some(tonic::Code::Internal);
     }
     let running = h.start(h.config()).await;
 
@@ -530,6 +622,7 @@ async fn a_failed_commit_requeues_the_job_and_its_next_delivery_commits_the_same
             s.commits[0], s.commits[1],
             "a re-run commits exactly the same"
         );
+        assert_eq!(s.lease_holder, None, "each run released the lease");
     }
     assert_eq!(parts_left(&h, &b).await, 0);
     running.shutdown().await;
@@ -537,29 +630,59 @@ async fn a_failed_commit_requeues_the_job_and_its_next_delivery_commits_the_same
 }
 
 #[tokio::test]
-async fn a_cancelled_batch_commits_its_never_run_lines_as_errors() {
+async fn a_scheduler_outage_holds_the_job_without_counting_it_and_it_then_commits() {
     let h = Harness::new().await;
-    let (input, spans) = input(&["x-1", "x-2", "x-3"], &[1, 2]);
+    let (b, chunks) = finished_batch(&h, BatchStatus::Finalizing).await;
+    {
+        let mut s = h.scheduler();
+        s.plan = Some(plan_for(&b, &chunks, "completed"));
+        // The commit meets a restarting scheduler twice; before that, the lease call meets
+        // one that does not offer leases yet.
+        s.fail_commits = 2;
+        s.fail_commits_with = Some(tonic::Code::Unavailable);
+        s.unimplemented_leases = 1;
+    }
+    let running = h.start(h.config()).await;
+
+    h.publish_job(&b).await;
+    // One delivery, held through the outages: never requeued, never counted.
+    assert_eq!(h.settled(1).await, ["ack"]);
+    {
+        let s = h.scheduler();
+        assert_eq!(s.commits.len(), 3);
+        assert!(s.commits.iter().all(|c| *c == s.commits[0]));
+        assert_eq!(s.lease_holder, None);
+    }
+    assert_eq!(parts_left(&h, &b).await, 0);
+    running.shutdown().await;
+    assert_eq!(*lock(&h.log), ["ack"]);
+    h.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_cancelled_batch_commits_the_lines_without_a_result_as_errors() {
+    let h = Harness::new().await;
+    let (input, spans) = input(&["req-1", "req-2", "req-3", "req-4", "req-5"], &[1, 2, 2]);
     h.store
         .put("files/file-input", Bytes::from(input))
         .await
         .expect("put input");
     let b = batch(BatchStatus::Cancelling);
+    // Chunk 0 done; chunk 1 ran in part (line 3 has its result); chunk 2 was given up.
     put_part(h.store.as_ref(), &b.id, 0, &[ok_line(&b.id, 1, 2, 2)]).await;
-    let chunks: Vec<_> = spans
-        .iter()
-        .map(|&span| nightshift_finalizer::PlannedChunk {
-            span,
-            done: span.index == 0,
-        })
-        .collect();
+    put_part(h.store.as_ref(), &b.id, 1, &[ok_line(&b.id, 3, 1, 1)]).await;
+    let chunks = vec![
+        PlannedChunk::done(spans[0]),
+        PlannedChunk::unfinished(spans[1]),
+        PlannedChunk::failed(spans[2], "no executor could run it"),
+    ];
     h.scheduler().plan = Some(plan_for(&b, &chunks, "cancelled"));
     let running = h.start(h.config()).await;
 
     h.publish_job(&b).await;
     assert_eq!(h.settled(1).await, ["ack"]);
     let commit = h.scheduler().commits[0].clone();
-    assert_eq!((commit.completed, commit.failed), (1, 2));
+    assert_eq!((commit.completed, commit.failed), (2, 3));
     let error = commit.error_file.expect("error file");
     let key = FileRecord::storage_key_for(&ResultFile::Error.file_id(&b.id));
     let stored = read(h.store.as_ref(), &key)
@@ -570,13 +693,22 @@ async fn a_cancelled_batch_commits_its_never_run_lines_as_errors() {
         .map(|line| {
             let v: serde_json::Value = serde_json::from_slice(line).expect("json");
             format!(
-                "{} {}",
+                "{} {}: {}",
                 v["custom_id"].as_str().unwrap_or("?"),
-                v["error"]["code"].as_str().unwrap_or("?")
+                v["error"]["code"].as_str().unwrap_or("?"),
+                v["error"]["message"].as_str().unwrap_or("?")
             )
         })
         .collect();
-    assert_eq!(codes, ["x-2 batch_cancelled", "x-3 batch_cancelled"]);
+    let cancelled = NoResponseCode::BatchCancelled.default_message();
+    assert_eq!(
+        codes,
+        [
+            format!("req-2 batch_cancelled: {cancelled}"),
+            "req-4 chunk_failed: no executor could run it".to_owned(),
+            "req-5 chunk_failed: no executor could run it".to_owned(),
+        ]
+    );
     assert_eq!(stored.len() as u64, error.bytes);
     running.shutdown().await;
     h.cleanup().await;
@@ -620,7 +752,7 @@ async fn undecodable_jobs_and_unknown_batches_are_dead_lettered() {
 }
 
 #[tokio::test]
-async fn shutdown_requeues_a_job_still_in_hand_after_the_grace_period() {
+async fn shutdown_publishes_again_a_job_still_in_hand_after_the_grace_period() {
     let h = Harness::new().await;
     let (b, chunks) = finished_batch(&h, BatchStatus::Finalizing).await;
     {
@@ -643,7 +775,8 @@ async fn shutdown_requeues_a_job_still_in_hand_after_the_grace_period() {
     .await;
     running.shutdown().await;
 
-    assert_eq!(*lock(&h.log), ["requeue"]);
+    // Published again as a fresh copy, then acked.
+    assert_eq!(*lock(&h.log), ["ack"]);
     assert!(h.scheduler().commits.is_empty());
     assert_eq!(parts_left(&h, &b).await, 2, "nothing is cleaned up");
     let queue = h.queue.clone();
@@ -651,5 +784,102 @@ async fn shutdown_requeues_a_job_still_in_hand_after_the_grace_period() {
         (queue.depth(QueueKind::FinalizeJobs).await.ok()? == 1).then_some(())
     })
     .await;
+    h.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_second_finalizer_is_refused_the_lease_and_leaves_the_batch_alone() {
+    let h = Harness::new().await;
+    let (b, chunks) = finished_batch(&h, BatchStatus::Finalizing).await;
+    let gate = Arc::new(Notify::new());
+    {
+        let mut s = h.scheduler();
+        s.plan = Some(plan_for(&b, &chunks, "completed"));
+        s.commit_gate = Some(gate.clone());
+    }
+    // One job at a time each, so that the second job goes to the second finalizer.
+    let config = FinalizerConfig {
+        prefetch: 1,
+        ..h.config()
+    };
+    let first = h.start(config.clone()).await;
+    h.publish_job(&b).await;
+    let scheduler = h.scheduler.clone();
+    eventually("the first finalizer committing", async || {
+        (lock(&scheduler.0).commits.len() == 1).then_some(())
+    })
+    .await;
+    let owner = h.scheduler().holders();
+    assert_eq!(owner.len(), 1);
+
+    // The same job again (the scheduler re-published it, or the broker redelivered it).
+    let second = h.start(config).await;
+    h.publish_job(&b).await;
+    assert_eq!(h.settled(1).await, ["ack"], "the duplicate is dropped");
+    {
+        let s = h.scheduler();
+        assert_eq!(s.plan_calls, 2);
+        assert_eq!(s.refused().len(), 1);
+        assert_ne!(s.refused()[0], owner[0], "a finalizer of its own");
+        assert_eq!(s.commits.len(), 1, "the second finalizer commits nothing");
+        assert_eq!(s.lease_holder.as_ref(), Some(&owner[0]));
+    }
+    assert_eq!(parts_left(&h, &b).await, 2, "nor does it clean anything up");
+
+    // The first one goes on (renewing its lease meanwhile), commits, and releases the lease.
+    gate.notify_one();
+    assert_eq!(h.settled(2).await, ["ack", "ack"]);
+    {
+        let s = h.scheduler();
+        assert_eq!(s.commits.len(), 1);
+        assert_eq!(s.lease_holder, None, "released after the commit");
+        assert_eq!(s.holders(), owner, "nobody else ever held it");
+        let last = s.leases.last().expect("a release");
+        assert!(last.0.release && last.0.holder == owner[0]);
+    }
+    assert_eq!(parts_left(&h, &b).await, 0);
+    first.shutdown().await;
+    second.shutdown().await;
+    h.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_finalizer_whose_lease_is_taken_over_stops_and_drops_its_job() {
+    let h = Harness::new().await;
+    let (b, chunks) = finished_batch(&h, BatchStatus::Finalizing).await;
+    let gate = Arc::new(Notify::new());
+    {
+        let mut s = h.scheduler();
+        s.plan = Some(plan_for(&b, &chunks, "completed"));
+        s.commit_gate = Some(gate.clone());
+    }
+    let running = h.start(h.config()).await;
+    h.publish_job(&b).await;
+    let scheduler = h.scheduler.clone();
+    eventually("the finalizer committing", async || {
+        (lock(&scheduler.0).commits.len() == 1).then_some(())
+    })
+    .await;
+
+    // Its lease lapsed and another finalizer took it: its next renewal is refused.
+    h.scheduler().lease_holder = Some("finalizer-other".into());
+    assert_eq!(
+        h.settled(1).await,
+        ["ack"],
+        "the job is dropped as a duplicate"
+    );
+    {
+        let s = h.scheduler();
+        let (request, granted) = s.leases.last().expect("a renewal").clone();
+        assert!(!granted && !request.release, "refused, and not released");
+        assert_eq!(s.lease_holder.as_deref(), Some("finalizer-other"));
+    }
+    assert_eq!(
+        parts_left(&h, &b).await,
+        2,
+        "the new holder cleans up, not this one"
+    );
+    gate.notify_one();
+    running.shutdown().await;
     h.cleanup().await;
 }

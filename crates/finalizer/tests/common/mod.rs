@@ -170,7 +170,7 @@ pub async fn read(store: &dyn ObjectStore, key: &str) -> Option<Vec<u8>> {
 }
 
 /// Chunks of `sizes` lines each, numbered from line 1, with made-up byte ranges (only chunks
-/// that never ran have their input read).
+/// that are not done have their input read).
 pub fn done_chunks(sizes: &[u32]) -> Vec<PlannedChunk> {
     let mut first_line = 1u64;
     sizes
@@ -185,7 +185,7 @@ pub fn done_chunks(sizes: &[u32]) -> Vec<PlannedChunk> {
                 line_count: count,
             };
             first_line += u64::from(count);
-            PlannedChunk { span, done: true }
+            PlannedChunk::done(span)
         })
         .collect()
 }
