@@ -145,6 +145,8 @@ NIGHTSHIFT_<SECTION>__<KEY> variables override nightshift.toml.
 {{- if ne $component "gateway" }}
 - name: NIGHTSHIFT_QUEUE__PREFIX
   value: {{ $v.queue.prefix | quote }}
+- name: NIGHTSHIFT_QUEUE__CONSUMER_TIMEOUT
+  value: "{{ int $v.queue.consumerTimeoutSeconds }}s"
 {{ include "nightshift.secretEnv" (list "NIGHTSHIFT_QUEUE__URL" $v.secretKeys.queueUrl false $) }}
 {{- end }}
 {{- if or (eq $component "gateway") (eq $component "finalizer") }}
@@ -255,10 +257,24 @@ spec:
         - name: config
           mountPath: /etc/nightshift
           readOnly: true
+        {{- if eq $component "executor" }}
+        - name: tmp
+          mountPath: /tmp
+        {{- end }}
   volumes:
     - name: config
       configMap:
         name: {{ include "nightshift.fullname" $ }}
+    {{- if eq $component "executor" }}
+    {{- /* result lines beyond executor.result_memory_bytes spill to a temporary file */}}
+    - name: tmp
+      {{- if $c.tmpSizeLimit }}
+      emptyDir:
+        sizeLimit: {{ $c.tmpSizeLimit | quote }}
+      {{- else }}
+      emptyDir: {}
+      {{- end }}
+    {{- end }}
   {{- with $c.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
@@ -275,7 +291,8 @@ spec:
 
 {{/*
 Seconds between SIGTERM and SIGKILL. Executors and the finalizer get their shutdown grace
-(the time running work may take to finish) plus 30 s to requeue what is left and exit.
+(the time running work may take to finish) plus 30 s: the process re-publishes what is left and
+exits at most 15 s after the grace (the queue worker's SHUTDOWN_MARGIN), the rest is slack.
 */}}
 {{- define "nightshift.terminationGrace" -}}
 {{- $component := index . 0 -}}
