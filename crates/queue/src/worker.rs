@@ -807,7 +807,11 @@ async fn republish(shared: &Shared, delivery: Delivery, reason: &'static str) {
     let kind = shared.config.kind;
     let published = shared
         .queue
-        .publish(kind, delivery.payload.clone(), fresh_headers(&delivery.headers))
+        .publish(
+            kind,
+            delivery.payload.clone(),
+            fresh_headers(&delivery.headers),
+        )
         .await;
     match published {
         Ok(()) => {
@@ -857,7 +861,10 @@ mod tests {
         let copy = fresh_headers(&original);
         assert_eq!(copy["traceparent"], "00-abc-def-01");
         let stamp: u128 = copy[PUBLISHED_AT].parse().unwrap();
-        assert!(stamp > 1_000_000_000_000, "stamped with the current time: {stamp}");
+        assert!(
+            stamp > 1_000_000_000_000,
+            "stamped with the current time: {stamp}"
+        );
         let unstamped = fresh_headers(&Headers::new());
         assert!(unstamped.is_empty(), "no stamp is invented");
     }

@@ -3,25 +3,18 @@
 //! cuts). Uses the dev broker (`NIGHTSHIFT_QUEUE__URL` overrides it); each test has its own
 //! queue prefix and deletes its queues at the end.
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+mod common;
+
+use common::{Proxy, broker_url, through_proxy};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use lapin::uri::AMQPUri;
 use nightshift_core::secret::Secret;
 use nightshift_queue::conformance::WAIT;
 use nightshift_queue::{
     Consumer, Delivery, Headers, QueueConfig, QueueError, QueueKind, RabbitQueue, WorkQueue,
 };
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::AbortHandle;
-
-fn broker_url() -> String {
-    std::env::var("NIGHTSHIFT_QUEUE__URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
-}
+use tokio::net::TcpListener;
 
 fn config(url: &str) -> QueueConfig {
     QueueConfig {
@@ -157,75 +150,6 @@ async fn a_bad_url_is_a_config_error_that_hides_the_password() {
         Err(e @ QueueError::Config(_)) => assert!(!e.to_string().contains("hunter2")),
         other => panic!("expected a config error, got {other:?}"),
     }
-}
-
-/// A TCP proxy in front of the broker that a test can cut (every open connection dies) and
-/// close (new connections are dropped at once): a network failure on demand.
-struct Proxy {
-    open: Arc<AtomicBool>,
-    links: Arc<Mutex<Vec<AbortHandle>>>,
-    accept: AbortHandle,
-}
-
-impl Proxy {
-    /// Forwards what `listener` accepts to `upstream` (`host:port`).
-    fn start(listener: TcpListener, upstream: String) -> Self {
-        let open = Arc::new(AtomicBool::new(true));
-        let links = Arc::new(Mutex::new(Vec::new()));
-        let (open2, links2) = (open.clone(), links.clone());
-        let accept = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if !open2.load(Ordering::SeqCst) {
-                    continue; // dropped: closed at once
-                }
-                let upstream = upstream.clone();
-                let link = tokio::spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-                links2.lock().expect("proxy lock").push(link.abort_handle());
-            }
-        })
-        .abort_handle();
-        Self {
-            open,
-            links,
-            accept,
-        }
-    }
-
-    /// Kills every proxied connection.
-    fn cut(&self) {
-        for link in self.links.lock().expect("proxy lock").drain(..) {
-            link.abort();
-        }
-    }
-
-    fn set_open(&self, open: bool) {
-        self.open.store(open, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        self.cut();
-    }
-}
-
-/// The broker's `host:port`, and a URL that reaches the same broker and vhost through the
-/// proxy at `proxy` (plain AMQP; credentials without URL-reserved characters).
-fn through_proxy(proxy: SocketAddr) -> (String, String) {
-    let uri: AMQPUri = broker_url().parse().expect("broker url");
-    let auth = &uri.authority;
-    let url = format!(
-        "amqp://{}:{}@{proxy}/{}",
-        auth.userinfo.username,
-        auth.userinfo.password,
-        uri.vhost.replace('/', "%2f")
-    );
-    (format!("{}:{}", auth.host, auth.port), url)
 }
 
 #[tokio::test]

@@ -3,15 +3,16 @@
 //! (`NIGHTSHIFT_QUEUE__URL` overrides it) under its own queue prefix. Durations are shortened
 //! in the worker's configuration; tests wait for states by polling with a deadline.
 
+mod common;
+
+use common::{Proxy, broker_url, through_proxy};
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use lapin::uri::AMQPUri;
 use nightshift_core::secret::Secret;
 use nightshift_queue::conformance::WAIT;
 use nightshift_queue::worker::SHUTDOWN_MARGIN;
@@ -20,9 +21,9 @@ use nightshift_queue::{
     Handler, Headers, Job, QueueConfig, QueueError, QueueKind, RabbitQueue, WorkQueue,
     WorkerConfig, run_worker,
 };
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::{AbortHandle, JoinHandle};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 const KIND: QueueKind = QueueKind::ChunkTasks;
@@ -30,11 +31,6 @@ const KIND: QueueKind = QueueKind::ChunkTasks;
 const DELIVERY_LIMIT: u32 = 3;
 /// How often a waiting test looks again.
 const POLL: Duration = Duration::from_millis(10);
-
-fn broker_url() -> String {
-    std::env::var("NIGHTSHIFT_QUEUE__URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
-}
 
 fn rabbit_config(url: &str) -> QueueConfig {
     QueueConfig {
@@ -804,73 +800,6 @@ impl Handler for FirstWaits {
         }
         Disposition::Done
     }
-}
-
-/// A TCP proxy in front of the broker that the test can cut (every open connection dies) and
-/// close (new connections are dropped at once): a network failure on demand.
-struct Proxy {
-    open: Arc<AtomicBool>,
-    links: Arc<Mutex<Vec<AbortHandle>>>,
-    accept: AbortHandle,
-}
-
-impl Proxy {
-    /// Forwards what `listener` accepts to `upstream` (`host:port`).
-    fn start(listener: TcpListener, upstream: String) -> Self {
-        let open = Arc::new(AtomicBool::new(true));
-        let links = Arc::new(Mutex::new(Vec::new()));
-        let (open2, links2) = (open.clone(), links.clone());
-        let accept = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if !open2.load(Ordering::SeqCst) {
-                    continue; // dropped: closed at once
-                }
-                let upstream = upstream.clone();
-                let link = tokio::spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-                links2.lock().expect("proxy lock").push(link.abort_handle());
-            }
-        })
-        .abort_handle();
-        Self {
-            open,
-            links,
-            accept,
-        }
-    }
-
-    fn cut(&self) {
-        for link in self.links.lock().expect("proxy lock").drain(..) {
-            link.abort();
-        }
-    }
-
-    fn set_open(&self, open: bool) {
-        self.open.store(open, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        self.cut();
-    }
-}
-
-/// The broker's `host:port`, and a URL that reaches it through the proxy at `proxy`.
-fn through_proxy(proxy: SocketAddr) -> (String, String) {
-    let uri: AMQPUri = broker_url().parse().expect("broker url");
-    let auth = &uri.authority;
-    let url = format!(
-        "amqp://{}:{}@{proxy}/{}",
-        auth.userinfo.username,
-        auth.userinfo.password,
-        uri.vhost.replace('/', "%2f")
-    );
-    (format!("{}:{}", auth.host, auth.port), url)
 }
 
 /// RabbitMQ only: the connection dies under a running handler and the broker stays out of
