@@ -202,6 +202,61 @@ async fn killed_mid_batch_and_restarted_it_completes_every_line_once() {
     second.stop().await.expect("clean exit");
 }
 
+/// Peak resident memory of a process (`VmHWM`), in bytes.
+fn peak_rss(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .context("no VmHWM")?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
+    Ok(kib * 1024)
+}
+
+/// 24 upstream answers of 100 MB each (half without Content-Length) through the real binary:
+/// each is cut at the default `max_response_bytes` (16 MiB) and becomes a
+/// `response_too_large` line, the others go through, and the whole process — gateway,
+/// scheduler, executor, finalizer — stays far below what even one such body would take.
+#[tokio::test]
+async fn huge_upstream_answers_are_cut_and_memory_stays_bounded() {
+    let sim = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let upstream = format!("http://{}/v1", sim.local_addr().expect("addr"));
+    // the simulator runs in the test process: its bytes are not the product's
+    tokio::spawn(nightshift_inference_sim::serve(
+        SimConfig::default(),
+        sim,
+        std::future::pending(),
+    ));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let process = Process::start(dir.path(), &["--upstream", upstream.as_str(), "--quiet"])
+        .await
+        .expect("start");
+    let out = run_python(
+        &process.origin,
+        None,
+        "huge_bodies.py",
+        &[("NS_API_KEY", process.api_key.clone())],
+    )
+    .await
+    .expect("every huge answer is a response_too_large line");
+    assert!(out.contains("\"too_large\": 24"), "{out}");
+    let peak = peak_rss(process.child.id().expect("pid")).expect("peak rss");
+    eprintln!(
+        "peak RSS of nightshift standalone: {} MiB",
+        peak / 1024 / 1024
+    );
+    // 24 × 100 MB were offered; a process that read them would hold gigabytes.
+    assert!(
+        peak < 300 * 1024 * 1024,
+        "peak RSS {} MiB",
+        peak / 1024 / 1024
+    );
+    process.stop().await.expect("clean exit");
+}
+
 #[tokio::test]
 async fn a_second_process_on_the_same_data_dir_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
