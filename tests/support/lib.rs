@@ -11,6 +11,7 @@
 //! check runs on both deployments) for what a client cannot see ("nothing was left behind").
 
 pub mod cluster;
+pub mod infra;
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -699,4 +700,69 @@ pub async fn run_python(
         );
     }
     Ok(stdout)
+}
+
+/// Time travel and fault injection for the reliability tests, straight in the metadata
+/// database (as [`Stack::age_file`]: no API does these).
+impl Stack {
+    /// Runs one update on this stack's metadata database: `postgres` (`$n` parameters) on the
+    /// distributed deployment, `sqlite` (`?n`) on the standalone one, with `text` bound first
+    /// and `number` second. Returns the rows changed.
+    async fn update_metadata(
+        &self,
+        postgres: &'static str,
+        sqlite: &'static str,
+        text: &str,
+        number: i64,
+    ) -> anyhow::Result<u64> {
+        Ok(match &self.backend {
+            Backend::Distributed { pg, .. } => sqlx::query(postgres)
+                .bind(text)
+                .bind(number)
+                .execute(pg.pool())
+                .await?
+                .rows_affected(),
+            Backend::Standalone { running, .. } => sqlx::query(sqlite)
+                .bind(text)
+                .bind(number)
+                .execute(running.ports.metadata.pool())
+                .await?
+                .rows_affected(),
+        })
+    }
+
+    /// Ends the lease of a dispatched chunk now, as if its executor had been silent for a
+    /// whole `chunk_lease`: the scheduler's next lease sweep deals with it.
+    pub async fn expire_chunk_lease(&self, batch: &str, chunk: u32) -> anyhow::Result<()> {
+        let changed = self
+            .update_metadata(
+                "UPDATE chunks SET lease_until = 0 WHERE batch_id = $1 AND idx = $2 \
+                 AND state = 'dispatched'",
+                "UPDATE chunks SET lease_until = 0 WHERE batch_id = ?1 AND idx = ?2 \
+                 AND state = 'dispatched'",
+                batch,
+                i64::from(chunk),
+            )
+            .await?;
+        anyhow::ensure!(changed == 1, "chunk {chunk} of {batch} is not dispatched");
+        Ok(())
+    }
+
+    /// Moves a batch's deadline (`expires_at`) and cancel time (`cancelling_at`, if set)
+    /// `secs` into the past, as if its life had begun that much earlier: a deadline or an
+    /// ending grace passes at once.
+    pub async fn age_batch(&self, batch: &str, secs: i64) -> anyhow::Result<()> {
+        let changed = self
+            .update_metadata(
+                "UPDATE batches SET expires_at = expires_at - $2, \
+                 cancelling_at = cancelling_at - $2 WHERE id = $1",
+                "UPDATE batches SET expires_at = expires_at - ?2, \
+                 cancelling_at = cancelling_at - ?2 WHERE id = ?1",
+                batch,
+                secs,
+            )
+            .await?;
+        anyhow::ensure!(changed == 1, "no batch {batch}");
+        Ok(())
+    }
 }
