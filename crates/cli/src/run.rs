@@ -21,43 +21,97 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 
-/// How long in-flight work may take to drain after the first signal.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long a service without a `shutdown_grace` of its own may drain after the first
+/// signal: the gateway's HTTP requests in flight, the scheduler's gRPC calls.
+const DRAIN_GRACE: Duration = Duration::from_secs(30);
 
-/// Resolves at the first SIGINT/SIGTERM. After it, a second signal or the grace period
-/// running out ends the process at once.
-async fn shutdown_signal() {
-    wait_for_signal().await;
-    tracing::info!("shutting down; a second signal exits at once");
-    tokio::spawn(async {
-        tokio::select! {
-            _ = wait_for_signal() => tracing::warn!("second signal: exiting now"),
-            _ = tokio::time::sleep(SHUTDOWN_GRACE) => tracing::warn!("shutdown grace period over: exiting now"),
-        }
-        std::process::exit(130);
-    });
-}
+/// Time allowed past a service's drain period for its last settlements — re-publishing or
+/// requeueing the work it abandoned, the acks, stopping its ops endpoints — before the
+/// process exits regardless.
+const SETTLE_MARGIN: Duration = Duration::from_secs(15);
 
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+/// The exit status when the process does not end on its own: a second signal, or the drain
+/// period plus [`SETTLE_MARGIN`] over.
+const FORCED_EXIT: i32 = 130;
+
+/// Resolves at the first SIGINT/SIGTERM; the service then drains for at most `drain` (its
+/// configured `shutdown_grace`, or [`DRAIN_GRACE`]). After that first signal a second one ends
+/// the process at once, and so does `drain` + [`SETTLE_MARGIN`] running out — the service's
+/// own grace handling (finish, then abandon and hand back) runs to its end first.
+///
+/// The signal handlers are installed when this is called, not when the future is first
+/// polled, so a signal in between is not lost.
+fn shutdown_signal(drain: Duration) -> impl Future<Output = ()> + Send + 'static {
+    let mut signals = Signals::install();
+    let hard_stop = drain.saturating_add(SETTLE_MARGIN);
+    async move {
+        signals.recv().await;
+        tracing::info!(
+            drain_s = drain.as_secs_f64(),
+            hard_stop_s = hard_stop.as_secs_f64(),
+            "shutting down; a second signal exits at once"
+        );
+        tokio::spawn(async move {
+            tokio::select! {
+                () = signals.recv() => tracing::warn!("second signal: exiting now"),
+                () = tokio::time::sleep(hard_stop) => {
+                    tracing::warn!("shutdown grace period and settle margin over: exiting now");
                 }
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+            std::process::exit(FORCED_EXIT);
+        });
+    }
+}
+
+/// SIGINT and SIGTERM, each a stream for the life of the process (a fresh `ctrl_c()` per
+/// wait could miss a signal that arrives between two waits).
+struct Signals {
+    #[cfg(unix)]
+    streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Signals {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let streams = match (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) {
+                (Ok(int), Ok(term)) => Some((int, term)),
+                _ => {
+                    tracing::warn!("cannot install SIGINT/SIGTERM handlers; Ctrl-C only");
+                    None
+                }
+            };
+            Self { streams }
+        }
+        #[cfg(not(unix))]
+        {
+            Self {}
         }
     }
-    #[cfg(not(unix))]
-    {
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some((int, term)) = &mut self.streams {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// How long `nightshift standalone` drains: the gateway and the executors stop together,
+/// then the finalizers, then the scheduler (within the settle margin).
+fn standalone_drain(config: &Config) -> Duration {
+    DRAIN_GRACE
+        .max(config.executor.shutdown_grace)
+        .saturating_add(config.finalizer.shutdown_grace)
 }
 
 async fn storage(config: &Config) -> anyhow::Result<Arc<S3Store>> {
@@ -94,7 +148,14 @@ pub async fn gateway(config: Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.gateway.listen)
         .await
         .with_context(|| format!("bind {}", config.gateway.listen))?;
-    nightshift_gateway::serve(config.gateway, storage, live, listener, shutdown_signal()).await?;
+    nightshift_gateway::serve(
+        config.gateway,
+        storage,
+        live,
+        listener,
+        shutdown_signal(DRAIN_GRACE),
+    )
+    .await?;
     Ok(())
 }
 
@@ -127,7 +188,7 @@ pub async fn scheduler(config: Config) -> anyhow::Result<()> {
         config.routing,
         ports,
         listener,
-        shutdown_signal(),
+        shutdown_signal(DRAIN_GRACE),
     )
     .await?;
     Ok(())
@@ -150,12 +211,13 @@ pub async fn executor(config: Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.executor.listen)
         .await
         .with_context(|| format!("bind {}", config.executor.listen))?;
+    let drain = config.executor.shutdown_grace;
     nightshift_executor::serve(
         config.executor,
         config.routing,
         ports,
         listener,
-        shutdown_signal(),
+        shutdown_signal(drain),
     )
     .await?;
     Ok(())
@@ -174,7 +236,8 @@ pub async fn finalizer(config: Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.finalizer.listen)
         .await
         .with_context(|| format!("bind {}", config.finalizer.listen))?;
-    nightshift_finalizer::serve(config.finalizer, ports, listener, shutdown_signal()).await?;
+    let drain = config.finalizer.shutdown_grace;
+    nightshift_finalizer::serve(config.finalizer, ports, listener, shutdown_signal(drain)).await?;
     Ok(())
 }
 
@@ -214,6 +277,7 @@ pub async fn standalone(config: Config, args: StandaloneArgs) -> anyhow::Result<
         },
         nightshift_telemetry::OtelSettings::from_env("nightshift-standalone"),
     );
+    let drain = standalone_drain(&config);
     let section = config.standalone;
     let mut settings = StandaloneConfig::new(args.data_dir.unwrap_or(section.data_dir));
     settings.gateway = GatewayConfig {
@@ -267,7 +331,7 @@ pub async fn standalone(config: Config, args: StandaloneArgs) -> anyhow::Result<
         running.base_url(),
         running.api_key,
     );
-    running.run_until(shutdown_signal()).await?;
+    running.run_until(shutdown_signal(drain)).await?;
     Ok(())
 }
 
