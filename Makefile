@@ -63,12 +63,29 @@ lint: ## cargo fmt --check and clippy with warnings denied.
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
+E2E_ENV := NIGHTSHIFT_E2E_PYTHON=$(VENV)/bin/python NIGHTSHIFT_BIN=$(ROOT)/target/debug/nightshift
+# The chaos suite (tests/chaos.rs) is #[ignore]d in the parallel run: it runs on its own after
+# it, on private PostgreSQL/Redis/RabbitMQ/Garage instances (never the shared ones).
+CHAOS_NEXTEST := cargo nextest run -p nightshift-e2e --test chaos --run-ignored only --no-fail-fast --no-capture
+
 .PHONY: test
-test: infra venv lint ## Every test: unit, conformance suites and end-to-end, against real services.
+test: infra venv lint ## Every test: unit, conformance suites and end-to-end, against real services; then chaos-short.
 	cargo build -p nightshift-cli
 	@$(MAKE) --no-print-directory ops-check
-	NIGHTSHIFT_E2E_PYTHON=$(VENV)/bin/python NIGHTSHIFT_BIN=$(ROOT)/target/debug/nightshift \
-	  cargo nextest run --workspace --no-fail-fast
+	@rc=0; \
+	$(E2E_ENV) cargo nextest run --workspace --no-fail-fast || rc=$$?; \
+	$(MAKE) --no-print-directory chaos-short || rc=$$?; \
+	exit $$rc
+
+.PHONY: chaos-short
+chaos-short: infra venv ## The chaos suite's short variant (6-13 min): one run per fault, 2-minute outages included.
+	cargo build -p nightshift-cli
+	$(E2E_ENV) $(CHAOS_NEXTEST) -E 'not test(randomized)'
+
+.PHONY: chaos
+chaos: infra venv ## The chaos suite: CHAOS_RUNS (20) randomized runs; CHAOS_SEED replays (see tests/chaos.rs).
+	cargo build -p nightshift-cli
+	$(E2E_ENV) $(CHAOS_NEXTEST) -E 'test(randomized)'
 
 .PHONY: bench-files
 bench-files: ## Peak gateway RSS while uploading and downloading a 1 GiB file (needs `make up PROFILE=release`).
