@@ -23,35 +23,17 @@ fn sim() -> SimConfig {
 }
 
 async fn create(cluster: &Cluster, key: &str) -> BatchId {
-    let out = run_python(
-        &cluster.origin,
-        None,
-        "crash_create.py",
-        &[
-            ("NS_API_KEY", key.to_owned()),
-            ("NS_LINES", LINES.to_string()),
-        ],
-    )
-    .await
-    .expect("create phase");
-    let v: serde_json::Value =
-        serde_json::from_str(out.lines().last().unwrap_or_default()).expect("result line");
-    BatchId::parse(v["batch"].as_str().expect("batch id")).expect("batch id")
+    cluster
+        .create_embeddings_batch(key, LINES)
+        .await
+        .expect("create")
 }
 
 async fn check(cluster: &Cluster, key: &str, batch: &BatchId) {
-    run_python(
-        &cluster.origin,
-        None,
-        "crash_check.py",
-        &[
-            ("NS_API_KEY", key.to_owned()),
-            ("NS_LINES", LINES.to_string()),
-            ("NS_BATCH", batch.to_string()),
-        ],
-    )
-    .await
-    .expect("check phase");
+    cluster
+        .check_embeddings_batch(key, LINES, batch)
+        .await
+        .expect("every custom_id exactly once");
 }
 
 /// Polls the live counts until at least `lines` requests finished.

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use nightshift_core::BatchId;
 use nightshift_e2e::cluster::{Cluster, ClusterOptions};
-use nightshift_e2e::run_python;
 use nightshift_inference_sim::SimConfig;
 use nightshift_state::LiveState;
 
@@ -34,35 +33,17 @@ fn options(latency_ms: u64, grace: Duration) -> ClusterOptions {
 }
 
 async fn create(cluster: &Cluster, key: &str) -> BatchId {
-    let out = run_python(
-        &cluster.origin,
-        None,
-        "crash_create.py",
-        &[
-            ("NS_API_KEY", key.to_owned()),
-            ("NS_LINES", LINES.to_string()),
-        ],
-    )
-    .await
-    .expect("create");
-    let v: serde_json::Value =
-        serde_json::from_str(out.lines().last().unwrap_or_default()).expect("result line");
-    BatchId::parse(v["batch"].as_str().expect("batch id")).expect("batch id")
+    cluster
+        .create_embeddings_batch(key, LINES)
+        .await
+        .expect("create")
 }
 
 async fn check(cluster: &Cluster, key: &str, batch: &BatchId) {
-    run_python(
-        &cluster.origin,
-        None,
-        "crash_check.py",
-        &[
-            ("NS_API_KEY", key.to_owned()),
-            ("NS_LINES", LINES.to_string()),
-            ("NS_BATCH", batch.to_string()),
-        ],
-    )
-    .await
-    .expect("every custom_id exactly once");
+    cluster
+        .check_embeddings_batch(key, LINES, batch)
+        .await
+        .expect("every custom_id exactly once");
 }
 
 /// Polls the live counts until `lines` requests of the batch finished: its chunk is running.

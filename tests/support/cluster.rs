@@ -150,6 +150,54 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// Uploads an embeddings batch of `lines` lines (`r-0`…) with the SDK and creates it
+    /// (`tests/python/crash_create.py`).
+    pub async fn create_embeddings_batch(
+        &self,
+        key: &str,
+        lines: u64,
+    ) -> anyhow::Result<nightshift_core::BatchId> {
+        let out = crate::run_python(
+            &self.origin,
+            None,
+            "crash_create.py",
+            &[
+                ("NS_API_KEY", key.to_owned()),
+                ("NS_LINES", lines.to_string()),
+            ],
+        )
+        .await
+        .context("create phase")?;
+        let v: serde_json::Value =
+            serde_json::from_str(out.lines().last().unwrap_or_default()).context("result line")?;
+        nightshift_core::BatchId::parse(v["batch"].as_str().context("batch id")?)
+            .context("batch id")
+    }
+
+    /// Waits for the batch of [`create_embeddings_batch`](Self::create_embeddings_batch) to
+    /// complete and checks every custom_id exactly once, with exact counts
+    /// (`tests/python/crash_check.py`).
+    pub async fn check_embeddings_batch(
+        &self,
+        key: &str,
+        lines: u64,
+        batch: &nightshift_core::BatchId,
+    ) -> anyhow::Result<()> {
+        crate::run_python(
+            &self.origin,
+            None,
+            "crash_check.py",
+            &[
+                ("NS_API_KEY", key.to_owned()),
+                ("NS_LINES", lines.to_string()),
+                ("NS_BATCH", batch.to_string()),
+            ],
+        )
+        .await
+        .context("every custom_id exactly once")?;
+        Ok(())
+    }
+
     /// Starts the simulator, then scheduler, finalizer, one executor (`executor-1`) and the
     /// gateway as processes on the shared infrastructure, and waits until each answers
     /// `/readyz`.
