@@ -830,6 +830,30 @@ async fn running_batch(
         .expect("moved")
 }
 
+/// Asks `request_finalize` and expects the batch not to be ready (or already asked).
+async fn finalize_refused(store: &dyn MetadataStore, id: &BatchId, now: i64, grace: i64) {
+    let answer = store
+        .request_finalize(id, now, grace)
+        .await
+        .expect("request_finalize");
+    assert!(answer.is_none(), "not ready at {now}: {answer:?}");
+}
+
+/// Asks `request_finalize` and expects it granted (`why` says why it must be).
+async fn finalize_granted(
+    store: &dyn MetadataStore,
+    id: &BatchId,
+    now: i64,
+    grace: i64,
+    why: &str,
+) -> BatchRecord {
+    store
+        .request_finalize(id, now, grace)
+        .await
+        .expect("request_finalize")
+        .unwrap_or_else(|| panic!("{why}"))
+}
+
 async fn claim(
     store: &dyn MetadataStore,
     b: &BatchRecord,
@@ -1067,13 +1091,7 @@ async fn failed_chunks_end_their_batch_with_their_failure(store: &dyn MetadataSt
             .await
             .expect("fail twice")
     );
-    assert!(
-        store
-            .request_finalize(&b.id, t0 + 1, 60)
-            .await
-            .expect("ask")
-            .is_none()
-    );
+    finalize_refused(store, &b.id, t0 + 1, 60).await;
     assert!(store.complete_chunk(&b.id, 1).await.expect("complete"));
     assert!(!store.fail_chunk(&b.id, 1, "late").await.expect("fail done"));
     let states = store.chunk_states(&b.id).await.expect("states");
@@ -1084,11 +1102,7 @@ async fn failed_chunks_end_their_batch_with_their_failure(store: &dyn MetadataSt
             .collect::<Vec<_>>(),
         vec![(false, Some("input gone")), (true, None)]
     );
-    let finalizing = store
-        .request_finalize(&b.id, t0 + 2, 60)
-        .await
-        .expect("ask")
-        .expect("ready");
+    let finalizing = finalize_granted(store, &b.id, t0 + 2, 60, "ready").await;
     assert_eq!(finalizing.status, BatchStatus::Finalizing);
     assert_eq!(
         store.ending(&b.id).await.expect("ending"),
@@ -1108,13 +1122,7 @@ async fn endings_are_bounded_by_leases_and_grace(store: &dyn MetadataStore) {
     let running = running_batch(store, &t.id, t0, 1).await;
     claim(store, &running, t0, 10).await;
     for now in [t0 + 1, t0 + 500] {
-        assert!(
-            store
-                .request_finalize(&running.id, now, grace)
-                .await
-                .expect("ask")
-                .is_none()
-        );
+        finalize_refused(store, &running.id, now, grace).await;
     }
 
     // cancelled, its chunk's lease live and renewed: it waits for the grace, not longer
@@ -1125,31 +1133,16 @@ async fn endings_are_bounded_by_leases_and_grace(store: &dyn MetadataStore) {
         .await
         .expect("cancel")
         .expect("exists");
-    assert!(
-        store
-            .request_finalize(&cancelled.id, t0 + 69, grace)
-            .await
-            .expect("ask")
-            .is_none()
-    );
-    let asked = store
-        .request_finalize(&cancelled.id, t0 + 70, grace)
-        .await
-        .expect("ask")
-        .expect("the grace has passed");
+    finalize_refused(store, &cancelled.id, t0 + 69, grace).await;
+    let asked =
+        finalize_granted(store, &cancelled.id, t0 + 70, grace, "the grace has passed").await;
     assert_eq!(asked.status, BatchStatus::Cancelling);
     assert_eq!(
         store.ending(&cancelled.id).await.expect("ending"),
         Some(Ending::Cancelled)
     );
     // asked once
-    assert!(
-        store
-            .request_finalize(&cancelled.id, t0 + 71, grace)
-            .await
-            .expect("ask")
-            .is_none()
-    );
+    finalize_refused(store, &cancelled.id, t0 + 71, grace).await;
 
     // cancelled, its chunk's lease expired (the executor is gone): at once
     let orphan = running_batch(store, &t.id, t0, 1).await;
@@ -1159,13 +1152,7 @@ async fn endings_are_bounded_by_leases_and_grace(store: &dyn MetadataStore) {
         .await
         .expect("cancel")
         .expect("exists");
-    assert!(
-        store
-            .request_finalize(&orphan.id, t0 + 4, grace)
-            .await
-            .expect("ask")
-            .is_none()
-    );
+    finalize_refused(store, &orphan.id, t0 + 4, grace).await;
     assert!(
         store
             .request_finalize(&orphan.id, t0 + 5, grace)
@@ -1178,25 +1165,16 @@ async fn endings_are_bounded_by_leases_and_grace(store: &dyn MetadataStore) {
     let expiring = running_batch(store, &t.id, t0, 1).await;
     let deadline = expiring.expires_at;
     claim(store, &expiring, deadline - 1, 10_000).await;
-    assert!(
-        store
-            .request_finalize(&expiring.id, deadline, grace)
-            .await
-            .expect("ask")
-            .is_none()
-    );
-    assert!(
-        store
-            .request_finalize(&expiring.id, deadline + grace - 1, grace)
-            .await
-            .expect("ask")
-            .is_none()
-    );
-    let asked = store
-        .request_finalize(&expiring.id, deadline + grace, grace)
-        .await
-        .expect("ask")
-        .expect("the grace has passed");
+    finalize_refused(store, &expiring.id, deadline, grace).await;
+    finalize_refused(store, &expiring.id, deadline + grace - 1, grace).await;
+    let asked = finalize_granted(
+        store,
+        &expiring.id,
+        deadline + grace,
+        grace,
+        "the grace has passed",
+    )
+    .await;
     assert_eq!(asked.status, BatchStatus::Finalizing);
     assert_eq!(
         store.ending(&expiring.id).await.expect("ending"),
@@ -1414,11 +1392,7 @@ async fn one_finalizer_holds_the_lease(store: &dyn MetadataStore) {
         .await
         .expect("cancel")
         .expect("exists");
-    store
-        .request_finalize(&b.id, t0, 60)
-        .await
-        .expect("ask")
-        .expect("nothing in flight");
+    finalize_granted(store, &b.id, t0, 60, "nothing in flight").await;
     let a = store
         .lease_finalization(&b.id, "a", t0, 30)
         .await
@@ -1510,11 +1484,7 @@ async fn a_cancel_while_finalizing_keeps_the_ending(store: &dyn MetadataStore) {
     let b = running_batch(store, &t.id, t0, 1).await;
     claim(store, &b, t0, 30).await;
     assert!(store.complete_chunk(&b.id, 0).await.expect("complete"));
-    let finalizing = store
-        .request_finalize(&b.id, t0 + 1, 60)
-        .await
-        .expect("ask")
-        .expect("ready");
+    let finalizing = finalize_granted(store, &b.id, t0 + 1, 60, "ready").await;
     match store
         .cancel_batch(&t.id, &b.id, t0 + 2)
         .await
