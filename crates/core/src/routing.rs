@@ -47,8 +47,9 @@ pub struct RoutingConfig {
 /// One OpenAI-compatible upstream (vLLM, SGLang, llama.cpp, Ollama, TGI, a hosted API) and
 /// the policy nightshift calls it with.
 ///
-/// Every field but `name`, `base_url` and `models` has a default; durations are written like
-/// `"250ms"`, `"30s"`, `"10m"`, `"1h 30m"` (see [`duration_text`]).
+/// Every field but `name`, `base_url` and `models` has a default; durations are written as
+/// the rest of nightshift's configuration writes them (`humantime`'s syntax): `"250ms"`,
+/// `"30s"`, `"10m"`, `"1h 30m"`; a bare number has no unit and is refused.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
@@ -83,7 +84,7 @@ pub struct UpstreamConfig {
 
     /// Longest wait for one attempt's complete answer (headers and body). There is no total
     /// timeout besides the batch deadline. Default 10 minutes: long generations are normal.
-    #[serde(default = "defaults::timeout", with = "duration_text")]
+    #[serde(default = "defaults::timeout", with = "humantime_serde")]
     pub timeout: Duration,
 
     /// Most attempts per request, the first included (1 = never retry). Default 5.
@@ -92,17 +93,17 @@ pub struct UpstreamConfig {
 
     /// Backoff before the first retry; it doubles per retry up to `backoff_max`, and the
     /// actual wait is drawn uniformly below it (full jitter). Default 250 ms.
-    #[serde(default = "defaults::backoff_base", with = "duration_text")]
+    #[serde(default = "defaults::backoff_base", with = "humantime_serde")]
     pub backoff_base: Duration,
 
     /// Ceiling of the exponential backoff. Default 30 s.
-    #[serde(default = "defaults::backoff_max", with = "duration_text")]
+    #[serde(default = "defaults::backoff_max", with = "humantime_serde")]
     pub backoff_max: Duration,
 
     /// Longest wait granted to an upstream's `Retry-After` / `retry-after-ms`; a longer ask
     /// is cut to this. Bounds how long one misbehaving header can hold a request (and its
     /// chunk). Default 60 s.
-    #[serde(default = "defaults::max_retry_after", with = "duration_text")]
+    #[serde(default = "defaults::max_retry_after", with = "humantime_serde")]
     pub max_retry_after: Duration,
 
     /// Largest answer body read from this upstream, in bytes (at least
@@ -423,107 +424,6 @@ impl RoutingConfig {
     }
 }
 
-/// Serde for [`Duration`] as human-readable text, in the syntax the rest of nightshift's
-/// configuration uses (`humantime`'s): whole numbers with units, optionally separated by
-/// spaces — `"250ms"`, `"30s"`, `"10m"`, `"1h 30m"`, `"2 days"`. Units: `ns`, `us`, `ms`,
-/// `s`/`sec`/`secs`/`second`/`seconds`, `m`/`min`/`mins`/`minute`/`minutes`,
-/// `h`/`hr`/`hrs`/`hour`/`hours`, `d`/`day`/`days`.
-///
-/// Kept here because this crate does not depend on `humantime-serde`; values it writes parse
-/// with `humantime` and vice versa for the units above.
-pub mod duration_text {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer, de};
-
-    /// Serialises `value` as text, largest units first (`"1h 30m"`, `"250ms"`, `"0s"`).
-    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&format(*value))
-    }
-
-    /// Parses text as [`parse`] does.
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        parse(&text).map_err(de::Error::custom)
-    }
-
-    /// `value` as text, largest units first; zero is `"0s"`.
-    pub fn format(value: Duration) -> String {
-        const UNITS: [(&str, u128); 7] = [
-            ("d", 86_400_000_000_000),
-            ("h", 3_600_000_000_000),
-            ("m", 60_000_000_000),
-            ("s", 1_000_000_000),
-            ("ms", 1_000_000),
-            ("us", 1_000),
-            ("ns", 1),
-        ];
-        let mut left = value.as_nanos();
-        if left == 0 {
-            return "0s".to_owned();
-        }
-        let mut parts = Vec::new();
-        for (unit, nanos) in UNITS {
-            let count = left / nanos;
-            if count > 0 {
-                parts.push(format!("{count}{unit}"));
-                left -= count * nanos;
-            }
-        }
-        parts.join(" ")
-    }
-
-    /// Parses `"10m"`, `"1h 30m"`, `"250ms"`, ... (see the module docs).
-    ///
-    /// # Errors
-    /// A message quoting the text when it is empty, has a number without a unit, an unknown
-    /// unit, or overflows.
-    pub fn parse(text: &str) -> Result<Duration, String> {
-        let invalid = |why: &str| format!("invalid duration {text:?}: {why}");
-        let mut rest = text.trim();
-        if rest.is_empty() {
-            return Err(invalid("empty"));
-        }
-        let mut total = Duration::ZERO;
-        while !rest.is_empty() {
-            let digits = rest
-                .find(|c: char| !c.is_ascii_digit())
-                .unwrap_or(rest.len());
-            if digits == 0 {
-                return Err(invalid("expected a number"));
-            }
-            let count: u64 = rest[..digits]
-                .parse()
-                .map_err(|_| invalid("number too large"))?;
-            rest = rest[digits..].trim_start();
-            let letters = rest
-                .find(|c: char| !c.is_ascii_alphabetic())
-                .unwrap_or(rest.len());
-            let unit = &rest[..letters];
-            rest = rest[letters..].trim_start();
-            let part = match unit {
-                "ns" | "nsec" => Some(Duration::from_nanos(count)),
-                "us" | "usec" => Some(Duration::from_micros(count)),
-                "ms" | "msec" => Some(Duration::from_millis(count)),
-                "s" | "sec" | "secs" | "second" | "seconds" => Some(Duration::from_secs(count)),
-                "m" | "min" | "mins" | "minute" | "minutes" => {
-                    count.checked_mul(60).map(Duration::from_secs)
-                }
-                "h" | "hr" | "hrs" | "hour" | "hours" => {
-                    count.checked_mul(3_600).map(Duration::from_secs)
-                }
-                "d" | "day" | "days" => count.checked_mul(86_400).map(Duration::from_secs),
-                "" => return Err(invalid("a number needs a unit, e.g. \"30s\"")),
-                _ => return Err(invalid(&format!("unknown unit {unit:?}"))),
-            };
-            total = part
-                .and_then(|part| total.checked_add(part))
-                .ok_or_else(|| invalid("too large"))?;
-        }
-        Ok(total)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -624,12 +524,20 @@ mod tests {
         let error = serde_json::from_value::<RoutingConfig>(bad)
             .unwrap_err()
             .to_string();
-        assert!(error.contains("needs a unit"), "{error}");
+        // The same words as every other duration in nightshift's configuration.
+        assert!(error.contains("\"10\", expected a duration"), "{error}");
     }
 
+    /// The duration syntax config files use: every form written before humantime took over
+    /// the parsing still reads the same, and what is written reads back.
     #[test]
-    fn duration_text_parses_and_formats() {
-        use duration_text::{format, parse};
+    fn durations_parse_and_format_as_text() {
+        let timeout = |text: &str| {
+            serde_json::from_value::<UpstreamConfig>(serde_json::json!({
+                "name": "a", "base_url": "http://h/v1", "models": ["m"], "timeout": text
+            }))
+            .map(|u| u.timeout)
+        };
         for (text, expected) in [
             ("0s", Duration::ZERO),
             ("250ms", Duration::from_millis(250)),
@@ -643,30 +551,28 @@ mod tests {
             ("7ns", Duration::from_nanos(7)),
             (" 5 min ", Duration::from_secs(300)),
         ] {
-            assert_eq!(parse(text).unwrap(), expected, "{text}");
+            assert_eq!(timeout(text).unwrap(), expected, "{text}");
         }
-        for bad in [
-            "",
-            "10",
-            "ms",
-            "5 parsecs",
-            "-1s",
-            "1.5s",
-            "99999999999999999999s",
-        ] {
-            assert!(parse(bad).is_err(), "{bad:?} should not parse");
+        for bad in ["", "10", "ms", "5 parsecs", "-1s", "99999999999999999999s"] {
+            assert!(timeout(bad).is_err(), "{bad:?} should not parse");
         }
-        assert!(parse(&format!("{}d", u64::MAX / 10)).is_err());
+        assert!(timeout(&format!("{}d", u64::MAX / 10)).is_err());
         for value in [
             Duration::ZERO,
             Duration::from_millis(250),
             Duration::from_secs(5400),
             Duration::new(90_061, 1_001_001),
         ] {
-            assert_eq!(parse(&format(value)).unwrap(), value);
+            let u = UpstreamConfig {
+                timeout: value,
+                ..UpstreamConfig::new("a", "http://h/v1", ["m"])
+            };
+            let text = serde_json::to_value(&u).unwrap()["timeout"].clone();
+            assert_eq!(timeout(text.as_str().unwrap()).unwrap(), value, "{text}");
         }
-        assert_eq!(format(Duration::from_secs(5400)), "1h 30m");
-        assert_eq!(format(Duration::from_millis(1500)), "1s 500ms");
+        let text = |value| humantime_serde::re::humantime::format_duration(value).to_string();
+        assert_eq!(text(Duration::from_secs(5400)), "1h 30m");
+        assert_eq!(text(Duration::from_millis(1500)), "1s 500ms");
     }
 
     #[test]

@@ -697,7 +697,7 @@ impl History {
                 code: NoResponseCode::RequestTimeout,
                 message: format!(
                     "The upstream did not answer in time ({tries}; the last one waited {}).",
-                    nightshift_core::routing::duration_text::format(round_to_millis(timeout))
+                    humantime_serde::re::humantime::format_duration(round_to_millis(timeout))
                 ),
                 attempts,
             },
