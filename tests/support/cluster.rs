@@ -525,7 +525,7 @@ backoff_max = "50ms"
 
     /// A fresh tenant: its API key.
     pub async fn tenant(&self, name: &str) -> anyhow::Result<String> {
-        let control = nightshift_gateway::ControlPlane::connect_lazy(
+        let control = nightshift_proto::client::SchedulerClient::connect_lazy(
             &self.scheduler_url,
             Duration::from_secs(10),
         )?;

@@ -518,8 +518,8 @@ impl Stack {
         Ok(())
     }
 
-    pub fn control(&self) -> anyhow::Result<nightshift_gateway::ControlPlane> {
-        Ok(nightshift_gateway::ControlPlane::connect_lazy(
+    pub fn control(&self) -> anyhow::Result<nightshift_proto::client::SchedulerClient> {
+        Ok(nightshift_proto::client::SchedulerClient::connect_lazy(
             &self.scheduler_url,
             Duration::from_secs(10),
         )?)

@@ -363,7 +363,7 @@ pub enum Admin {
 }
 
 pub async fn admin(config: Config, cmd: Admin) -> anyhow::Result<()> {
-    let control = nightshift_gateway::ControlPlane::connect_lazy(
+    let control = nightshift_proto::client::SchedulerClient::connect_lazy(
         &config.gateway.scheduler_url,
         config.gateway.control_timeout,
     )?;

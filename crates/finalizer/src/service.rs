@@ -51,6 +51,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use nightshift_core::BatchId;
 use nightshift_core::batch::{BatchStatus, parts_prefix};
+use nightshift_proto::client::{SchedulerClient, TracedChannel};
 use nightshift_proto::v1::pipeline_client::PipelineClient;
 use nightshift_proto::v1::{
     self, CommitBatchRequest, FinalizeJob, GetFinalizePlanRequest, LeaseFinalizationRequest,
@@ -63,14 +64,10 @@ use nightshift_queue::{
 use nightshift_state::LiveState;
 use nightshift_storage::ObjectStore;
 use nightshift_telemetry::Readiness;
-use nightshift_telemetry::propagation::{self, TraceContextInterceptor};
+use nightshift_telemetry::propagation;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_client::HealthClient;
 use tracing::Instrument;
 
 use crate::assemble::{self, AssembleSettings, BatchFiles, FinalizeError, ProducedFile};
@@ -173,7 +170,7 @@ impl FinalizerConfig {
                 "finalizer.lease_ttl must be at least 3s".into(),
             ));
         }
-        Endpoint::from_shared(self.scheduler_url.clone())
+        SchedulerClient::check_url(&self.scheduler_url)
             .map_err(|e| ServeError::Config(format!("finalizer.scheduler_url: {e}")))?;
         self.worker(None)
             .validate(None)
@@ -242,7 +239,7 @@ pub async fn serve(
     worker
         .validate(consumer_timeout)
         .map_err(|e| ServeError::Config(format!("finalizer: {e}")))?;
-    let scheduler = Scheduler::connect_lazy(&config.scheduler_url, config.control_timeout)
+    let scheduler = SchedulerClient::connect_lazy(&config.scheduler_url, config.control_timeout)
         .map_err(|e| ServeError::Config(format!("finalizer.scheduler_url: {e}")))?;
     metrics::describe();
     metrics::register();
@@ -293,7 +290,7 @@ pub async fn serve(
     served.map_err(ServeError::Io)
 }
 
-fn readiness(ports: &FinalizerPorts, scheduler: &Scheduler) -> Readiness {
+fn readiness(ports: &FinalizerPorts, scheduler: &SchedulerClient) -> Readiness {
     let (storage, queue, state, scheduler) = (
         ports.storage.clone(),
         ports.queue.clone(),
@@ -317,57 +314,6 @@ fn readiness(ports: &FinalizerPorts, scheduler: &Scheduler) -> Readiness {
             let s = scheduler.clone();
             async move { s.ping().await }
         })
-}
-
-/// The scheduler's `Pipeline` service over one lazily connected channel.
-#[derive(Clone, Debug)]
-struct Scheduler {
-    channel: Channel,
-}
-
-impl Scheduler {
-    /// Connects lazily: the finalizer starts (and reports not-ready) while the scheduler is
-    /// down.
-    fn connect_lazy(url: &str, timeout: Duration) -> Result<Self, tonic::transport::Error> {
-        let channel = Endpoint::from_shared(url.to_owned())?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(timeout)
-            .connect_lazy();
-        Ok(Self { channel })
-    }
-
-    /// The `Pipeline` client; each call carries the trace context of the span it is made in
-    /// (the job's `finalize` span).
-    fn pipeline(&self) -> PipelineClient<InterceptedService<Channel, TraceContextInterceptor>> {
-        PipelineClient::with_interceptor(self.channel.clone(), TraceContextInterceptor)
-            .max_decoding_message_size(MAX_PLAN_BYTES)
-    }
-
-    /// Takes, renews or (`release`) gives up the finalization lease of `batch`, within
-    /// `timeout`.
-    async fn lease(
-        &self,
-        request: LeaseFinalizationRequest,
-        timeout: Duration,
-    ) -> Result<LeaseFinalizationResponse, tonic::Status> {
-        let mut request = tonic::Request::new(request);
-        request.set_timeout(timeout);
-        self.pipeline()
-            .lease_finalization(request)
-            .await
-            .map(tonic::Response::into_inner)
-    }
-
-    /// Whether the scheduler answers the standard gRPC health check.
-    async fn ping(&self) -> Result<(), String> {
-        HealthClient::new(self.channel.clone())
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .map(|_| ())
-            .map_err(|s| format!("scheduler: {}", s.message()))
-    }
 }
 
 /// Why a job did not finish. [`JobError::disposition`] says what becomes of it.
@@ -466,7 +412,8 @@ struct FinalizeHandler {
     ports: FinalizerPorts,
     /// `ports.queue`, as the worker takes it.
     queue: Arc<dyn WorkQueue>,
-    scheduler: Scheduler,
+    /// The scheduler's `Pipeline` service (plans, leases, commits).
+    scheduler: SchedulerClient,
     lease_ttl: Duration,
     lease_ttl_seconds: u32,
     /// This process's name as a lease holder.
@@ -646,7 +593,6 @@ impl FinalizeHandler {
         ctx.batch_id = Some(batch_id.clone());
 
         let mut wire = self
-            .scheduler
             .pipeline()
             .get_finalize_plan(GetFinalizePlanRequest {
                 batch_id: batch_id.to_string(),
@@ -683,6 +629,28 @@ impl FinalizeHandler {
         Ok((files, status))
     }
 
+    /// The scheduler's `Pipeline` service; each call carries the trace context of the span it
+    /// is made in (the job's `finalize` span).
+    fn pipeline(&self) -> PipelineClient<TracedChannel> {
+        self.scheduler
+            .pipeline()
+            .max_decoding_message_size(MAX_PLAN_BYTES)
+    }
+
+    /// Takes, renews or (`release`) gives up a batch's finalization lease, within `timeout`.
+    async fn lease(
+        &self,
+        request: LeaseFinalizationRequest,
+        timeout: Duration,
+    ) -> Result<LeaseFinalizationResponse, tonic::Status> {
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(timeout);
+        self.pipeline()
+            .lease_finalization(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
     fn lease_request(&self, batch: &BatchId, release: bool) -> LeaseFinalizationRequest {
         LeaseFinalizationRequest {
             batch_id: batch.to_string(),
@@ -696,7 +664,6 @@ impl FinalizeHandler {
     async fn take_lease(&self, batch: &BatchId) -> Result<Result<Instant, String>, JobError> {
         let asked = Instant::now();
         let answer = self
-            .scheduler
             .lease(self.lease_request(batch, false), self.lease_ttl / 3)
             .await
             .map_err(JobError::scheduler("LeaseFinalization"))?;
@@ -715,11 +682,7 @@ impl FinalizeHandler {
         loop {
             tokio::time::sleep(every).await;
             let asked = Instant::now();
-            match self
-                .scheduler
-                .lease(self.lease_request(batch, false), every)
-                .await
-            {
+            match self.lease(self.lease_request(batch, false), every).await {
                 Ok(answer) if answer.granted => valid_until = asked + self.lease_ttl,
                 Ok(answer) => return LeaseLost::TakenOver(answer.holder),
                 Err(status) => {
@@ -737,7 +700,6 @@ impl FinalizeHandler {
     /// taken back by this process's next job of the batch).
     async fn release_lease(&self, batch: &BatchId) {
         match self
-            .scheduler
             .lease(self.lease_request(batch, true), RELEASE_TIMEOUT)
             .await
         {
@@ -759,7 +721,6 @@ impl FinalizeHandler {
             }
         }
         let committed = self
-            .scheduler
             .pipeline()
             .commit_batch(CommitBatchRequest {
                 batch_id: batch.to_string(),

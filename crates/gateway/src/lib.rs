@@ -15,21 +15,14 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use nightshift_core::{ApiError, ErrorKind};
-use nightshift_proto::v1::batches_client::BatchesClient;
-use nightshift_proto::v1::files_client::FilesClient;
-use nightshift_proto::v1::tenants_client::TenantsClient;
+use nightshift_proto::client::SchedulerClient;
 use nightshift_state::LiveState;
 use nightshift_storage::ObjectStore;
 use nightshift_telemetry::Readiness;
-use nightshift_telemetry::propagation::TraceContextInterceptor;
 use rand::Rng;
 use rand::distr::Alphanumeric;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_client::HealthClient;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
@@ -76,58 +69,12 @@ impl Default for GatewayConfig {
     }
 }
 
-/// A channel to the scheduler whose calls carry the caller's trace context.
-pub type TracedChannel = InterceptedService<Channel, TraceContextInterceptor>;
-
-/// gRPC clients of the scheduler, sharing one lazily connected channel. Every call carries
-/// the trace context of the span it is made in (the HTTP request's), so the scheduler's work
-/// joins the client's trace.
-#[derive(Clone, Debug)]
-pub struct ControlPlane {
-    channel: Channel,
-}
-
-impl ControlPlane {
-    /// Connects lazily: the gateway starts (and reports not-ready) while the scheduler is down.
-    pub fn connect_lazy(url: &str, timeout: Duration) -> Result<Self, tonic::transport::Error> {
-        let channel = Endpoint::from_shared(url.to_owned())?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(timeout)
-            .connect_lazy();
-        Ok(Self { channel })
-    }
-
-    pub fn tenants(&self) -> TenantsClient<TracedChannel> {
-        TenantsClient::with_interceptor(self.channel.clone(), TraceContextInterceptor)
-    }
-
-    pub fn files(&self) -> FilesClient<TracedChannel> {
-        FilesClient::with_interceptor(self.channel.clone(), TraceContextInterceptor)
-    }
-
-    pub fn batches(&self) -> BatchesClient<TracedChannel> {
-        BatchesClient::with_interceptor(self.channel.clone(), TraceContextInterceptor)
-    }
-
-    /// Whether the scheduler answers its health check.
-    pub async fn ping(&self) -> Result<(), String> {
-        // The standard gRPC health protocol, served by tonic-health in the scheduler.
-        let mut client = HealthClient::new(self.channel.clone());
-        client
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .map(|_| ())
-            .map_err(|s| format!("scheduler: {}", s.message()))
-    }
-}
-
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
     pub config: Arc<GatewayConfig>,
-    pub control: ControlPlane,
+    /// The scheduler: tenants, files and batches.
+    pub control: SchedulerClient,
     pub storage: Arc<dyn ObjectStore>,
     /// Live request counts and usage of running batches.
     pub live: Arc<dyn LiveState>,
@@ -318,7 +265,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let control = ControlPlane::connect_lazy(&config.scheduler_url, config.control_timeout)
+    let control = SchedulerClient::connect_lazy(&config.scheduler_url, config.control_timeout)
         .map_err(|e| std::io::Error::other(format!("scheduler_url: {e}")))?;
     let readiness = {
         let (c, s, l) = (control.clone(), storage.clone(), live.clone());

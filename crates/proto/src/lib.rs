@@ -1,7 +1,8 @@
 //! The nightshift wire: generated gRPC/protobuf code and its conversions to core types.
 //!
 //! The rest of the workspace converts at this crate's edge: services receive and return
-//! `nightshift_core` types, and generated structs stay in handlers.
+//! `nightshift_core` types, and generated structs stay in handlers. [`client`] is the one
+//! client of the scheduler's services, for every caller.
 
 #![allow(clippy::unwrap_used)] // generated code
 
@@ -9,6 +10,7 @@ pub mod v1 {
     tonic::include_proto!("nightshift.v1");
 }
 
+pub mod client;
 pub mod convert;
 pub mod status;
 

@@ -420,7 +420,7 @@ impl Standalone {
 
     /// Waits until the scheduler answers (it runs its recovery before serving).
     async fn wait_ready(&mut self) -> Result<()> {
-        let control = nightshift_gateway::ControlPlane::connect_lazy(
+        let control = nightshift_proto::client::SchedulerClient::connect_lazy(
             &self.scheduler_url,
             Duration::from_secs(5),
         )

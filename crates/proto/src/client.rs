@@ -1,0 +1,87 @@
+//! The one client of the scheduler's gRPC services, for every caller: the gateway (tenants,
+//! files, batches), the finalizer (the pipeline), the `nightshift admin` commands and the
+//! end-to-end tests.
+//!
+//! Every call carries the trace context of the span it is made in
+//! ([`TraceContextInterceptor`]), so the scheduler's work joins the caller's trace.
+
+use std::time::Duration;
+
+use nightshift_telemetry::propagation::TraceContextInterceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::v1::batches_client::BatchesClient;
+use crate::v1::files_client::FilesClient;
+use crate::v1::pipeline_client::PipelineClient;
+use crate::v1::tenants_client::TenantsClient;
+
+/// A channel to the scheduler whose calls carry the caller's trace context.
+pub type TracedChannel = InterceptedService<Channel, TraceContextInterceptor>;
+
+/// How long a connection attempt to the scheduler may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Clients of the scheduler's services, sharing one lazily connected channel. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct SchedulerClient {
+    channel: Channel,
+}
+
+impl SchedulerClient {
+    /// Connects lazily: the caller starts (and reports not-ready) while the scheduler is down.
+    /// Every call is cut after `timeout` unless the request sets a deadline of its own.
+    /// Needs a Tokio runtime.
+    ///
+    /// # Errors
+    /// `url` is not a URI.
+    pub fn connect_lazy(url: &str, timeout: Duration) -> Result<Self, tonic::transport::Error> {
+        let channel = Endpoint::from_shared(url.to_owned())?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(timeout)
+            .connect_lazy();
+        Ok(Self { channel })
+    }
+
+    /// Checks a scheduler URL without connecting (configuration validation).
+    ///
+    /// # Errors
+    /// `url` is not a URI, with the parser's reason.
+    pub fn check_url(url: &str) -> Result<(), String> {
+        Endpoint::from_shared(url.to_owned())
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    pub fn tenants(&self) -> TenantsClient<TracedChannel> {
+        TenantsClient::with_interceptor(self.channel.clone(), TraceContextInterceptor)
+    }
+
+    pub fn files(&self) -> FilesClient<TracedChannel> {
+        FilesClient::with_interceptor(self.channel.clone(), TraceContextInterceptor)
+    }
+
+    pub fn batches(&self) -> BatchesClient<TracedChannel> {
+        BatchesClient::with_interceptor(self.channel.clone(), TraceContextInterceptor)
+    }
+
+    pub fn pipeline(&self) -> PipelineClient<TracedChannel> {
+        PipelineClient::with_interceptor(self.channel.clone(), TraceContextInterceptor)
+    }
+
+    /// Whether the scheduler answers the standard gRPC health check (tonic-health).
+    ///
+    /// # Errors
+    /// The check failed: `scheduler: <reason>`, for a `/readyz` answer.
+    pub async fn ping(&self) -> Result<(), String> {
+        HealthClient::new(self.channel.clone())
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| format!("scheduler: {}", s.message()))
+    }
+}
