@@ -3,14 +3,15 @@
 //!
 //! The body is forwarded to the upstream verbatim — same bytes, same key order, same
 //! whitespace, same number spelling — so nothing the user wrote is lost in translation (a
-//! float like `0.10000000000000001`, a huge integer, a key order a server cares about). The
-//! workspace's `serde_json` has no `raw_value` feature, so the body's byte span is found by
-//! a small scanner over the top-level object, after `serde_json` has checked that the whole
-//! line is valid JSON: the scanner then only has to find where values end, never to judge
-//! them.
+//! float like `0.10000000000000001`, a huge integer, a key order a server cares about).
+//! `serde_json` reads the line's top-level object with each value left as a [`RawValue`]:
+//! the whole line is checked as JSON, and the body is a slice of the line, never re-encoded.
+
+use std::collections::HashMap;
 
 use bytes::Bytes;
 use serde::de::IgnoredAny;
+use serde_json::value::RawValue;
 
 /// One request of a chunk, ready to send.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,42 +47,18 @@ pub enum InvalidRequest {
 /// # Errors
 /// [`InvalidRequest`] saying what is missing.
 pub fn parse_line(line: u64, bytes: &Bytes) -> Result<Request, InvalidRequest> {
-    serde_json::from_slice::<IgnoredAny>(bytes)
-        .map_err(|error| InvalidRequest::NotJson(error.to_string()))?;
-    let mut scanner = Scanner { bytes, pos: 0 };
-    scanner.skip_ws();
-    if !scanner.eat(b'{') {
-        return Err(InvalidRequest::NotAnObject);
-    }
-    let mut custom_id = None;
-    let mut body = None;
-    scanner.skip_ws();
-    if !scanner.eat(b'}') {
-        loop {
-            scanner.skip_ws();
-            let key = scanner.value_span();
-            scanner.skip_ws();
-            scanner.eat(b':');
-            scanner.skip_ws();
-            let value = scanner.value_span();
-            let key = &bytes[key.0..key.1];
-            if key_is(key, "custom_id") {
-                custom_id = Some(value);
-            } else if key_is(key, "body") {
-                body = Some(value);
-            }
-            scanner.skip_ws();
-            if !scanner.eat(b',') {
-                break;
-            }
-        }
-    }
-    let custom_id = custom_id
-        .and_then(|(start, end)| serde_json::from_slice::<String>(&bytes[start..end]).ok())
+    // Keys are unescaped (`"bo\u0064y"` is `body`); values stay the bytes they were.
+    let fields: HashMap<String, &RawValue> =
+        serde_json::from_slice(bytes).map_err(|error| not_an_object(bytes, error))?;
+    let custom_id = fields
+        .get("custom_id")
+        .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
         .ok_or(InvalidRequest::CustomId)?;
-    let body = body
-        .filter(|&(start, _)| bytes.get(start) == Some(&b'{'))
-        .map(|(start, end)| bytes.slice(start..end))
+    let body = fields
+        .get("body")
+        .map(|raw| raw.get())
+        .filter(|raw| raw.starts_with('{'))
+        .map(|raw| bytes.slice_ref(raw.as_bytes()))
         .ok_or(InvalidRequest::Body)?;
     Ok(Request {
         line,
@@ -90,92 +67,16 @@ pub fn parse_line(line: u64, bytes: &Bytes) -> Result<Request, InvalidRequest> {
     })
 }
 
-/// Whether the JSON string literal `literal` (quotes included) spells `name`. Keys are
-/// almost always written plainly; an escaped one (`"bo\u0064y"`) is decoded to compare.
-fn key_is(literal: &[u8], name: &str) -> bool {
-    if !literal.contains(&b'\\') {
-        return literal.len() == name.len() + 2
-            && &literal[1..literal.len() - 1] == name.as_bytes();
+/// Why a line did not read as an object: a syntax error, or valid JSON of another kind. A
+/// type error is reported the moment the first byte is not `{`, before the rest is read, so
+/// the rest is checked to tell the two apart.
+fn not_an_object(bytes: &[u8], error: serde_json::Error) -> InvalidRequest {
+    if !error.is_data() {
+        return InvalidRequest::NotJson(error.to_string());
     }
-    serde_json::from_slice::<String>(literal).is_ok_and(|key| key == name)
-}
-
-/// Finds value boundaries in JSON that is known to be valid.
-struct Scanner<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
-
-impl Scanner<'_> {
-    fn peek(&self) -> Option<u8> {
-        self.bytes.get(self.pos).copied()
-    }
-
-    fn eat(&mut self, byte: u8) -> bool {
-        if self.peek() == Some(byte) {
-            self.pos += 1;
-            true
-        } else {
-            false
-        }
-    }
-
-    fn skip_ws(&mut self) {
-        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
-            self.pos += 1;
-        }
-    }
-
-    /// Skips the value starting here; returns its span `[start, end)`.
-    fn value_span(&mut self) -> (usize, usize) {
-        let start = self.pos;
-        match self.peek() {
-            Some(b'"') => self.skip_string(),
-            Some(b'{' | b'[') => {
-                let mut depth = 0usize;
-                while let Some(byte) = self.peek() {
-                    match byte {
-                        b'"' => {
-                            self.skip_string();
-                            continue;
-                        }
-                        b'{' | b'[' => depth += 1,
-                        b'}' | b']' => {
-                            depth -= 1;
-                            if depth == 0 {
-                                self.pos += 1;
-                                break;
-                            }
-                        }
-                        _ => {}
-                    }
-                    self.pos += 1;
-                }
-            }
-            // A number, `true`, `false` or `null`: runs until a delimiter.
-            _ => {
-                while let Some(byte) = self.peek() {
-                    if matches!(byte, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r') {
-                        break;
-                    }
-                    self.pos += 1;
-                }
-            }
-        }
-        (start, self.pos)
-    }
-
-    /// Skips a string literal starting at its opening quote, past its closing quote.
-    fn skip_string(&mut self) {
-        self.pos += 1;
-        while let Some(byte) = self.peek() {
-            self.pos += 1;
-            match byte {
-                b'\\' => self.pos += 1,
-                b'"' => return,
-                _ => {}
-            }
-        }
+    match serde_json::from_slice::<IgnoredAny>(bytes) {
+        Ok(_) => InvalidRequest::NotAnObject,
+        Err(error) => InvalidRequest::NotJson(error.to_string()),
     }
 }
 
@@ -220,6 +121,23 @@ mod tests {
         ));
         assert!(matches!(parse(""), Err(InvalidRequest::NotJson(_))));
         assert_eq!(parse("[1]"), Err(InvalidRequest::NotAnObject));
+        assert_eq!(parse(r#" "{}" "#), Err(InvalidRequest::NotAnObject));
+        for not_json in [
+            "[1, }",
+            "nul",
+            r#"{"custom_id": "a", "body": {}} x"#,
+            r#"{"custom_id": "a", "body": {"a": 1,}}"#,
+        ] {
+            assert!(
+                matches!(parse(not_json), Err(InvalidRequest::NotJson(_))),
+                "{not_json}"
+            );
+        }
+        let not_utf8 = Bytes::from_static(b"{\"custom_id\": \"a\", \"body\": {\"s\": \"\xff\"}}");
+        assert!(matches!(
+            parse_line(1, &not_utf8),
+            Err(InvalidRequest::NotJson(_))
+        ));
         assert_eq!(parse("{}"), Err(InvalidRequest::CustomId));
         assert_eq!(
             parse(r#"{"custom_id": 3, "body": {}}"#),
