@@ -2,10 +2,16 @@
 //!
 //! Only the scheduler holds a [`MetadataStore`]; every other service reaches metadata through
 //! the scheduler's gRPC API. Two adapters, one schema (`migrations/postgres` and its SQLite
-//! twin `migrations/sqlite`), both passing the whole [`conformance`] suite:
+//! twin `migrations/sqlite`), both passing the whole conformance suite (`conformance`):
 //! - [`PgStore`]: PostgreSQL, for production (several schedulers may share it);
 //! - [`SqliteStore`]: an SQLite file, for the single-process `nightshift standalone`
 //!   deployment and fast tests (one process per file).
+//!
+//! Both are one [`SqlStore`]: its statements (`sql.rs`) and row decoding (`rows.rs`) are
+//! written once; `postgres.rs` and `sqlite.rs` hold only connection setup and how each
+//! database keeps concurrent writers apart (row locks, or SQLite's single writer). A new
+//! column is a migration in each folder and its place in `rows.rs` (and in `sql.rs` if a
+//! statement writes it).
 //!
 //! Contract:
 //! - every read and write of a tenant's object is scoped by its tenant id: another tenant's
@@ -39,9 +45,11 @@ use nightshift_core::{BatchId, FileId, TenantId};
 pub mod conformance;
 mod postgres;
 mod rows;
+mod sql;
 mod sqlite;
 
 pub use postgres::{PgConfig, PgStore};
+pub use sql::SqlStore;
 pub use sqlite::{SqliteConfig, SqliteStore, SqliteSync};
 
 #[derive(Debug, thiserror::Error)]

@@ -1,10 +1,10 @@
 //! Rows to records, the same for every adapter.
 //!
-//! Both adapters store the same columns in the same units — ids and enums as text, times as
+//! Both schemas store the same columns in the same units — ids and enums as text, times as
 //! `i64` (seconds, or microseconds for `created_at_us`), counts as non-negative `i64`, errors,
-//! metadata and usage as JSON documents — so decoding is written once, over [`Columns`], and
-//! both return identical records. Only reading one column is adapter-specific (a JSON document
-//! is `JSONB` in Postgres and `TEXT` in SQLite).
+//! metadata and usage as JSON documents (`JSONB` in Postgres, `TEXT` in SQLite: sqlx's JSON
+//! type reads and writes both) — so decoding is written once, over [`Columns`], and both
+//! adapters return identical records.
 
 use nightshift_core::batch::{BatchRecord, BatchStatus, RequestCounts};
 use nightshift_core::chunking::ChunkSpan;
@@ -16,18 +16,19 @@ use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use crate::{LeasedChunk, MetadataError, Result, Tenant};
 
-macro_rules! batch_columns {
-    () => {
-        "id, tenant_id, endpoint, input_file_id, \
-         completion_window, status, model, errors, metadata, output_expires_after, \
-         output_file_id, error_file_id, created_at_us, in_progress_at, expires_at, \
-         finalizing_at, completed_at, failed_at, expired_at, cancelling_at, cancelled_at, \
-         total, completed, failed, usage"
-    };
-}
+/// Columns of a batch, as [`batch_from_row`] reads them.
+pub(crate) const BATCH_COLUMNS: &str = "id, tenant_id, endpoint, input_file_id, \
+     completion_window, status, model, errors, metadata, output_expires_after, \
+     output_file_id, error_file_id, created_at_us, in_progress_at, expires_at, \
+     finalizing_at, completed_at, failed_at, expired_at, cancelling_at, cancelled_at, \
+     total, completed, failed, usage, traceparent";
 
-/// Columns of a batch, in the order [`batch_from_row`] reads them by name.
-pub(crate) const BATCH_COLUMNS: &str = concat!(batch_columns!(), ", traceparent");
+/// Columns of a file, as [`file_from_row`] reads them.
+pub(crate) const FILE_COLUMNS: &str =
+    "id, tenant_id, bytes, created_at_us, expires_at, filename, purpose, storage_key";
+
+/// Columns of a chunk's span, as [`span_from_row`] reads them.
+pub(crate) const SPAN_COLUMNS: &str = "idx, byte_start, byte_end, first_line, line_count";
 
 /// Reading one column of a row, by name, as the type the schema gives it.
 pub(crate) trait Columns {
@@ -38,20 +39,44 @@ pub(crate) trait Columns {
     fn opt_int(&self, col: &str) -> Result<Option<i64>>;
     /// A 32-bit integer column (chunk index and line count).
     fn int4(&self, col: &str) -> Result<i32>;
+    /// A boolean expression (`EXISTS`).
+    fn flag(&self, col: &str) -> Result<bool>;
     /// A JSON document.
     fn json(&self, col: &str) -> Result<serde_json::Value>;
-    /// The batch's `traceparent` column (the W3C context it was created in).
-    fn traceparent(&self) -> Result<Option<String>>;
 }
 
-/// One column of any sqlx row, its error mapped; what the adapters' [`Columns`] build on.
-pub(crate) fn get<'r, R, T>(row: &'r R, col: &str) -> Result<T>
+/// Any sqlx row whose database decodes the schema's column types.
+impl<R> Columns for R
 where
     R: Row,
     for<'c> &'c str: ColumnIndex<R>,
-    T: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i32: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> bool: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> serde_json::Value: Decode<'r, R::Database> + Type<R::Database>,
 {
-    row.try_get(col).map_err(backend)
+    fn text(&self, col: &str) -> Result<String> {
+        self.try_get(col).map_err(backend)
+    }
+    fn opt_text(&self, col: &str) -> Result<Option<String>> {
+        self.try_get(col).map_err(backend)
+    }
+    fn int(&self, col: &str) -> Result<i64> {
+        self.try_get(col).map_err(backend)
+    }
+    fn opt_int(&self, col: &str) -> Result<Option<i64>> {
+        self.try_get(col).map_err(backend)
+    }
+    fn int4(&self, col: &str) -> Result<i32> {
+        self.try_get(col).map_err(backend)
+    }
+    fn flag(&self, col: &str) -> Result<bool> {
+        self.try_get(col).map_err(backend)
+    }
+    fn json(&self, col: &str) -> Result<serde_json::Value> {
+        self.try_get(col).map_err(backend)
+    }
 }
 
 /// A database error as the port's error: a unique violation is a [`MetadataError::Conflict`],
@@ -122,7 +147,7 @@ pub(crate) fn batch_from_row(row: &impl Columns) -> Result<BatchRecord> {
             failed: count_col(row, "failed")?,
         },
         usage,
-        traceparent: row.traceparent()?,
+        traceparent: row.opt_text("traceparent")?,
     })
 }
 
