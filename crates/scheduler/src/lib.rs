@@ -25,6 +25,7 @@ use nightshift_telemetry::Readiness;
 use nightshift_telemetry::propagation::GrpcServerTraceLayer;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 pub mod batches;
 mod files;
@@ -115,13 +116,15 @@ pub async fn serve(
     }
 
     let wake = Arc::new(tokio::sync::Notify::new());
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop = CancellationToken::new();
+    // the background tasks stop however serve ends: returned, failed or dropped
+    let _stop_on_exit = stop.clone().drop_guard();
     let validator = batches::Validator::new(
         ports.clone(),
         config.batches.clone(),
         routing,
         wake.clone(),
-        stop_rx.clone(),
+        stop.clone(),
     );
     let recovered = validator.recover().await.map_err(ServeError::Bootstrap)?;
     if recovered > 0 {
@@ -192,27 +195,27 @@ pub async fn serve(
         ports.clone(),
         config.sweep_interval,
         config.sweep_batch,
-        stop_rx.clone(),
+        stop.clone(),
     ));
     let background = [
         sweeper,
         tokio::spawn(sampler::run(
             ports.clone(),
             config.metrics_interval,
-            stop_rx.clone(),
+            stop.clone(),
         )),
-        tokio::spawn(dispatcher.run(wake.clone(), stop_rx.clone())),
+        tokio::spawn(dispatcher.run(wake.clone(), stop.clone())),
         tokio::spawn(pipeline::consume_results(
             ports.clone(),
             config.pipeline.clone(),
             wake.clone(),
-            stop_rx.clone(),
+            stop.clone(),
         )),
         tokio::spawn(pipeline::run_sweeps(
             ports.clone(),
             config.pipeline.clone(),
             wake.clone(),
-            stop_rx,
+            stop.clone(),
         )),
     ];
 
@@ -220,7 +223,7 @@ pub async fn serve(
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
-    let _ = stop_tx.send(true);
+    stop.cancel();
     for task in background {
         let _ = task.await;
     }

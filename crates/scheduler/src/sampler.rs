@@ -7,18 +7,18 @@ use std::time::Duration;
 
 use nightshift_core::time::now_unix_micros;
 use nightshift_queue::QueueKind;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::{Ports, metrics};
 
-/// Samples every `interval` (the first time at once) until `stop` turns true.
-pub async fn run(ports: Ports, interval: Duration, mut stop: watch::Receiver<bool>) {
+/// Samples every `interval` (the first time at once) until `stop` is cancelled.
+pub async fn run(ports: Ports, interval: Duration, stop: CancellationToken) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
-            _ = stop.changed() => return,
+            () = stop.cancelled() => return,
         }
         sample_once(&ports, now_unix_micros()).await;
     }

@@ -9,18 +9,18 @@
 use std::time::Duration;
 
 use nightshift_core::time::now_unix;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::{Ports, metrics};
 
-/// Runs sweep rounds every `interval` until `stop` turns true.
-pub async fn run(ports: Ports, interval: Duration, batch: u32, mut stop: watch::Receiver<bool>) {
+/// Runs sweep rounds every `interval` until `stop` is cancelled.
+pub async fn run(ports: Ports, interval: Duration, batch: u32, stop: CancellationToken) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
-            _ = stop.changed() => return,
+            () = stop.cancelled() => return,
         }
         match sweep_once(&ports, now_unix(), batch).await {
             Ok(n) => {

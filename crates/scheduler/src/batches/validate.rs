@@ -16,7 +16,8 @@ use nightshift_core::time::now_unix;
 use nightshift_core::validation::{BatchError, LineValidator, ValidationLimits};
 use nightshift_metadata::ValidationOutcome;
 use nightshift_storage::StorageError;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::BatchSettings;
@@ -31,8 +32,8 @@ pub struct Validator {
     permits: Arc<Semaphore>,
     /// Wakes the dispatcher when a batch becomes runnable.
     wake: Arc<tokio::sync::Notify>,
-    /// Turns true when the scheduler stops: validations waiting to retry give up.
-    stop: watch::Receiver<bool>,
+    /// Cancelled when the scheduler stops: validations waiting to retry give up.
+    stop: CancellationToken,
 }
 
 /// The first wait before a validation that hit an infrastructure fault is retried.
@@ -44,7 +45,7 @@ impl Validator {
         settings: BatchSettings,
         routing: RoutingConfig,
         wake: Arc<tokio::sync::Notify>,
-        stop: watch::Receiver<bool>,
+        stop: CancellationToken,
     ) -> Self {
         let permits = Arc::new(Semaphore::new(settings.validation_concurrency.max(1)));
         Self {
@@ -146,13 +147,9 @@ impl Validator {
             return false;
         }
         let wait = (*backoff).min(Duration::from_secs(left.unsigned_abs()));
-        let mut stop = self.stop.clone();
-        if *stop.borrow_and_update() {
-            return false;
-        }
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = stop.changed() => return false,
+            () = self.stop.cancelled() => return false,
         }
         *backoff = (*backoff * 2).min(
             self.settings

@@ -25,7 +25,8 @@ use nightshift_proto::v1::ChunkTask;
 use nightshift_queue::QueueKind;
 use nightshift_telemetry::propagation;
 use prost::Message;
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::{PipelineSettings, SCHEMA_VERSION, batch_trace};
@@ -48,8 +49,8 @@ impl Dispatcher {
         }
     }
 
-    /// Runs until `stop` turns true; `wake` makes it look for work at once.
-    pub async fn run(mut self, wake: Arc<Notify>, mut stop: watch::Receiver<bool>) {
+    /// Runs until `stop` is cancelled; `wake` makes it look for work at once.
+    pub async fn run(mut self, wake: Arc<Notify>, stop: CancellationToken) {
         loop {
             if let Err(e) = self.round().await {
                 tracing::warn!(error = %e, "dispatch round failed");
@@ -57,7 +58,7 @@ impl Dispatcher {
             tokio::select! {
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(self.settings.dispatch_interval) => {}
-                _ = stop.changed() => return,
+                () = stop.cancelled() => return,
             }
         }
     }

@@ -35,6 +35,7 @@ use nightshift_queue::QueueKind;
 use nightshift_telemetry::propagation;
 use prost::Message;
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub use dispatch::Dispatcher;
@@ -180,20 +181,20 @@ pub(crate) fn batch_trace(batch: &BatchRecord) -> Option<&str> {
     batch.traceparent.as_deref()
 }
 
-/// Runs [`sweep_once`] every `expiry_interval` until `stop` turns true. `wake` is notified
+/// Runs [`sweep_once`] every `expiry_interval` until `stop` is cancelled. `wake` is notified
 /// when a sweep freed model slots (chunks given up), so the dispatcher fills them at once.
 pub async fn run_sweeps(
     ports: Ports,
     settings: PipelineSettings,
     wake: std::sync::Arc<tokio::sync::Notify>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let mut ticker = tokio::time::interval(settings.expiry_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
-            _ = stop.changed() => return,
+            () = stop.cancelled() => return,
         }
         if sweep_once(&ports, &settings, now_unix()).await.freed_slots {
             wake.notify_one();

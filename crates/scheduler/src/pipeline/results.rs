@@ -12,11 +12,12 @@ use std::time::Duration;
 use nightshift_core::BatchId;
 use nightshift_proto::v1::ChunkResult;
 use nightshift_queue::{
-    CancellationToken, Disposition, Handler, Job, QueueKind, WorkerConfig, async_trait, run_worker,
+    Disposition, Handler, Job, QueueKind, WorkerConfig, async_trait, run_worker,
 };
 use nightshift_telemetry::propagation;
 use prost::Message;
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use nightshift_core::time::now_unix;
@@ -30,7 +31,7 @@ pub const RESULTS_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Chunk results recorded at once.
 pub const RESULTS_PREFETCH: u16 = 64;
 
-/// Consumes chunk results until `stop` turns true, through the queue worker
+/// Consumes chunk results until `stop` is cancelled, through the queue worker
 /// ([`run_worker`]: reconnects, holds results while the metadata store is down without
 /// counting them, drains on shutdown). `wake` is notified whenever a result is recorded, so
 /// the dispatcher hands out a freed slot at once.
@@ -38,7 +39,7 @@ pub async fn consume_results(
     ports: Ports,
     settings: PipelineSettings,
     wake: Arc<Notify>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let config = WorkerConfig {
         shutdown_grace: RESULTS_SHUTDOWN_GRACE,
@@ -51,16 +52,7 @@ pub async fn consume_results(
         settings,
         wake,
     });
-    let shutdown = CancellationToken::new();
-    let stopped = {
-        let shutdown = shutdown.clone();
-        async move {
-            // A dropped sender stops too.
-            let _ = stop.wait_for(|stop| *stop).await;
-            shutdown.cancel();
-        }
-    };
-    tokio::join!(run_worker(queue, config, handler, shutdown), stopped);
+    run_worker(queue, config, handler, stop).await;
 }
 
 /// Records one chunk result per delivery.

@@ -20,6 +20,7 @@ use nightshift_queue::{EmbeddedQueue, EmbeddedQueueConfig, QueueKind, WorkQueue}
 use nightshift_state::MemoryState;
 use nightshift_storage::LocalStore;
 use prost::Message;
+use tokio_util::sync::CancellationToken;
 
 use super::results::{HandleError, handle};
 use super::{Dispatcher, PipelineSettings, recover, sweep_once};
@@ -633,13 +634,12 @@ async fn validation_retries_until_the_input_can_be_read() {
     let file = unreadable_input(&fx).await;
     let b = record(&fx.tenant, &file.id, now_unix() + 3600);
     fx.ports.metadata.insert_batch(&b).await.expect("insert");
-    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
     let validator = Validator::new(
         fx.ports.clone(),
         BatchSettings::default(),
         routing(),
         Arc::new(tokio::sync::Notify::new()),
-        stop,
+        CancellationToken::new(),
     );
     validator.spawn(b.clone());
     // the outage lasts a moment: the first attempt fails, a retry succeeds
@@ -657,13 +657,12 @@ async fn a_batch_that_cannot_be_validated_expires_at_its_deadline() {
     let file = unreadable_input(&fx).await;
     let b = record(&fx.tenant, &file.id, now_unix() + 2);
     fx.ports.metadata.insert_batch(&b).await.expect("insert");
-    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
     let validator = Validator::new(
         fx.ports.clone(),
         BatchSettings::default(),
         routing(),
         Arc::new(tokio::sync::Notify::new()),
-        stop,
+        CancellationToken::new(),
     );
     validator.spawn(b.clone());
     // it stays validating through its retries, and the deadline sweep expires it
