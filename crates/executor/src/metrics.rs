@@ -5,10 +5,9 @@
 //! and `reason` come from [`upstream::AttemptKind`](crate::upstream::AttemptKind),
 //! [`ChunkDisposition`](crate::service::ChunkDisposition) or [`LineKind`](crate::runner::LineKind),
 //! `operation` is one of two fixed names. Never a batch, tenant or request id.
-
-use crate::runner::LineKind;
-use crate::service::ChunkDisposition;
-use crate::upstream::{AttemptKind, Upstreams};
+//!
+//! A leaf: the modules that record metrics import this one, never the other way round. The
+//! label values known at start-up are handed to [`register`] by the service.
 
 /// Label: the upstream's configured name.
 pub const LABEL_UPSTREAM: &str = "upstream";
@@ -117,27 +116,41 @@ pub fn describe() {
     );
 }
 
+/// The label values known at start-up, for [`register`].
+#[derive(Debug, Clone, Copy)]
+pub struct KnownLabels<'a> {
+    /// Every upstream name of the routing table.
+    pub upstreams: &'a [&'a str],
+    /// Every `outcome` of an upstream attempt, with whether it is retried (then it is also a
+    /// `reason` of [`UPSTREAM_RETRIES_TOTAL`]).
+    pub attempts: &'a [(&'static str, bool)],
+    /// Every `outcome` of a chunk run.
+    pub chunks: &'a [&'static str],
+    /// Every `outcome` of a result line.
+    pub lines: &'a [&'static str],
+}
+
 /// Makes every counter appear at zero with the label values known up front (each upstream of
 /// the routing table × every outcome, ...), so "no failure yet" reads as 0 rather than as no
 /// series.
-pub fn register(upstreams: &Upstreams) {
+pub fn register(labels: KnownLabels<'_>) {
     use metrics::{counter, gauge};
-    for upstream in upstreams.iter() {
-        let name = upstream.name().to_owned();
-        for kind in AttemptKind::ALL {
-            counter!(UPSTREAM_REQUESTS_TOTAL, LABEL_UPSTREAM => name.clone(), LABEL_OUTCOME => kind.as_str())
+    for &upstream in labels.upstreams {
+        let name = upstream.to_owned();
+        for &(outcome, retried) in labels.attempts {
+            counter!(UPSTREAM_REQUESTS_TOTAL, LABEL_UPSTREAM => name.clone(), LABEL_OUTCOME => outcome)
                 .increment(0);
-            if kind.is_retryable() {
-                counter!(UPSTREAM_RETRIES_TOTAL, LABEL_UPSTREAM => name.clone(), LABEL_REASON => kind.as_str())
+            if retried {
+                counter!(UPSTREAM_RETRIES_TOTAL, LABEL_UPSTREAM => name.clone(), LABEL_REASON => outcome)
                     .increment(0);
             }
         }
     }
-    for disposition in ChunkDisposition::ALL {
-        counter!(CHUNKS_TOTAL, LABEL_OUTCOME => disposition.as_str()).increment(0);
+    for &outcome in labels.chunks {
+        counter!(CHUNKS_TOTAL, LABEL_OUTCOME => outcome).increment(0);
     }
-    for kind in LineKind::ALL {
-        counter!(LINES_TOTAL, LABEL_OUTCOME => kind.as_str()).increment(0);
+    for &outcome in labels.lines {
+        counter!(LINES_TOTAL, LABEL_OUTCOME => outcome).increment(0);
     }
     for operation in OPERATIONS {
         counter!(STATE_ERRORS_TOTAL, LABEL_OPERATION => operation).increment(0);

@@ -77,9 +77,9 @@ use tracing::Instrument;
 
 use crate::metrics;
 use crate::runner::{
-    ChunkDeps, ChunkError, ChunkOutcome, RunnerSettings, SCHEMA_VERSION, run_chunk,
+    ChunkDeps, ChunkError, ChunkOutcome, LineKind, RunnerSettings, SCHEMA_VERSION, run_chunk,
 };
-use crate::upstream::{Upstreams, UpstreamsError};
+use crate::upstream::{AttemptKind, Upstreams, UpstreamsError};
 
 /// The header carrying the W3C trace context, from a task to its chunk span and from that
 /// span to the chunk's results.
@@ -319,6 +319,18 @@ impl ChunkDisposition {
     }
 }
 
+/// Makes every executor counter appear at zero, with the label values of `upstreams` and of
+/// the kinds that classify attempts, chunk runs and result lines.
+fn register_metrics(upstreams: &Upstreams) {
+    let names: Vec<&str> = upstreams.iter().map(|upstream| upstream.name()).collect();
+    metrics::register(metrics::KnownLabels {
+        upstreams: &names,
+        attempts: &AttemptKind::ALL.map(|kind| (kind.as_str(), kind.is_retryable())),
+        chunks: &ChunkDisposition::ALL.map(ChunkDisposition::as_str),
+        lines: &LineKind::ALL.map(LineKind::as_str),
+    });
+}
+
 /// Runs the executor until `shutdown` completes, then shuts down as the [module
 /// docs](self) say, and returns.
 ///
@@ -346,7 +358,7 @@ pub async fn serve(
         .validate(consumer_timeout)
         .map_err(|e| ServeError::Config(format!("executor: {e}")))?;
     metrics::describe();
-    metrics::register(&upstreams);
+    register_metrics(&upstreams);
 
     let readiness = {
         let (storage, queue, state) = (
