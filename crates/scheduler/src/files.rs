@@ -3,19 +3,19 @@
 //! file disappears from the API at once; its bytes go at once too, unless an unfinished batch
 //! reads it (they then stay until every such batch is terminal: the sweeper reclaims them).
 
+use nightshift_core::FileId;
 use nightshift_core::file::{FileRecord, Purpose};
 use nightshift_core::page::Order;
 use nightshift_core::time::{now_unix, now_unix_micros};
-use nightshift_core::{ApiError, FileId, TenantId};
-use nightshift_metadata::{FileQuery, MetadataError};
-use nightshift_proto::status::status_from_api_error;
+use nightshift_metadata::FileQuery;
 use nightshift_proto::v1::{
     self, DeleteFileRequest, DeleteFileResponse, GetFileRequest, ListFilesRequest,
     ListFilesResponse, RegisterFileRequest, files_server::Files,
 };
 use tonic::{Request, Response, Status};
 
-use crate::{Ports, metrics};
+use crate::ids::{caller_tenant, file_id, no_such};
+use crate::{Ports, SchedulerError, metrics};
 
 pub struct FilesService {
     ports: Ports,
@@ -27,30 +27,11 @@ impl FilesService {
     }
 }
 
-fn err(e: ApiError) -> Status {
-    status_from_api_error(&e)
-}
-
-fn store_err(e: MetadataError) -> Status {
-    match e {
-        MetadataError::Conflict(m) => err(ApiError::new(
-            nightshift_core::ErrorKind::Conflict,
-            format!("conflict: {m}"),
-        )),
-        MetadataError::Backend(m) => {
-            tracing::error!(error = %m, "metadata store failed");
-            err(ApiError::unavailable("The metadata store is unavailable."))
-        }
-    }
-}
-
-fn tenant(raw: &str) -> Result<TenantId, Status> {
-    TenantId::parse(raw).map_err(|_| err(ApiError::internal("invalid tenant id from caller")))
-}
-
-/// A client-supplied file id: anything that is not one of ours is simply not found.
-fn file_id(raw: &str) -> Result<FileId, Status> {
-    FileId::parse(raw).map_err(|_| err(ApiError::no_such("File", raw)))
+fn purpose(raw: &str) -> Result<Purpose, SchedulerError> {
+    Purpose::parse(raw).ok_or(SchedulerError::InvalidValue {
+        param: "purpose",
+        message: "unknown purpose",
+    })
 }
 
 #[tonic::async_trait]
@@ -59,16 +40,44 @@ impl Files for FilesService {
         &self,
         request: Request<RegisterFileRequest>,
     ) -> Result<Response<v1::File>, Status> {
+        Ok(Response::new(self.register(request.into_inner()).await?))
+    }
+
+    async fn get_file(
+        &self,
+        request: Request<GetFileRequest>,
+    ) -> Result<Response<v1::File>, Status> {
         let req = request.into_inner();
-        let purpose = Purpose::parse(&req.purpose)
-            .ok_or_else(|| err(ApiError::invalid_value("purpose", "unknown purpose")))?;
+        Ok(Response::new(self.get(&req.tenant_id, &req.id).await?))
+    }
+
+    async fn list_files(
+        &self,
+        request: Request<ListFilesRequest>,
+    ) -> Result<Response<ListFilesResponse>, Status> {
+        Ok(Response::new(self.list(request.into_inner()).await?))
+    }
+
+    async fn delete_file(
+        &self,
+        request: Request<DeleteFileRequest>,
+    ) -> Result<Response<DeleteFileResponse>, Status> {
+        let req = request.into_inner();
+        self.delete(&req.tenant_id, &req.id).await?;
+        Ok(Response::new(DeleteFileResponse { id: req.id }))
+    }
+}
+
+impl FilesService {
+    async fn register(&self, req: RegisterFileRequest) -> Result<v1::File, SchedulerError> {
+        let purpose = purpose(&req.purpose)?;
         let created_at_us = now_unix_micros();
         let created_at = created_at_us.div_euclid(1_000_000);
         let ttl = req.expires_after_seconds.or(purpose.default_ttl_secs());
         let record = FileRecord {
             id: FileId::parse(&req.id)
-                .map_err(|_| err(ApiError::internal("invalid file id from caller")))?,
-            tenant_id: tenant(&req.tenant_id)?,
+                .map_err(|_| SchedulerError::Malformed("invalid file id from caller".into()))?,
+            tenant_id: caller_tenant(&req.tenant_id)?,
             bytes: req.bytes,
             created_at,
             created_at_us,
@@ -77,61 +86,37 @@ impl Files for FilesService {
             purpose,
             storage_key: req.storage_key,
         };
-        self.ports
-            .metadata
-            .insert_file(&record)
-            .await
-            .map_err(store_err)?;
+        self.ports.metadata.insert_file(&record).await?;
         ::metrics::counter!(metrics::FILES_REGISTERED, "purpose" => purpose.as_str()).increment(1);
         tracing::info!(
             file_id = %record.id, tenant_id = %record.tenant_id, bytes = record.bytes,
             purpose = %purpose, "file registered"
         );
-        Ok(Response::new(v1::File::from(&record)))
+        Ok(v1::File::from(&record))
     }
 
-    async fn get_file(
-        &self,
-        request: Request<GetFileRequest>,
-    ) -> Result<Response<v1::File>, Status> {
-        let req = request.into_inner();
-        let tenant = tenant(&req.tenant_id)?;
-        let id = file_id(&req.id)?;
+    async fn get(&self, tenant_id: &str, id: &str) -> Result<v1::File, SchedulerError> {
         let file = self
             .ports
             .metadata
-            .get_file(&tenant, &id, now_unix())
-            .await
-            .map_err(store_err)?
-            .ok_or_else(|| err(ApiError::no_such("File", &req.id)))?;
-        Ok(Response::new(v1::File::from(&file)))
+            .get_file(&caller_tenant(tenant_id)?, &file_id(id)?, now_unix())
+            .await?
+            .ok_or_else(|| no_such("File", id))?;
+        Ok(v1::File::from(&file))
     }
 
-    async fn list_files(
-        &self,
-        request: Request<ListFilesRequest>,
-    ) -> Result<Response<ListFilesResponse>, Status> {
-        let req = request.into_inner();
-        let tenant = tenant(&req.tenant_id)?;
-        let purpose = match req.purpose.as_deref() {
-            None => None,
-            Some(p) => Some(
-                Purpose::parse(p)
-                    .ok_or_else(|| err(ApiError::invalid_value("purpose", "unknown purpose")))?,
-            ),
-        };
+    async fn list(&self, req: ListFilesRequest) -> Result<ListFilesResponse, SchedulerError> {
+        let tenant = caller_tenant(&req.tenant_id)?;
+        let purpose = req.purpose.as_deref().map(purpose).transpose()?;
         // An `after` that cannot be one of our ids names no file: an empty page.
-        let after = match req.after.as_deref() {
-            None => None,
-            Some(raw) => match FileId::parse(raw) {
-                Ok(id) => Some(id),
-                Err(_) => {
-                    return Ok(Response::new(ListFilesResponse {
-                        files: vec![],
-                        has_more: false,
-                    }));
-                }
-            },
+        let after = match req.after.as_deref().map(FileId::parse).transpose() {
+            Ok(after) => after,
+            Err(_) => {
+                return Ok(ListFilesResponse {
+                    files: vec![],
+                    has_more: false,
+                });
+            }
         };
         let query = FileQuery {
             purpose,
@@ -143,42 +128,34 @@ impl Files for FilesService {
             .ports
             .metadata
             .list_files(&tenant, &query, now_unix())
-            .await
-            .map_err(store_err)?;
-        Ok(Response::new(ListFilesResponse {
+            .await?;
+        Ok(ListFilesResponse {
             files: page.files.iter().map(v1::File::from).collect(),
             has_more: page.has_more,
-        }))
+        })
     }
 
-    async fn delete_file(
-        &self,
-        request: Request<DeleteFileRequest>,
-    ) -> Result<Response<DeleteFileResponse>, Status> {
-        let req = request.into_inner();
-        let tenant = tenant(&req.tenant_id)?;
-        let id = file_id(&req.id)?;
+    /// Hides the file at once; its bytes go now, or at the next sweep if storage fails —
+    /// unless an unfinished batch reads it: then they stay until every such batch is
+    /// terminal (the sweeper skips them until then).
+    async fn delete(&self, tenant_id: &str, id: &str) -> Result<(), SchedulerError> {
         let file = self
             .ports
             .metadata
-            .delete_file(&tenant, &id, now_unix())
-            .await
-            .map_err(store_err)?
-            .ok_or_else(|| err(ApiError::no_such("File", &req.id)))?;
+            .delete_file(&caller_tenant(tenant_id)?, &file_id(id)?, now_unix())
+            .await?
+            .ok_or_else(|| no_such("File", id))?;
         ::metrics::counter!(metrics::FILES_DELETED).increment(1);
         tracing::info!(file_id = %file.id, tenant_id = %file.tenant_id, "file deleted");
-        // The file is hidden. Its bytes go now, or at the next sweep if storage fails — unless
-        // an unfinished batch reads it: then they stay until every such batch is terminal
-        // (the sweeper skips them until then).
         match self.ports.metadata.input_in_use(&file.id).await {
             Ok(false) => {}
             Ok(true) => {
                 tracing::info!(file_id = %file.id, "the input of an unfinished batch: its bytes stay until the batch ends");
-                return Ok(Response::new(DeleteFileResponse { id: req.id }));
+                return Ok(());
             }
             Err(e) => {
                 tracing::warn!(file_id = %file.id, error = %e, "byte deletion deferred to the sweeper");
-                return Ok(Response::new(DeleteFileResponse { id: req.id }));
+                return Ok(());
             }
         }
         match self.ports.storage.delete(&file.storage_key).await {
@@ -191,6 +168,6 @@ impl Files for FilesService {
                 tracing::warn!(file_id = %file.id, error = %e, "byte deletion deferred to the sweeper");
             }
         }
-        Ok(Response::new(DeleteFileResponse { id: req.id }))
+        Ok(())
     }
 }

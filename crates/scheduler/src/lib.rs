@@ -28,13 +28,16 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub mod batches;
+mod error;
 mod files;
+mod ids;
 mod metrics;
 pub mod pipeline;
 mod sampler;
 mod sweeper;
 mod tenants;
 
+pub use error::SchedulerError;
 pub use sampler::sample_once;
 pub use sweeper::sweep_once;
 

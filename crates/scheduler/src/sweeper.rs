@@ -11,7 +11,7 @@ use std::time::Duration;
 use nightshift_core::time::now_unix;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Ports, metrics};
+use crate::{Ports, SchedulerError, metrics};
 
 /// Runs sweep rounds every `interval` until `stop` is cancelled.
 pub async fn run(ports: Ports, interval: Duration, batch: u32, stop: CancellationToken) {
@@ -38,12 +38,8 @@ pub async fn run(ports: Ports, interval: Duration, batch: u32, stop: Cancellatio
 }
 
 /// One round at `now`: returns how many files were reclaimed.
-pub async fn sweep_once(ports: &Ports, now: i64, batch: u32) -> Result<usize, String> {
-    let files = ports
-        .metadata
-        .sweepable_files(now, batch)
-        .await
-        .map_err(|e| e.to_string())?;
+pub async fn sweep_once(ports: &Ports, now: i64, batch: u32) -> Result<usize, SchedulerError> {
+    let files = ports.metadata.sweepable_files(now, batch).await?;
     let mut swept = 0;
     for file in files {
         let reason = if file.is_expired(now) {
@@ -55,11 +51,7 @@ pub async fn sweep_once(ports: &Ports, now: i64, batch: u32) -> Result<usize, St
             tracing::warn!(file_id = %file.id, error = %e, "could not delete file bytes");
             continue;
         }
-        ports
-            .metadata
-            .purge_file(&file.id)
-            .await
-            .map_err(|e| e.to_string())?;
+        ports.metadata.purge_file(&file.id).await?;
         ::metrics::counter!(metrics::FILES_SWEPT, "reason" => reason).increment(1);
         tracing::info!(file_id = %file.id, tenant_id = %file.tenant_id, reason, "file swept");
         swept += 1;

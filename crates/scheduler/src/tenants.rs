@@ -1,14 +1,14 @@
 //! The Tenants gRPC service: API-key authentication and tenant creation.
 
-use nightshift_core::{ApiError, apikey};
-use nightshift_proto::status::status_from_api_error;
+use nightshift_core::apikey;
+use nightshift_metadata::MetadataError;
 use nightshift_proto::v1::{
     AuthenticateRequest, AuthenticateResponse, CreateTenantRequest, CreateTenantResponse,
     tenants_server::Tenants,
 };
 use tonic::{Request, Response, Status};
 
-use crate::Ports;
+use crate::{Ports, SchedulerError};
 
 pub struct TenantsService {
     ports: Ports,
@@ -20,11 +20,6 @@ impl TenantsService {
     }
 }
 
-fn internal(e: impl std::fmt::Display) -> Status {
-    tracing::error!(error = %e, "metadata store failed");
-    status_from_api_error(&ApiError::unavailable("The metadata store is unavailable."))
-}
-
 #[tonic::async_trait]
 impl Tenants for TenantsService {
     async fn authenticate(
@@ -32,28 +27,39 @@ impl Tenants for TenantsService {
         request: Request<AuthenticateRequest>,
     ) -> Result<Response<AuthenticateResponse>, Status> {
         let key = request.into_inner().api_key;
-        let tenant = self
-            .ports
-            .metadata
-            .tenant_by_key(&apikey::digest(&key))
-            .await
-            .map_err(internal)?
-            .ok_or_else(|| {
-                status_from_api_error(&ApiError::unauthenticated("Incorrect API key provided."))
-            })?;
-        Ok(Response::new(AuthenticateResponse {
-            tenant_id: tenant.id.to_string(),
-            tenant_name: tenant.name,
-        }))
+        Ok(Response::new(self.tenant_for_key(&key).await?))
     }
 
     async fn create_tenant(
         &self,
         request: Request<CreateTenantRequest>,
     ) -> Result<Response<CreateTenantResponse>, Status> {
-        let req = request.into_inner();
+        Ok(Response::new(self.create(request.into_inner()).await?))
+    }
+}
+
+impl TenantsService {
+    async fn tenant_for_key(&self, key: &str) -> Result<AuthenticateResponse, SchedulerError> {
+        let tenant = self
+            .ports
+            .metadata
+            .tenant_by_key(&apikey::digest(key))
+            .await?
+            .ok_or(SchedulerError::Unauthenticated)?;
+        Ok(AuthenticateResponse {
+            tenant_id: tenant.id.to_string(),
+            tenant_name: tenant.name,
+        })
+    }
+
+    /// Creates a tenant with the given key, or a generated one. A key already in use is a
+    /// conflict.
+    async fn create(
+        &self,
+        req: CreateTenantRequest,
+    ) -> Result<CreateTenantResponse, SchedulerError> {
         if req.name.trim().is_empty() {
-            return Err(status_from_api_error(&ApiError::missing("name")));
+            return Err(SchedulerError::Missing("name"));
         }
         let key = req
             .api_key
@@ -65,19 +71,15 @@ impl Tenants for TenantsService {
             .create_tenant(&req.name, &apikey::digest(&key))
             .await
             .map_err(|e| match e {
-                nightshift_metadata::MetadataError::Conflict(_) => status_from_api_error(
-                    &ApiError::new(
-                        nightshift_core::ErrorKind::Conflict,
-                        "That API key is already in use.",
-                    )
-                    .not_retryable(),
-                ),
-                other => internal(other),
+                MetadataError::Conflict(_) => {
+                    SchedulerError::Conflict("That API key is already in use.".into())
+                }
+                other => other.into(),
             })?;
         tracing::info!(tenant_id = %tenant.id, tenant = %tenant.name, "tenant created");
-        Ok(Response::new(CreateTenantResponse {
+        Ok(CreateTenantResponse {
             tenant_id: tenant.id.to_string(),
             api_key: key,
-        }))
+        })
     }
 }

@@ -1,10 +1,9 @@
 //! The Batches gRPC service.
 
+use nightshift_core::BatchId;
 use nightshift_core::batch::{BatchRecord, BatchStatus, RequestCounts};
 use nightshift_core::time::{now_unix, now_unix_micros};
-use nightshift_core::{ApiError, BatchId, ErrorKind, TenantId};
-use nightshift_metadata::{CancelOutcome, MetadataError};
-use nightshift_proto::status::status_from_api_error;
+use nightshift_metadata::CancelOutcome;
 use nightshift_proto::v1::{
     self, CancelBatchRequest, CreateBatchRequest, GetBatchRequest, ListBatchesRequest,
     ListBatchesResponse, batches_server::Batches,
@@ -13,8 +12,9 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use super::Validator;
+use crate::ids::{batch_id, caller_tenant, no_such};
 use crate::pipeline::PipelineSettings;
-use crate::{Ports, metrics};
+use crate::{Ports, SchedulerError, metrics};
 
 pub struct BatchesService {
     ports: Ports,
@@ -32,31 +32,42 @@ impl BatchesService {
     }
 }
 
-fn err(e: ApiError) -> Status {
-    status_from_api_error(&e)
-}
-
-fn store_err(e: MetadataError) -> Status {
-    tracing::error!(error = %e, "metadata store failed");
-    err(ApiError::unavailable("The metadata store is unavailable."))
-}
-
-fn tenant(raw: &str) -> Result<TenantId, Status> {
-    TenantId::parse(raw).map_err(|_| err(ApiError::internal("invalid tenant id from caller")))
-}
-
-/// A client-supplied batch id: one that cannot be ours is simply not found.
-fn batch_id(raw: &str) -> Result<BatchId, Status> {
-    BatchId::parse(raw).map_err(|_| err(ApiError::no_such("Batch", raw)))
-}
-
 #[tonic::async_trait]
 impl Batches for BatchesService {
     async fn create_batch(
         &self,
         request: Request<CreateBatchRequest>,
     ) -> Result<Response<v1::Batch>, Status> {
+        Ok(Response::new(self.create(request.into_inner()).await?))
+    }
+
+    async fn get_batch(
+        &self,
+        request: Request<GetBatchRequest>,
+    ) -> Result<Response<v1::Batch>, Status> {
         let req = request.into_inner();
+        Ok(Response::new(self.get(&req.tenant_id, &req.id).await?))
+    }
+
+    async fn list_batches(
+        &self,
+        request: Request<ListBatchesRequest>,
+    ) -> Result<Response<ListBatchesResponse>, Status> {
+        Ok(Response::new(self.list(request.into_inner()).await?))
+    }
+
+    async fn cancel_batch(
+        &self,
+        request: Request<CancelBatchRequest>,
+    ) -> Result<Response<v1::Batch>, Status> {
+        let req = request.into_inner();
+        Ok(Response::new(self.cancel(&req.tenant_id, &req.id).await?))
+    }
+}
+
+impl BatchesService {
+    /// Stores the batch `validating` and spawns its validation.
+    async fn create(&self, req: CreateBatchRequest) -> Result<v1::Batch, SchedulerError> {
         let id = BatchId::generate();
         // The batch's trace: every later step of its life (validation, chunks, results,
         // finalization) is parented on this span, remembered in the record.
@@ -65,7 +76,7 @@ impl Batches for BatchesService {
             let created_at_us = now_unix_micros();
             let batch = BatchRecord {
                 id,
-                tenant_id: tenant(&req.tenant_id)?,
+                tenant_id: caller_tenant(&req.tenant_id)?,
                 endpoint: req.endpoint,
                 input_file_id: req.input_file_id,
                 completion_window: req.completion_window,
@@ -91,81 +102,62 @@ impl Batches for BatchesService {
                     &tracing::Span::current(),
                 ),
             };
-            self.ports
-                .metadata
-                .insert_batch(&batch)
-                .await
-                .map_err(store_err)?;
+            self.ports.metadata.insert_batch(&batch).await?;
             ::metrics::counter!(metrics::BATCH_TRANSITIONS, "to" => "validating").increment(1);
             tracing::info!(
                 batch_id = %batch.id, tenant_id = %batch.tenant_id, input_file_id = %batch.input_file_id,
                 endpoint = %batch.endpoint, "batch created"
             );
             self.validator.spawn(batch.clone());
-            Ok(Response::new(v1::Batch::from(&batch)))
+            Ok(v1::Batch::from(&batch))
         }
         .instrument(span)
         .await
     }
 
-    async fn get_batch(
-        &self,
-        request: Request<GetBatchRequest>,
-    ) -> Result<Response<v1::Batch>, Status> {
-        let req = request.into_inner();
+    async fn get(&self, tenant_id: &str, id: &str) -> Result<v1::Batch, SchedulerError> {
         let batch = self
             .ports
             .metadata
-            .get_batch(&tenant(&req.tenant_id)?, &batch_id(&req.id)?)
-            .await
-            .map_err(store_err)?
-            .ok_or_else(|| err(ApiError::no_such("Batch", &req.id)))?;
-        Ok(Response::new(v1::Batch::from(&batch)))
+            .get_batch(&caller_tenant(tenant_id)?, &batch_id(id)?)
+            .await?
+            .ok_or_else(|| no_such("Batch", id))?;
+        Ok(v1::Batch::from(&batch))
     }
 
-    async fn list_batches(
-        &self,
-        request: Request<ListBatchesRequest>,
-    ) -> Result<Response<ListBatchesResponse>, Status> {
-        let req = request.into_inner();
-        let tenant = tenant(&req.tenant_id)?;
+    async fn list(&self, req: ListBatchesRequest) -> Result<ListBatchesResponse, SchedulerError> {
+        let tenant = caller_tenant(&req.tenant_id)?;
         // An `after` that cannot be one of our ids names no batch: an empty page.
-        let after = match req.after.as_deref() {
-            None => None,
-            Some(raw) => match BatchId::parse(raw) {
-                Ok(id) => Some(id),
-                Err(_) => {
-                    return Ok(Response::new(ListBatchesResponse {
-                        batches: vec![],
-                        has_more: false,
-                    }));
-                }
-            },
+        let after = match req.after.as_deref().map(BatchId::parse).transpose() {
+            Ok(after) => after,
+            Err(_) => {
+                return Ok(ListBatchesResponse {
+                    batches: vec![],
+                    has_more: false,
+                });
+            }
         };
         let page = self
             .ports
             .metadata
             .list_batches(&tenant, req.limit.clamp(1, 100), after.as_ref())
-            .await
-            .map_err(store_err)?;
-        Ok(Response::new(ListBatchesResponse {
+            .await?;
+        Ok(ListBatchesResponse {
             batches: page.batches.iter().map(v1::Batch::from).collect(),
             has_more: page.has_more,
-        }))
+        })
     }
 
-    async fn cancel_batch(
-        &self,
-        request: Request<CancelBatchRequest>,
-    ) -> Result<Response<v1::Batch>, Status> {
-        let req = request.into_inner();
+    /// Cancels a `validating` or `in_progress` batch (it becomes `cancelling`, executors are
+    /// told, and it is finalized as soon as nothing is in flight). Cancelling a batch already
+    /// cancelling or finalizing changes nothing; a terminal one is a conflict.
+    async fn cancel(&self, tenant_id: &str, id: &str) -> Result<v1::Batch, SchedulerError> {
         let outcome = self
             .ports
             .metadata
-            .cancel_batch(&tenant(&req.tenant_id)?, &batch_id(&req.id)?, now_unix())
-            .await
-            .map_err(store_err)?
-            .ok_or_else(|| err(ApiError::no_such("Batch", &req.id)))?;
+            .cancel_batch(&caller_tenant(tenant_id)?, &batch_id(id)?, now_unix())
+            .await?
+            .ok_or_else(|| no_such("Batch", id))?;
         let batch = match outcome {
             CancelOutcome::Cancelling(b) => {
                 ::metrics::counter!(metrics::BATCH_TRANSITIONS, "to" => "cancelling").increment(1);
@@ -195,13 +187,12 @@ impl Batches for BatchesService {
                 b
             }
             CancelOutcome::Terminal(b) => {
-                return Err(err(ApiError::new(
-                    ErrorKind::Conflict,
-                    format!("Cannot cancel a batch with status '{}'.", b.status),
-                )
-                .not_retryable()));
+                return Err(SchedulerError::Conflict(format!(
+                    "Cannot cancel a batch with status '{}'.",
+                    b.status
+                )));
             }
         };
-        Ok(Response::new(v1::Batch::from(&batch)))
+        Ok(v1::Batch::from(&batch))
     }
 }

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::BatchSettings;
-use crate::{Ports, metrics};
+use crate::{Ports, SchedulerError, metrics};
 
 /// Validates batches in the background, a bounded number at a time.
 #[derive(Clone)]
@@ -160,7 +160,10 @@ impl Validator {
             Ok(Some(b)) => b.status == BatchStatus::Validating,
             Ok(None) => false,
             // the store is down: try again (the next attempt finds out)
-            Err(_) => true,
+            Err(e) => {
+                tracing::debug!(batch_id = %batch.id, error = %e, "cannot check the batch's status before retrying");
+                true
+            }
         }
     }
 
@@ -198,7 +201,7 @@ pub async fn validate_input(
     settings: &BatchSettings,
     routing: &RoutingConfig,
     batch: &BatchRecord,
-) -> Result<ValidationOutcome, String> {
+) -> Result<ValidationOutcome, SchedulerError> {
     let Ok(file_id) = FileId::parse(&batch.input_file_id) else {
         return Ok(input_error(format!(
             "Input file {} does not exist.",
@@ -210,8 +213,7 @@ pub async fn validate_input(
     let file = ports
         .metadata
         .file_as_of(&batch.tenant_id, &file_id, batch.created_at())
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     let Some(file) = file else {
         return Ok(input_error(format!(
             "Input file {} does not exist.",
@@ -243,12 +245,12 @@ pub async fn validate_input(
                     batch.input_file_id
                 )));
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         };
         let items = JsonlSplitter::new(settings.max_line_bytes).split_stream(body.stream);
         futures::pin_mut!(items);
         while let Some(item) = items.next().await {
-            let item = item.map_err(|e| e.to_string())?;
+            let item = item?;
             validator.push_item(&item);
             // Chunks are only kept while the input still looks valid; a failing batch
             // needs none, and this bounds their memory to valid inputs' (≤ max_lines).

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::{PipelineSettings, SCHEMA_VERSION, batch_trace};
-use crate::{Ports, metrics};
+use crate::{Ports, SchedulerError, metrics};
 
 /// The dispatcher and its fairness state (lines handed out per tenant, in memory: after a
 /// restart every tenant starts even, which is fair enough).
@@ -64,13 +64,8 @@ impl Dispatcher {
     }
 
     /// One round: fills every model's free slots. Returns how many chunks were handed out.
-    pub async fn round(&mut self) -> Result<usize, String> {
-        let candidates = self
-            .ports
-            .metadata
-            .dispatch_candidates()
-            .await
-            .map_err(|e| e.to_string())?;
+    pub async fn round(&mut self) -> Result<usize, SchedulerError> {
+        let candidates = self.ports.metadata.dispatch_candidates().await?;
         let mut by_model: HashMap<String, Vec<DispatchCandidate>> = HashMap::new();
         for c in candidates {
             let model = c.batch.model.clone().unwrap_or_default();
@@ -123,8 +118,7 @@ impl Dispatcher {
                     .ports
                     .metadata
                     .claim_next_chunk(&batch.id, now_unix(), self.settings.chunk_lease_secs())
-                    .await
-                    .map_err(|e| e.to_string())?;
+                    .await?;
                 let Some(leased) = claimed else {
                     batches[pick].pending = 0;
                     continue;
@@ -144,7 +138,7 @@ impl Dispatcher {
                             "could not release a chunk whose task was not published; its lease will re-drive it"
                         );
                     }
-                    return Err(format!("publish chunk task: {e}"));
+                    return Err(e);
                 }
                 batches[pick].pending -= 1;
                 *self.served.entry(batch.tenant_id.clone()).or_default() +=
@@ -166,7 +160,7 @@ pub(crate) async fn publish_task(
     batch: &BatchRecord,
     span: &ChunkSpan,
     attempt: u32,
-) -> Result<(), String> {
+) -> Result<(), SchedulerError> {
     let trace = tracing::info_span!(
         "dispatch_chunk",
         batch_id = %batch.id,
@@ -175,7 +169,12 @@ pub(crate) async fn publish_task(
         attempt,
     );
     propagation::set_parent(&trace, batch_trace(batch));
-    let input = FileId::parse(&batch.input_file_id).map_err(|e| e.to_string())?;
+    let input = FileId::parse(&batch.input_file_id).map_err(|e| {
+        SchedulerError::Malformed(format!(
+            "batch {} has an invalid input file id {:?}: {e}",
+            batch.id, batch.input_file_id
+        ))
+    })?;
     let task = ChunkTask {
         schema_version: SCHEMA_VERSION,
         batch_id: batch.id.to_string(),
@@ -196,6 +195,6 @@ pub(crate) async fn publish_task(
         .queue
         .publish(QueueKind::ChunkTasks, task.encode_to_vec().into(), headers)
         .instrument(trace)
-        .await
-        .map_err(|e| e.to_string())
+        .await?;
+    Ok(())
 }

@@ -42,7 +42,7 @@ pub use dispatch::Dispatcher;
 pub use results::consume_results;
 pub use service::PipelineService;
 
-use crate::{Ports, metrics};
+use crate::{Ports, SchedulerError, metrics};
 
 /// Version of the queue messages this scheduler writes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -118,21 +118,13 @@ fn secs(d: Duration) -> i64 {
     i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
 }
 
-/// Why asking for finalization failed.
-#[derive(Debug, thiserror::Error)]
-pub enum FinalizeError {
-    /// The metadata store could not be asked: nothing changed; asking again later works.
-    #[error("metadata store: {0}")]
-    Metadata(#[from] nightshift_metadata::MetadataError),
-    /// The batch was asked to finalize but its job could not be published: the
-    /// stalled-finalization sweep publishes it again after `finalize_retry_after`.
-    #[error("publish the finalize job: {0}")]
-    Publish(String),
-}
-
 /// Asks the finalizer to end `batch` if it is ready at `now` (nothing more will run, or its
 /// ending grace is over: see [`MetadataStore::request_finalize`]). Safe to call any time, as
 /// often as wanted: the store grants it once per batch.
+///
+/// A [`SchedulerError::Metadata`] changed nothing: asking again later works. A
+/// [`SchedulerError::Queue`] means the batch *was* asked to finalize but its job was not
+/// published: the stalled-finalization sweep publishes it after `finalize_retry_after`.
 ///
 /// [`MetadataStore::request_finalize`]: nightshift_metadata::MetadataStore::request_finalize
 pub async fn finalize_if_ready(
@@ -140,7 +132,7 @@ pub async fn finalize_if_ready(
     settings: &PipelineSettings,
     batch: &BatchId,
     now: i64,
-) -> Result<bool, FinalizeError> {
+) -> Result<bool, SchedulerError> {
     let Some(b) = ports
         .metadata
         .request_finalize(batch, now, settings.ending_grace_secs())
@@ -150,16 +142,14 @@ pub async fn finalize_if_ready(
     };
     ::metrics::counter!(metrics::BATCH_TRANSITIONS, "to" => b.status.as_str()).increment(1);
     tracing::info!(batch_id = %b.id, status = %b.status, "batch finalizing");
-    publish_finalize(ports, &b)
-        .await
-        .map_err(FinalizeError::Publish)?;
+    publish_finalize(ports, &b).await?;
     Ok(true)
 }
 
 /// Publishes the finalize job of a batch (again, after a restart: the finalizer is
 /// idempotent), in a `request_finalize` span of the batch's trace whose context the job
 /// carries to the finalizer.
-pub async fn publish_finalize(ports: &Ports, batch: &BatchRecord) -> Result<(), String> {
+pub async fn publish_finalize(ports: &Ports, batch: &BatchRecord) -> Result<(), SchedulerError> {
     let span =
         tracing::info_span!("request_finalize", batch_id = %batch.id, status = %batch.status);
     propagation::set_parent(&span, batch_trace(batch));
@@ -172,8 +162,8 @@ pub async fn publish_finalize(ports: &Ports, batch: &BatchRecord) -> Result<(), 
         .queue
         .publish(QueueKind::FinalizeJobs, job.encode_to_vec().into(), headers)
         .instrument(span)
-        .await
-        .map_err(|e| e.to_string())
+        .await?;
+    Ok(())
 }
 
 /// The trace context the batch was created in: the parent of every span of its life.
@@ -313,7 +303,7 @@ pub async fn sweep_once(ports: &Ports, settings: &PipelineSettings, now: i64) ->
 }
 
 /// Counts a finalization request of a sweep, or logs why it failed.
-fn note_asked(report: &mut SweepReport, asked: Result<bool, FinalizeError>, id: &BatchId) {
+fn note_asked(report: &mut SweepReport, asked: Result<bool, SchedulerError>, id: &BatchId) {
     match asked {
         Ok(true) => report.finalizing += 1,
         Ok(false) => {}

@@ -23,8 +23,8 @@ use tracing::Instrument;
 use nightshift_core::time::now_unix;
 use nightshift_proto::v1::ChunkReport;
 
-use super::{FinalizeError, PipelineSettings, finalize_if_ready};
-use crate::{Ports, metrics};
+use super::{PipelineSettings, finalize_if_ready};
+use crate::{Ports, SchedulerError, metrics};
 
 /// How long, at shutdown, chunk results being recorded may take before they are re-published.
 pub const RESULTS_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -90,36 +90,13 @@ impl Handler for ResultHandler {
                 self.wake.notify_one();
                 Disposition::Done
             }
-            Err(HandleError::Outage { dependency, error }) => {
-                Disposition::Outage { dependency, error }
-            }
-            Err(HandleError::Invalid(reason)) => Disposition::Poison(reason),
-        }
-    }
-}
-
-/// Why a chunk result could not be recorded.
-#[derive(Debug, thiserror::Error)]
-pub enum HandleError {
-    /// A dependency is unreachable (`"metadata"`: the metadata store): the message is fine;
-    /// handle it again once the dependency is back (it does not count toward the delivery
-    /// limit).
-    #[error("{dependency} unavailable: {error}")]
-    Outage {
-        dependency: &'static str,
-        error: String,
-    },
-    /// The message itself can never be handled (an invalid batch id, an unknown report):
-    /// dead-letter it.
-    #[error("invalid chunk result: {0}")]
-    Invalid(String),
-}
-
-impl From<nightshift_metadata::MetadataError> for HandleError {
-    fn from(e: nightshift_metadata::MetadataError) -> Self {
-        Self::Outage {
-            dependency: "metadata",
-            error: e.to_string(),
+            Err(e) => match e.outage() {
+                Some(dependency) => Disposition::Outage {
+                    dependency,
+                    error: e.to_string(),
+                },
+                None => Disposition::Poison(e.to_string()),
+            },
         }
     }
 }
@@ -134,13 +111,17 @@ impl From<nightshift_metadata::MetadataError> for HandleError {
 ///
 /// A finalize job that cannot be published is not an error here: the batch is already asked
 /// to finalize, and the stalled-finalization sweep publishes the job again.
+///
+/// An error is a metadata store outage (the message is fine: handle it again once the store
+/// is back, see [`SchedulerError::outage`]) or a message that can never be handled (an
+/// invalid batch id, an unknown report: [`SchedulerError::Malformed`]).
 pub(crate) async fn handle(
     ports: &Ports,
     settings: &PipelineSettings,
     result: &ChunkResult,
-) -> Result<(), HandleError> {
+) -> Result<(), SchedulerError> {
     let Ok(batch) = BatchId::parse(&result.batch_id) else {
-        return Err(HandleError::Invalid(format!(
+        return Err(SchedulerError::Malformed(format!(
             "invalid batch id {:?}",
             result.batch_id
         )));
@@ -172,7 +153,7 @@ pub(crate) async fn handle(
             }
         }
         Err(_) => {
-            return Err(HandleError::Invalid(format!(
+            return Err(SchedulerError::Malformed(format!(
                 "unknown chunk report {}",
                 result.report
             )));
@@ -180,10 +161,10 @@ pub(crate) async fn handle(
     }
     match finalize_if_ready(ports, settings, &batch, now_unix()).await {
         Ok(_) => Ok(()),
-        Err(FinalizeError::Metadata(e)) => Err(e.into()),
-        Err(FinalizeError::Publish(e)) => {
+        Err(SchedulerError::Queue(e)) => {
             tracing::warn!(batch_id = %batch, error = %e, "finalize job not published; the stalled-finalization sweep will");
             Ok(())
         }
+        Err(e) => Err(e),
     }
 }

@@ -22,10 +22,10 @@ use nightshift_storage::LocalStore;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 
-use super::results::{HandleError, handle};
+use super::results::handle;
 use super::{Dispatcher, PipelineSettings, recover, sweep_once};
-use crate::Ports;
 use crate::batches::{BatchSettings, Validator, validate_input};
+use crate::{Ports, SchedulerError};
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -349,13 +349,13 @@ async fn reports_renew_fail_and_complete_chunks() {
     bad.batch_id = "not-a-batch".into();
     assert!(matches!(
         handle(&fx.ports, &settings, &bad).await,
-        Err(HandleError::Invalid(_))
+        Err(e @ SchedulerError::Malformed(_)) if e.outage().is_none()
     ));
     let mut unknown = report(&b.id, 0, ChunkReport::Done, "");
     unknown.report = 42;
     assert!(matches!(
         handle(&fx.ports, &settings, &unknown).await,
-        Err(HandleError::Invalid(_))
+        Err(e @ SchedulerError::Malformed(_)) if e.outage().is_none()
     ));
 }
 
