@@ -2,7 +2,8 @@
 //!
 //! Only the scheduler holds a [`MetadataStore`]; every other service reaches metadata through
 //! the scheduler's gRPC API. Two adapters, one schema (`migrations/postgres` and its SQLite
-//! twin `migrations/sqlite`), both passing the whole conformance suite (`conformance`):
+//! twin `migrations/sqlite`), both passing the whole conformance suite (`conformance`, built
+//! with the `testsuite` feature):
 //! - [`PgStore`]: PostgreSQL, for production (several schedulers may share it);
 //! - [`SqliteStore`]: an SQLite file, for the single-process `nightshift standalone`
 //!   deployment and fast tests (one process per file).
@@ -42,6 +43,7 @@ use nightshift_core::page::Order;
 use nightshift_core::validation::BatchError;
 use nightshift_core::{BatchId, FileId, TenantId};
 
+#[cfg(feature = "testsuite")]
 pub mod conformance;
 mod postgres;
 mod rows;

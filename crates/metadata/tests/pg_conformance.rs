@@ -2,7 +2,6 @@
 //! database is `NIGHTSHIFT_TEST_DATABASE_URL`, default `nightshift_test` on loopback).
 
 use nightshift_core::secret::Secret;
-use nightshift_metadata::conformance::CHECKS;
 use nightshift_metadata::{PgConfig, PgStore};
 
 async fn run(name: &str) {
@@ -14,11 +13,7 @@ async fn run(name: &str) {
     })
     .await
     .expect("connect to postgres");
-    let (_, check) = CHECKS
-        .iter()
-        .find(|(n, _)| *n == name)
-        .expect("known check");
-    check(&store).await;
+    nightshift_metadata::conformance::run(name, &store).await;
 }
 
 nightshift_metadata::conformance_tests!(run);

@@ -3,7 +3,6 @@
 
 use nightshift_core::batch::{BatchRecord, BatchStatus, RequestCounts};
 use nightshift_core::{BatchId, FileId, apikey};
-use nightshift_metadata::conformance::CHECKS;
 use nightshift_metadata::{MetadataStore, SqliteConfig, SqliteStore};
 
 /// A store on a new file; the directory lives as long as the returned guard.
@@ -19,11 +18,7 @@ async fn fresh() -> (tempfile::TempDir, SqliteConfig, SqliteStore) {
 
 async fn run(name: &str) {
     let (_dir, _, store) = fresh().await;
-    let (_, check) = CHECKS
-        .iter()
-        .find(|(n, _)| *n == name)
-        .expect("known check");
-    check(&store).await;
+    nightshift_metadata::conformance::run(name, &store).await;
 }
 
 nightshift_metadata::conformance_tests!(run);
