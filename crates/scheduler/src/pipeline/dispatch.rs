@@ -2,20 +2,19 @@
 //!
 //! For each model, at most `max_in_flight_chunks_per_model` chunks are handed out and not yet
 //! done. Each free slot goes to the tenant that has been served the fewest request lines so
-//! far (virtual-time fair queuing: a tenant that becomes active starts at the current minimum,
-//! so it neither starves others with an old low count nor waits behind their history), and
-//! within a tenant to the batch with the earliest deadline. So a 10-line batch created behind
-//! a 200,000-line batch of another tenant gets the very next free slot.
+//! far, and within a tenant to the batch with the earliest deadline ([`fairness`]: a tenant
+//! that becomes active starts at the current minimum, so a 10-line batch created behind a
+//! 200,000-line batch of another tenant is served within one chunk of it).
 //!
 //! A chunk is claimed (leased, attempt counted) before its task is published. If the publish
 //! fails, the chunk is released at once (a fast path); if even that fails, its lease expires
 //! and the lease sweep publishes the task again: no chunk stays dispatched without a lease.
+//!
+//! [`fairness`]: super::fairness
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use nightshift_core::FileId;
-use nightshift_core::TenantId;
 use nightshift_core::batch::BatchRecord;
 use nightshift_core::chunking::ChunkSpan;
 use nightshift_core::file::FileRecord;
@@ -29,15 +28,16 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::fairness::{self, Fairness};
 use super::{PipelineSettings, SCHEMA_VERSION, batch_trace};
 use crate::{Ports, SchedulerError, metrics};
 
-/// The dispatcher and its fairness state (lines handed out per tenant, in memory: after a
-/// restart every tenant starts even, which is fair enough).
+/// The dispatcher and its fairness state.
 pub struct Dispatcher {
     ports: Ports,
     settings: PipelineSettings,
-    served: HashMap<TenantId, u64>,
+    /// Lines handed out per tenant: who gets the next free slot.
+    fairness: Fairness,
 }
 
 impl Dispatcher {
@@ -45,7 +45,7 @@ impl Dispatcher {
         Self {
             ports,
             settings,
-            served: HashMap::new(),
+            fairness: Fairness::default(),
         }
     }
 
@@ -66,90 +66,72 @@ impl Dispatcher {
     /// One round: fills every model's free slots. Returns how many chunks were handed out.
     pub async fn round(&mut self) -> Result<usize, SchedulerError> {
         let candidates = self.ports.metadata.dispatch_candidates().await?;
-        let mut by_model: HashMap<String, Vec<DispatchCandidate>> = HashMap::new();
-        for c in candidates {
-            let model = c.batch.model.clone().unwrap_or_default();
-            by_model.entry(model).or_default().push(c);
-        }
-        // Tenants with work waiting; a newcomer starts at the current minimum.
-        let active: Vec<TenantId> = by_model
-            .values()
-            .flatten()
-            .filter(|c| c.pending > 0)
-            .map(|c| c.batch.tenant_id.clone())
-            .collect();
-        let floor = active
-            .iter()
-            .filter_map(|t| self.served.get(t).copied())
-            .min()
-            .unwrap_or(0);
-        for t in &active {
-            let v = self.served.entry(t.clone()).or_insert(floor);
-            *v = (*v).max(floor);
-        }
-        self.served.retain(|t, _| active.contains(t));
-
+        self.fairness.admit(&candidates);
         let mut handed_out = 0;
-        for (model, mut batches) in by_model {
-            let in_flight: u32 = batches.iter().map(|c| c.in_flight).sum();
-            let mut free = self
-                .settings
-                .max_in_flight_chunks_per_model
-                .saturating_sub(in_flight);
-            while free > 0 {
-                // the least-served tenant with work, then its earliest-deadline batch
-                let Some(pick) = batches
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, c)| c.pending > 0)
-                    .min_by_key(|(_, c)| {
-                        (
-                            self.served.get(&c.batch.tenant_id).copied().unwrap_or(0),
-                            c.batch.expires_at,
-                            c.batch.created_at_us,
-                        )
-                    })
-                    .map(|(i, _)| i)
-                else {
-                    break;
-                };
-                let batch = batches[pick].batch.clone();
-                let claimed = self
-                    .ports
-                    .metadata
-                    .claim_next_chunk(&batch.id, now_unix(), self.settings.chunk_lease_secs())
-                    .await?;
-                let Some(leased) = claimed else {
-                    batches[pick].pending = 0;
-                    continue;
-                };
-                let span = leased.span;
-                if let Err(e) = publish_task(&self.ports, &batch, &span, leased.attempt).await {
-                    // Put it back: it is handed out again next round. Should that fail too,
-                    // its lease expires and the lease sweep publishes it.
-                    if let Err(release) = self
-                        .ports
-                        .metadata
-                        .release_chunk(&batch.id, span.index)
-                        .await
-                    {
-                        tracing::warn!(
-                            batch_id = %batch.id, chunk = span.index, error = %release,
-                            "could not release a chunk whose task was not published; its lease will re-drive it"
-                        );
-                    }
-                    return Err(e);
-                }
-                batches[pick].pending -= 1;
-                *self.served.entry(batch.tenant_id.clone()).or_default() +=
-                    u64::from(span.line_count);
-                ::metrics::counter!(metrics::CHUNKS_DISPATCHED).increment(1);
-                tracing::debug!(batch_id = %batch.id, chunk = span.index, model = %model, "chunk dispatched");
-                free -= 1;
-                handed_out += 1;
-            }
+        for (model, batches) in fairness::by_model(candidates) {
+            handed_out += self.fill(&model, batches).await?;
         }
         Ok(handed_out)
+    }
+
+    /// Hands out `model`'s free slots to its `batches`, fairly. Returns how many chunks were
+    /// handed out.
+    async fn fill(
+        &mut self,
+        model: &str,
+        mut batches: Vec<DispatchCandidate>,
+    ) -> Result<usize, SchedulerError> {
+        let mut free = fairness::free_slots(self.settings.max_in_flight_chunks_per_model, &batches);
+        let mut handed_out = 0;
+        while free > 0 {
+            let Some(pick) = self.fairness.pick(&batches) else {
+                break;
+            };
+            let batch = &batches[pick].batch;
+            let Some(span) = self.hand_out(batch).await? else {
+                // its chunks were all taken meanwhile (another scheduler, a cancel)
+                batches[pick].pending = 0;
+                continue;
+            };
+            self.fairness.record(&batch.tenant_id, span.line_count);
+            ::metrics::counter!(metrics::CHUNKS_DISPATCHED).increment(1);
+            tracing::debug!(batch_id = %batch.id, chunk = span.index, model = %model, "chunk dispatched");
+            batches[pick].pending -= 1;
+            free -= 1;
+            handed_out += 1;
+        }
+        Ok(handed_out)
+    }
+
+    /// Claims `batch`'s next pending chunk and publishes its task. `None` when it has no
+    /// pending chunk left. A task that cannot be published puts its chunk back (it is handed
+    /// out again next round; should that fail too, its lease expires and the lease sweep
+    /// publishes it).
+    async fn hand_out(&self, batch: &BatchRecord) -> Result<Option<ChunkSpan>, SchedulerError> {
+        let claimed = self
+            .ports
+            .metadata
+            .claim_next_chunk(&batch.id, now_unix(), self.settings.chunk_lease_secs())
+            .await?;
+        let Some(leased) = claimed else {
+            return Ok(None);
+        };
+        let span = leased.span;
+        if let Err(e) = publish_task(&self.ports, batch, &span, leased.attempt).await {
+            if let Err(release) = self
+                .ports
+                .metadata
+                .release_chunk(&batch.id, span.index)
+                .await
+            {
+                tracing::warn!(
+                    batch_id = %batch.id, chunk = span.index, error = %release,
+                    "could not release a chunk whose task was not published; its lease will re-drive it"
+                );
+            }
+            return Err(e);
+        }
+        Ok(Some(span))
     }
 }
 

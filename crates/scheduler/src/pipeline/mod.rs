@@ -19,6 +19,7 @@
 //!   [`recover`] picks every non-terminal batch up at start.
 
 mod dispatch;
+mod fairness;
 pub mod leases;
 mod results;
 mod service;
