@@ -1,10 +1,20 @@
 //! The scheduler: nightshift's control plane.
 //!
-//! It alone owns the metadata store. Over gRPC it serves the gateway (tenants, API keys,
-//! files, batches) and the finalizer (plans, finalization leases, commits); in the
-//! background it validates batches, dispatches chunks, tracks their results and leases,
-//! applies deadlines and bounded endings, and sweeps expired and deleted files. The same port serves gRPC
-//! and the ops endpoints (`/livez`, `/readyz`, `/metrics`), HTTP/1 and HTTP/2 alike.
+//! It alone writes the metadata store. Over gRPC it serves the gateway (`tenants`: API-key
+//! authentication and tenant creation; `files`; [`batches`]) and the finalizer (the
+//! [`pipeline`] service: plans, finalization leases, commits). In the background it validates
+//! new batches ([`batches::Validator`]), hands chunks out fairly ([`pipeline::Dispatcher`]),
+//! records chunk results ([`pipeline::consume_results`]), sweeps chunk leases, deadlines and
+//! bounded endings ([`pipeline::run_sweeps`]), reclaims expired and deleted files
+//! ([`sweep_once`]) and samples its gauges ([`sample_once`]); at start it picks up whatever a
+//! previous run left ([`pipeline::recover`]). The background tasks stop when one
+//! cancellation token is cancelled, after the server has drained.
+//!
+//! Every failure is a [`SchedulerError`], mapped once onto the shared error vocabulary: a
+//! dependency down is `unavailable`, a uniqueness rule the store refused a `conflict`.
+//!
+//! The same port serves gRPC and the ops endpoints (`/livez`, `/readyz`, `/metrics`), HTTP/1
+//! and HTTP/2 alike.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,6 +48,7 @@ mod sweeper;
 mod tenants;
 
 pub use error::SchedulerError;
+pub(crate) use SchedulerPorts as Ports;
 pub use sampler::sample_once;
 pub use sweeper::sweep_once;
 
@@ -63,6 +74,11 @@ pub struct SchedulerConfig {
     /// `nightshift_queue_ready_messages`, ...) are sampled.
     #[serde(with = "humantime_serde")]
     pub metrics_interval: Duration,
+    /// Which upstream serves which model: a batch asking for another model fails validation.
+    /// Not a key of `[scheduler]`: the binary copies the top-level `[routing]` table here when
+    /// it loads the configuration.
+    #[serde(skip)]
+    pub routing: RoutingConfig,
 }
 
 impl Default for SchedulerConfig {
@@ -76,13 +92,14 @@ impl Default for SchedulerConfig {
             batches: batches::BatchSettings::default(),
             pipeline: pipeline::PipelineSettings::default(),
             metrics_interval: Duration::from_secs(15),
+            routing: RoutingConfig::default(),
         }
     }
 }
 
 /// The infrastructure the scheduler runs on; the binary picks the adapters.
 #[derive(Debug, Clone)]
-pub struct Ports {
+pub struct SchedulerPorts {
     pub metadata: Arc<dyn MetadataStore>,
     pub storage: Arc<dyn ObjectStore>,
     /// Chunk tasks out, chunk results in, finalize jobs out.
@@ -100,23 +117,25 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
-/// Runs the scheduler on `listener` until `shutdown` resolves, then drains in-flight calls
-/// and stops the background tasks.
+/// Runs the scheduler on `listener` until `shutdown` is cancelled, then drains in-flight calls
+/// and stops the background tasks. `config` was validated when it was loaded.
+///
+/// In order: the bootstrap tenant is made to exist, whatever a previous run left is picked
+/// up ([`recover`]), then the gRPC services and the ops endpoints are served while the
+/// background tasks run ([`spawn_background`]); the scheduler answers its health check only
+/// once it has recovered.
+///
+/// # Errors
+/// The metadata store failed at start (bootstrap tenant, recovery), or the listener's I/O
+/// error.
 pub async fn serve(
     config: SchedulerConfig,
-    routing: RoutingConfig,
-    ports: Ports,
+    ports: SchedulerPorts,
     listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     metrics::register();
-    if let Some(key) = config.bootstrap_api_key.as_ref().filter(|k| !k.is_empty()) {
-        let tenant = ports
-            .metadata
-            .ensure_tenant(&config.bootstrap_tenant, &apikey::digest(key.expose()))
-            .await?;
-        tracing::info!(tenant_id = %tenant.id, tenant = %tenant.name, "bootstrap tenant ready");
-    }
+    bootstrap_tenant(&config, &ports).await?;
 
     let wake = Arc::new(tokio::sync::Notify::new());
     let stop = CancellationToken::new();
@@ -125,10 +144,48 @@ pub async fn serve(
     let validator = batches::Validator::new(
         ports.clone(),
         config.batches.clone(),
-        routing,
+        config.routing.clone(),
         wake.clone(),
         stop.clone(),
     );
+    recover(&config, &ports, &validator).await?;
+
+    let app = grpc_router(&config, &ports, validator)
+        .await
+        .merge(nightshift_telemetry::ops_router(readiness(&ports)));
+    let background = spawn_background(&config, &ports, &wake, &stop);
+
+    tracing::info!(addr = %listener.local_addr()?, "scheduler listening");
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
+    stop.cancel();
+    for task in background {
+        let _ = task.await;
+    }
+    tracing::info!("scheduler stopped");
+    served.map_err(ServeError::Io)
+}
+
+/// Makes the configured bootstrap key exist, owned by `bootstrap_tenant` (if a key is set).
+async fn bootstrap_tenant(config: &SchedulerConfig, ports: &SchedulerPorts) -> Result<(), ServeError> {
+    if let Some(key) = config.bootstrap_api_key.as_ref().filter(|k| !k.is_empty()) {
+        let tenant = ports
+            .metadata
+            .ensure_tenant(&config.bootstrap_tenant, &apikey::digest(key.expose()))
+            .await?;
+        tracing::info!(tenant_id = %tenant.id, tenant = %tenant.name, "bootstrap tenant ready");
+    }
+    Ok(())
+}
+
+/// Picks up what a previous run left: batches still validating are validated again; chunks
+/// in flight, pending finalize jobs and cancel flags are published again.
+async fn recover(
+    config: &SchedulerConfig,
+    ports: &SchedulerPorts,
+    validator: &batches::Validator,
+) -> Result<(), ServeError> {
     let recovered = validator.recover().await.map_err(ServeError::Bootstrap)?;
     if recovered > 0 {
         tracing::info!(
@@ -136,8 +193,7 @@ pub async fn serve(
             "resuming validation of batches left validating"
         );
     }
-
-    let recovery = pipeline::recover(&ports, &config.pipeline).await;
+    let recovery = pipeline::recover(ports, &config.pipeline).await;
     if recovery != pipeline::Recovery::default() {
         tracing::info!(
             chunks = recovery.chunks,
@@ -147,13 +203,21 @@ pub async fn serve(
             "picked up the work of a previous run"
         );
     }
-    let dispatcher = pipeline::Dispatcher::new(ports.clone(), config.pipeline.clone());
+    Ok(())
+}
 
+/// The gRPC services (`Tenants`, `Files`, `Batches`, `Pipeline`) and gRPC health, each call
+/// in a span of its caller's trace.
+async fn grpc_router(
+    config: &SchedulerConfig,
+    ports: &SchedulerPorts,
+    validator: batches::Validator,
+) -> axum::Router {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<FilesServer<files::FilesService>>()
         .await;
-    let grpc = tonic::service::Routes::new(health_service)
+    tonic::service::Routes::new(health_service)
         .add_service(TenantsServer::new(tenants::TenantsService::new(
             ports.clone(),
         )))
@@ -169,39 +233,49 @@ pub async fn serve(
         .prepare()
         .into_axum_router()
         // every call joins its caller's trace
-        .layer(GrpcServerTraceLayer);
+        .layer(GrpcServerTraceLayer)
+}
 
-    let readiness = {
-        let (m, s) = (ports.metadata.clone(), ports.storage.clone());
-        let (q, st) = (ports.queue.clone(), ports.state.clone());
-        Readiness::new()
-            .check("queue", move || {
-                let q = q.clone();
-                async move { q.ping().await.map_err(|e| e.to_string()) }
-            })
-            .check("live_state", move || {
-                let st = st.clone();
-                async move { st.ping().await.map_err(|e| e.to_string()) }
-            })
-            .check("metadata", move || {
-                let m = m.clone();
-                async move { m.ping().await.map_err(|e| e.to_string()) }
-            })
-            .check("object_storage", move || {
-                let s = s.clone();
-                async move { s.ping().await.map_err(|e| e.to_string()) }
-            })
-    };
-    let app = grpc.merge(nightshift_telemetry::ops_router(readiness));
+/// `/readyz`: the queue, live state, the metadata store and object storage answer.
+fn readiness(ports: &SchedulerPorts) -> Readiness {
+    let (m, s) = (ports.metadata.clone(), ports.storage.clone());
+    let (q, st) = (ports.queue.clone(), ports.state.clone());
+    Readiness::new()
+        .check("queue", move || {
+            let q = q.clone();
+            async move { q.ping().await.map_err(|e| e.to_string()) }
+        })
+        .check("live_state", move || {
+            let st = st.clone();
+            async move { st.ping().await.map_err(|e| e.to_string()) }
+        })
+        .check("metadata", move || {
+            let m = m.clone();
+            async move { m.ping().await.map_err(|e| e.to_string()) }
+        })
+        .check("object_storage", move || {
+            let s = s.clone();
+            async move { s.ping().await.map_err(|e| e.to_string()) }
+        })
+}
 
-    let sweeper = tokio::spawn(sweeper::run(
-        ports.clone(),
-        config.sweep_interval,
-        config.sweep_batch,
-        stop.clone(),
-    ));
-    let background = [
-        sweeper,
+/// The background tasks, until `stop` is cancelled: the file sweeper, the gauge sampler, the
+/// dispatcher, the chunk-result consumer and the pipeline sweeps (`wake` makes the dispatcher
+/// look for work at once).
+fn spawn_background(
+    config: &SchedulerConfig,
+    ports: &SchedulerPorts,
+    wake: &Arc<tokio::sync::Notify>,
+    stop: &CancellationToken,
+) -> [tokio::task::JoinHandle<()>; 5] {
+    let dispatcher = pipeline::Dispatcher::new(ports.clone(), config.pipeline.clone());
+    [
+        tokio::spawn(sweeper::run(
+            ports.clone(),
+            config.sweep_interval,
+            config.sweep_batch,
+            stop.clone(),
+        )),
         tokio::spawn(sampler::run(
             ports.clone(),
             config.metrics_interval,
@@ -220,16 +294,5 @@ pub async fn serve(
             wake.clone(),
             stop.clone(),
         )),
-    ];
-
-    tracing::info!(addr = %listener.local_addr()?, "scheduler listening");
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
-    stop.cancel();
-    for task in background {
-        let _ = task.await;
-    }
-    tracing::info!("scheduler stopped");
-    served.map_err(ServeError::Io)
+    ]
 }
