@@ -121,7 +121,7 @@ impl<DB: Database> SqlStore<DB> {
 
     /// The id of every batch inserted from now on through this store (or a clone of it), in
     /// order, once its insert has committed. Lets a watcher see a batch that is created and
-    /// ends between two of its looks. The receiver is dropped from the list once closed.
+    /// ends between two of its looks. A receiver dropped is forgotten at the next insert.
     pub fn subscribe_created(&self) -> mpsc::UnboundedReceiver<BatchId> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.listeners().push(tx);
@@ -185,6 +185,8 @@ where
     })
 }
 
+// Besides `Backend`: transactions run statements, and the driver encodes every type the
+// statements bind (both drivers do; sqlx has no single trait that says so).
 #[async_trait]
 impl<DB> MetadataStore for SqlStore<DB>
 where

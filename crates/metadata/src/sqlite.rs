@@ -316,6 +316,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn subscribers_hear_of_each_batch_inserted_once_committed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = open_in(&dir).await;
+        let t = store
+            .create_tenant("t", &apikey::digest(&apikey::generate()))
+            .await
+            .expect("tenant");
+        let mut created = store.subscribe_created();
+        drop(store.subscribe_created()); // forgotten, not an error
+        let (first, second) = (batch(&t.id), batch(&t.id));
+        store.insert_batch(&first).await.expect("insert");
+        store.clone().insert_batch(&second).await.expect("insert");
+        assert!(store.insert_batch(&first).await.is_err()); // a conflict announces nothing
+        assert_eq!(created.try_recv().ok(), Some(first.id));
+        assert_eq!(created.try_recv().ok(), Some(second.id));
+        assert!(created.try_recv().is_err());
+    }
+
+    #[tokio::test]
     async fn chunks_beyond_one_insert_statement_round_trip() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = open_in(&dir).await;
