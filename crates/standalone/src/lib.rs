@@ -24,7 +24,6 @@
 //! One process owns a data directory at a time: [`Standalone::start`] takes an exclusive lock
 //! on `<data_dir>/lock` (released by the OS when the process dies, even by `kill -9`).
 
-mod observed;
 mod progress;
 
 use std::fs::{File, OpenOptions};
@@ -318,13 +317,11 @@ impl Standalone {
             bootstrap_api_key: Some(Secret::new(api_key.clone())),
             ..config.scheduler.clone()
         };
-        let mut sched_ports = ports.scheduler();
-        let mut created = None;
-        if config.progress.is_some() {
-            let (observed, rx) = observed::Observed::new(sched_ports.metadata.clone());
-            sched_ports.metadata = Arc::new(observed);
-            created = Some(rx);
-        }
+        let sched_ports = ports.scheduler();
+        let created = config
+            .progress
+            .is_some()
+            .then(|| ports.metadata.subscribe_created());
         let routing = config.routing.clone();
         back.insert(
             0,

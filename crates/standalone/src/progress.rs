@@ -46,7 +46,7 @@ pub struct Progress {
     metadata: Arc<dyn MetadataStore>,
     state: Arc<dyn nightshift_state::LiveState>,
     out: Box<dyn Write + Send>,
-    /// Ids of batches as they are created (see [`crate::observed`]).
+    /// Ids of batches as they are created ([`nightshift_metadata::SqlStore::subscribe_created`]).
     created: Option<mpsc::UnboundedReceiver<BatchId>>,
     tracker: Tracker,
 }
