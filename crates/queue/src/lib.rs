@@ -5,7 +5,8 @@
 //! (scheduler → finalizer). Services depend on the [`WorkQueue`] trait; binaries choose the
 //! adapter: [`RabbitQueue`] (RabbitMQ quorum queues) in production; [`EmbeddedQueue`] (in the
 //! process, durable in an SQLite file, same contract) for the single-process deployment and
-//! tests. Every adapter must pass [`conformance`].
+//! tests. Every adapter must pass the conformance suite (`conformance`, built with the
+//! `testsuite` feature).
 //!
 //! Contract shared by all adapters:
 //! - **At-least-once.** A published message is delivered until a consumer settles it with
@@ -37,6 +38,7 @@ use std::fmt;
 
 use bytes::Bytes;
 
+#[cfg(feature = "testsuite")]
 pub mod conformance;
 mod embedded;
 pub mod metrics;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use nightshift_queue::conformance::{CHECKS, WAIT};
+use nightshift_queue::conformance::WAIT;
 use nightshift_queue::{
     Consumer, Delivery, EmbeddedQueue, EmbeddedQueueConfig, Headers, QueueError, QueueKind,
     WorkQueue,
@@ -29,11 +29,7 @@ async fn open(path: &Path) -> EmbeddedQueue {
 async fn run(name: &str) {
     let dir = tempfile::tempdir().expect("temp dir");
     let queue = open(&dir.path().join("queue.db")).await;
-    let (_, check) = CHECKS
-        .iter()
-        .find(|(n, _)| *n == name)
-        .expect("known check");
-    check(&queue).await;
+    nightshift_queue::conformance::run(name, &queue).await;
     queue.close().await.expect("close");
 }
 

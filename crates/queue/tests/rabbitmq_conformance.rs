@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use nightshift_core::secret::Secret;
-use nightshift_queue::conformance::CHECKS;
 use nightshift_queue::{QueueConfig, RabbitQueue};
 
 fn config() -> QueueConfig {
@@ -25,11 +24,7 @@ fn config() -> QueueConfig {
 
 async fn run(name: &str) {
     let queue = RabbitQueue::connect(&config()).await.expect("connect");
-    let (_, check) = CHECKS
-        .iter()
-        .find(|(n, _)| *n == name)
-        .expect("known check");
-    check(&queue).await;
+    nightshift_queue::conformance::run(name, &queue).await;
     // The adapter reconnects silently: make sure no check broke the connection on the way.
     assert_eq!(
         queue.reconnects(),

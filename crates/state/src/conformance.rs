@@ -2,59 +2,62 @@
 //!
 //! Each check takes a state that holds nothing for the batch ids it uses (give each run its own
 //! key prefix, or a fresh adapter) and panics with a message on the first violation of the
-//! port's contract. Adapters run them from their tests, one `#[tokio::test]` per check, via
-//! [`CHECKS`]. Checks take the state as an `Arc` so they can record from spawned tasks; run
-//! them on a multi-threaded runtime so those tasks really run in parallel.
+//! port's contract. Adapters run them from their tests, one `#[tokio::test]` per check.
+//! Checks take the state as an `Arc` so they can record from spawned tasks; run them on a
+//! multi-threaded runtime so those tasks really run in parallel.
+//!
+//! Built with the `testsuite` feature only (an adapter's tests enable it through a
+//! dev-dependency): an adapter's test file defines `async fn run(name: &str)`, which builds a
+//! fresh adapter and calls [`run`], and declares one test per check with
+//! [`conformance_tests!(run)`](crate::conformance_tests).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use futures::future::BoxFuture;
-
 use crate::{LineOutcome, LiveCounts, LiveState, MAX_LINE, MAX_USAGE_PER_CALL, StateError, Usage};
 
-/// A named check.
-pub type Check = (
-    &'static str,
-    fn(Arc<dyn LiveState>) -> BoxFuture<'static, ()>,
-);
+/// Every check of the suite, named once: calls `$then!` with `$args` followed by the checks'
+/// names. Both [`run`] and each adapter's tests ([`conformance_tests!`](crate::conformance_tests))
+/// are made from this list, so a check can be left out of neither, and a check written but not
+/// listed is dead code.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __state_conformance_checks {
+    ($then:path { $($args:tt)* }) => {
+        $then! { $($args)*
+            record_then_counts,
+            duplicates_within_one_call,
+            duplicates_across_calls,
+            concurrent_records_count_once,
+            usage_sums_every_field,
+            unknown_batch_is_empty,
+            counts_many_keeps_order,
+            cancel_flag,
+            clear_removes_everything,
+            batches_are_independent,
+            invalid_input_is_refused_whole,
+            large_calls_and_high_lines,
+            ping,
+        }
+    };
+}
 
-/// Every check of the suite.
-pub const CHECKS: &[Check] = &[
-    ("record_then_counts", |s| Box::pin(record_then_counts(s))),
-    ("duplicates_within_one_call", |s| {
-        Box::pin(duplicates_within_one_call(s))
-    }),
-    ("duplicates_across_calls", |s| {
-        Box::pin(duplicates_across_calls(s))
-    }),
-    ("concurrent_records_count_once", |s| {
-        Box::pin(concurrent_records_count_once(s))
-    }),
-    ("usage_sums_every_field", |s| {
-        Box::pin(usage_sums_every_field(s))
-    }),
-    ("unknown_batch_is_empty", |s| {
-        Box::pin(unknown_batch_is_empty(s))
-    }),
-    ("counts_many_keeps_order", |s| {
-        Box::pin(counts_many_keeps_order(s))
-    }),
-    ("cancel_flag", |s| Box::pin(cancel_flag(s))),
-    ("clear_removes_everything", |s| {
-        Box::pin(clear_removes_everything(s))
-    }),
-    ("batches_are_independent", |s| {
-        Box::pin(batches_are_independent(s))
-    }),
-    ("invalid_input_is_refused_whole", |s| {
-        Box::pin(invalid_input_is_refused_whole(s))
-    }),
-    ("large_calls_and_high_lines", |s| {
-        Box::pin(large_calls_and_high_lines(s))
-    }),
-    ("ping", |s| Box::pin(ping(s))),
-];
+macro_rules! dispatch {
+    ($($check:ident,)+) => {
+        /// Runs the check named `name` against `state`.
+        ///
+        /// # Panics
+        /// When the check fails, or no check has that name.
+        pub async fn run(name: &str, state: Arc<dyn LiveState>) {
+            match name {
+                $(stringify!($check) => $check(state).await,)+
+                other => panic!("no live-state conformance check named {other:?}"),
+            }
+        }
+    };
+}
+
+crate::__state_conformance_checks!(dispatch {});
 
 /// The usage the suite gives line `line` when it succeeds: a different value in every field, so
 /// that a field summed into another shows.
@@ -485,46 +488,20 @@ async fn ping(state: Arc<dyn LiveState>) {
     state.ping().await.expect("ping");
 }
 
-/// Declares the suite in an adapter's integration tests: one `#[tokio::test]` per check of
-/// [`CHECKS`], each calling `$run(name)` — an `async fn(&str)` of the test file that builds a
-/// fresh adapter and runs the named check — and a test that fails when a check of [`CHECKS`]
-/// is not declared here.
+/// Declares the suite in an adapter's integration tests: one `#[tokio::test]` per check, each
+/// calling `$run(name)` — an `async fn(&str)` of the test file that builds a fresh adapter and
+/// gives it to [`run`](crate::conformance::run) with the check's name.
 #[macro_export]
 macro_rules! conformance_tests {
     ($run:path) => {
-        $crate::conformance_tests!(@declare $run;
-            record_then_counts,
-            duplicates_within_one_call,
-            duplicates_across_calls,
-            concurrent_records_count_once,
-            usage_sums_every_field,
-            unknown_batch_is_empty,
-            counts_many_keeps_order,
-            cancel_flag,
-            clear_removes_everything,
-            batches_are_independent,
-            invalid_input_is_refused_whole,
-            large_calls_and_high_lines,
-            ping,
-        );
+        $crate::__state_conformance_checks!($crate::conformance_tests { @declare $run; });
     };
-    (@declare $run:path; $($name:ident),+ $(,)?) => {
+    (@declare $run:path; $($check:ident,)+) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                $run(stringify!($name)).await
+            async fn $check() {
+                $run(stringify!($check)).await
             }
         )+
-
-        #[test]
-        fn every_check_is_run() {
-            let declared = [$(stringify!($name)),+];
-            for (name, _) in $crate::conformance::CHECKS {
-                assert!(
-                    declared.contains(name),
-                    "conformance check {name} is missing from conformance_tests!"
-                );
-            }
-        }
     };
 }

@@ -9,7 +9,8 @@
 //!
 //! Services depend on the [`LiveState`] trait; binaries choose the adapter: [`RedisState`] in
 //! production, [`MemoryState`] for the single-process deployment and as a test double. Every
-//! adapter must pass [`conformance`].
+//! adapter must pass the conformance suite (`conformance`, built with the
+//! `testsuite` feature).
 //!
 //! Contract shared by all adapters:
 //! - **exactly once per line.** Chunks are redelivered after crashes and lost acks, so the same
@@ -29,6 +30,7 @@ use async_trait::async_trait;
 use nightshift_core::results::ResultLine;
 pub use nightshift_core::results::Usage;
 
+#[cfg(feature = "testsuite")]
 pub mod conformance;
 mod memory;
 mod redis_state;

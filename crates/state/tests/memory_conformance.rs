@@ -3,14 +3,9 @@
 use std::sync::Arc;
 
 use nightshift_state::MemoryState;
-use nightshift_state::conformance::CHECKS;
 
 async fn run(name: &str) {
-    let (_, check) = CHECKS
-        .iter()
-        .find(|(n, _)| *n == name)
-        .expect("known check");
-    check(Arc::new(MemoryState::new())).await;
+    nightshift_state::conformance::run(name, Arc::new(MemoryState::new())).await;
 }
 
 nightshift_state::conformance_tests!(run);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nightshift_core::secret::Secret;
-use nightshift_state::conformance::{self, CHECKS};
+use nightshift_state::conformance;
 use nightshift_state::{LiveState, RedisState, StateConfig, StateError};
 use redis::aio::MultiplexedConnection;
 use tokio::net::{TcpListener, TcpStream};
@@ -85,11 +85,7 @@ async fn check_ttls_and_clean_up(prefix: &str) {
 async fn run(name: &str) {
     let config = config(&url());
     let state = RedisState::connect(&config).await.expect("connect");
-    let (_, check) = CHECKS
-        .iter()
-        .find(|(n, _)| *n == name)
-        .expect("known check");
-    check(Arc::new(state)).await;
+    conformance::run(name, Arc::new(state)).await;
     check_ttls_and_clean_up(&config.key_prefix).await;
 }
 

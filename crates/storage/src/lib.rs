@@ -4,7 +4,8 @@
 //! storage. Services depend on the [`ObjectStore`] trait; binaries choose the adapter: [`S3Store`]
 //! (AWS S3, Garage, Ceph RGW, R2, MinIO — path-style, custom endpoint) in production;
 //! [`LocalStore`] (one file per object under a local directory) for the single-process
-//! deployment and tests. Every adapter must pass [`conformance`].
+//! deployment and tests. Every adapter must pass the conformance suite (`conformance`, built
+//! with the `testsuite` feature).
 //!
 //! Contract shared by all adapters:
 //! - keys are relative to the store's own prefix (or root), `/`-separated, never starting
@@ -22,6 +23,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::Stream;
 
+#[cfg(feature = "testsuite")]
 pub mod conformance;
 mod local;
 mod s3;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
-use nightshift_storage::conformance::{CHECKS, pattern};
+use nightshift_storage::conformance::pattern;
 use nightshift_storage::{LocalStore, ObjectStore, StorageError};
 
 /// The adapter's directory of writes in progress (see the `local` module docs).
@@ -15,11 +15,7 @@ const TMP_DIR: &str = ".nightshift-tmp";
 async fn run(name: &str) {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = LocalStore::open(dir.path()).await.expect("open");
-    let (_, check) = CHECKS
-        .iter()
-        .find(|(n, _)| *n == name)
-        .expect("known check");
-    check(&store).await;
+    nightshift_storage::conformance::run(name, &store).await;
 }
 
 nightshift_storage::conformance_tests!(run);

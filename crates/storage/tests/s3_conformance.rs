@@ -1,7 +1,6 @@
 //! The object-storage conformance suite against a real S3 service (the dev Garage by default:
 //! `make up` or `deploy/dev/infra.sh up` starts it). Each check runs under its own prefix.
 
-use nightshift_storage::conformance::CHECKS;
 use nightshift_storage::{ObjectStore, S3Config, S3Store};
 
 fn config() -> S3Config {
@@ -26,11 +25,7 @@ fn config() -> S3Config {
 
 async fn run(name: &str) {
     let store = S3Store::new(&config()).await.expect("s3 client");
-    let (_, check) = CHECKS
-        .iter()
-        .find(|(n, _)| *n == name)
-        .expect("known check");
-    check(&store).await;
+    nightshift_storage::conformance::run(name, &store).await;
     // leave the bucket as we found it
     store.delete_prefix("").await.expect("cleanup");
 }
