@@ -4,6 +4,7 @@
 //! so leases and graces expire without waiting for the clock.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use nightshift_core::batch::{BatchRecord, BatchStatus, RequestCounts};
@@ -18,8 +19,11 @@ use nightshift_metadata::{
 use nightshift_proto::v1::{ChunkReport, ChunkResult, ChunkTask};
 use nightshift_queue::{EmbeddedQueue, EmbeddedQueueConfig, QueueKind, WorkQueue};
 use nightshift_state::MemoryState;
-use nightshift_storage::LocalStore;
+use nightshift_storage::{
+    ByteRange, LocalStore, ObjectBody, ObjectMeta, ObjectStore, ObjectUpload,
+};
 use prost::Message;
+use prost::bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use super::results::handle;
@@ -582,6 +586,47 @@ async fn repair(fx: &Fixture, file: &FileRecord) {
     std::fs::rename(&fixed, &path).expect("rename");
 }
 
+/// Object storage that counts the reads that came back, so a test knows one happened.
+#[derive(Debug)]
+struct CountedReads {
+    inner: Arc<LocalStore>,
+    reads: AtomicUsize,
+}
+
+#[nightshift_queue::async_trait]
+impl ObjectStore for CountedReads {
+    async fn put(&self, key: &str, body: Bytes) -> nightshift_storage::Result<()> {
+        self.inner.put(key, body).await
+    }
+    async fn upload(&self, key: &str) -> nightshift_storage::Result<Box<dyn ObjectUpload>> {
+        self.inner.upload(key).await
+    }
+    async fn get(
+        &self,
+        key: &str,
+        range: Option<ByteRange>,
+    ) -> nightshift_storage::Result<ObjectBody> {
+        let body = self.inner.get(key, range).await;
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        body
+    }
+    async fn head(&self, key: &str) -> nightshift_storage::Result<Option<ObjectMeta>> {
+        self.inner.head(key).await
+    }
+    async fn delete(&self, key: &str) -> nightshift_storage::Result<()> {
+        self.inner.delete(key).await
+    }
+    async fn list(&self, prefix: &str) -> nightshift_storage::Result<Vec<ObjectMeta>> {
+        self.inner.list(prefix).await
+    }
+    async fn delete_prefix(&self, prefix: &str) -> nightshift_storage::Result<u64> {
+        self.inner.delete_prefix(prefix).await
+    }
+    async fn ping(&self) -> nightshift_storage::Result<()> {
+        self.inner.ping().await
+    }
+}
+
 /// Polls `done` every 50 ms until it holds, for at most `secs`.
 async fn eventually<F: Future<Output = bool>>(secs: u64, mut done: impl FnMut() -> F) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
@@ -634,16 +679,23 @@ async fn validation_retries_until_the_input_can_be_read() {
     let file = unreadable_input(&fx).await;
     let b = record(&fx.tenant, &file.id, now_unix() + 3600);
     fx.ports.metadata.insert_batch(&b).await.expect("insert");
+    let storage = Arc::new(CountedReads {
+        inner: fx.storage.clone(),
+        reads: AtomicUsize::new(0),
+    });
     let validator = Validator::new(
-        fx.ports.clone(),
+        Ports {
+            storage: storage.clone(),
+            ..fx.ports.clone()
+        },
         BatchSettings::default(),
         routing(),
         Arc::new(tokio::sync::Notify::new()),
         CancellationToken::new(),
     );
     validator.spawn(b.clone());
-    // the outage lasts a moment: the first attempt fails, a retry succeeds
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // the outage lasts until the first attempt failed; a retry succeeds
+    eventually(15, || async { storage.reads.load(Ordering::SeqCst) > 0 }).await;
     repair(&fx, &file).await;
     eventually(15, || async {
         status(&fx, &b.id).await == BatchStatus::InProgress
