@@ -48,7 +48,7 @@ use nightshift_core::BatchId;
 use nightshift_core::batch::BatchStatus;
 use nightshift_e2e::cluster::{Cluster, ClusterOptions};
 use nightshift_e2e::infra::{Dependency, InfraOptions, PrivateInfra, Stop};
-use nightshift_e2e::run_python;
+use nightshift_e2e::{eventually, run_python};
 use nightshift_inference_sim::SimConfig;
 use nightshift_metadata::MetadataStore;
 use nightshift_state::LiveState;
@@ -664,17 +664,9 @@ async fn check_files(
             continue;
         };
         // The gateway may have just restarted: retry a little.
-        let mut text = None;
-        for _ in 0..60 {
-            match api.content(id).await {
-                Ok(t) => {
-                    text = Some(t);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
-            }
-        }
-        let text = text.with_context(|| format!("cannot download {field} {id}"))?;
+        let text = eventually("a download", Duration::from_secs(60), || api.content(id))
+            .await
+            .with_context(|| format!("cannot download {field} {id}"))?;
         for line in text.lines() {
             let v: Value = serde_json::from_str(line).context("a result line is not JSON")?;
             let cid = v["custom_id"].as_str().unwrap_or_default().to_owned();

@@ -7,7 +7,7 @@ use std::time::Duration;
 use nightshift_core::BatchId;
 use nightshift_core::batch::BatchStatus;
 use nightshift_e2e::cluster::Cluster;
-use nightshift_e2e::run_python;
+use nightshift_e2e::{eventually, run_python};
 use nightshift_inference_sim::SimConfig;
 use nightshift_metadata::MetadataStore;
 use nightshift_state::LiveState;
@@ -38,15 +38,15 @@ async fn check(cluster: &Cluster, key: &str, batch: &BatchId) {
 
 /// Polls the live counts until at least `lines` requests finished.
 async fn wait_progress(cluster: &Cluster, batch: &BatchId, lines: u64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
+    eventually("progress", Duration::from_secs(120), || async {
         let c = cluster.state.counts(batch.as_str()).await.expect("counts");
         if c.completed + c.failed >= lines {
-            return;
+            return Ok(());
         }
-        assert!(tokio::time::Instant::now() < deadline, "no progress: {c:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        Err(format!("{c:?}"))
+    })
+    .await
+    .expect("no progress");
 }
 
 #[tokio::test]
@@ -80,8 +80,7 @@ async fn finalizer_killed_while_finalizing() {
     let key = cluster.tenant("crash-finalizer").await.expect("tenant");
     let batch = create(&cluster, &key).await;
     // strike as soon as the batch is handed to the finalizer
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
+    eventually("finalizing", Duration::from_secs(120), || async {
         let b = cluster
             .metadata
             .batch(&batch)
@@ -89,15 +88,12 @@ async fn finalizer_killed_while_finalizing() {
             .expect("get")
             .expect("exists");
         if b.status == BatchStatus::Finalizing || b.status.is_terminal() {
-            break;
+            return Ok(());
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never finalizing: {:?}",
-            b.status
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+        Err(format!("{:?}", b.status))
+    })
+    .await
+    .expect("never finalizing");
     cluster.kill9("finalizer").await.expect("kill");
     cluster.spawn("finalizer").await.expect("fresh finalizer");
     check(&cluster, &key, &batch).await;

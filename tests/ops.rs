@@ -10,12 +10,14 @@
 //! sweep reclaims that file. Every service's `/metrics` is scraped before and after (the union
 //! counts: a restart resets counters).
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use nightshift_e2e::cluster::Cluster;
+use nightshift_e2e::eventually;
 use nightshift_inference_sim::SimConfig;
 use promql_parser::label::{MatchOp, Matcher};
 use promql_parser::parser::{self, Expr, LabelModifier, VectorSelector};
@@ -104,22 +106,34 @@ async fn dashboards_and_alerts_read_only_exported_metrics() {
     cluster.spawn("scheduler").await.expect("restart scheduler");
     // Sampled gauges (queue depths, batches by status) appear on the sampler's schedule: scrape
     // until everything the dashboards read is there, or a deadline passes.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        for name in instances {
-            exported.add(&scrape(cluster.port(name)).await);
-        }
-        let complete = used
-            .keys()
-            .all(|m| PROMETHEUS_SERIES.contains(&m.as_str()) || exported.has_series(m));
-        if complete || tokio::time::Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    let exported = RefCell::new(exported);
+    let sampled = eventually(
+        "every series the dashboards read",
+        Duration::from_secs(60),
+        || async {
+            for name in instances {
+                let text = scrape(cluster.port(name)).await;
+                exported.borrow_mut().add(&text);
+            }
+            let exported = exported.borrow();
+            let missing: Vec<&String> = used
+                .keys()
+                .filter(|m| !PROMETHEUS_SERIES.contains(&m.as_str()) && !exported.has_series(m))
+                .collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            Err(format!("missing {missing:?}"))
+        },
+    )
+    .await;
+    let exported = exported.into_inner();
     cluster.stop().await.expect("stop");
 
     let mut problems = Vec::new();
+    if let Err(e) = sampled {
+        problems.push(format!("{e:#}"));
+    }
     // (a) every metric read is exported, with the labels the query filters or groups on
     for (metric, uses) in &used {
         if PROMETHEUS_SERIES.contains(&metric.as_str()) {

@@ -13,13 +13,12 @@
 //! travel ([`Stack::age_batch`], [`Stack::expire_chunk_lease`]); everything else waits by
 //! polling with a deadline.
 
-use std::future::Future;
 use std::time::Duration;
 
 use nightshift_core::batch::BatchStatus;
 use nightshift_core::time::now_unix;
 use nightshift_core::{BatchId, FileId, TenantId};
-use nightshift_e2e::{Deployment, Stack, StackOptions};
+use nightshift_e2e::{Deployment, Stack, StackOptions, eventually};
 use nightshift_metadata::LeasedChunk;
 use nightshift_proto::v1::CancelBatchRequest;
 
@@ -33,25 +32,6 @@ const LATENCY_MS: u64 = 150;
 fn emitted(stdout: &str) -> serde_json::Value {
     let last = stdout.lines().last().unwrap_or_default();
     serde_json::from_str(last).unwrap_or_else(|e| panic!("no JSON result line ({e}): {stdout}"))
-}
-
-/// Polls `check` every 50 ms until it yields a value, for at most `secs`.
-async fn eventually<T, F: Future<Output = Option<T>>>(
-    what: &str,
-    secs: u64,
-    mut check: impl FnMut() -> F,
-) -> T {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within {secs} s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn status(stack: &Stack, batch: &BatchId) -> BatchStatus {
@@ -88,35 +68,45 @@ async fn create(stack: &Stack, key: &str, delete_input: bool) -> (BatchId, FileI
 /// Takes a pending chunk of the batch as soon as it runs, as the dispatcher would, leased for
 /// an hour, and publishes nothing: its task is "lost", or its executor "hangs".
 async fn take_a_chunk(stack: &Stack, batch: &BatchId) -> LeasedChunk {
-    eventually("the batch runs", 60, || async {
-        match status(stack, batch).await {
-            BatchStatus::Validating => None,
-            BatchStatus::InProgress => Some(
-                stack
-                    .metadata
-                    .claim_next_chunk(batch, now_unix(), 3600)
-                    .await
-                    .expect("claim")
-                    .expect("a pending chunk (the batch was handed out too fast)"),
-            ),
+    eventually(
+        "the batch runs",
+        Duration::from_secs(60),
+        async || match status(stack, batch).await {
+            BatchStatus::Validating => Err(BatchStatus::Validating),
+            BatchStatus::InProgress => Ok(stack
+                .metadata
+                .claim_next_chunk(batch, now_unix(), 3600)
+                .await
+                .expect("claim")
+                .expect("a pending chunk (the batch was handed out too fast)")),
             other => panic!("batch {batch} is {other}"),
-        }
-    })
+        },
+    )
     .await
+    .expect("the batch runs")
 }
 
 /// Waits until `chunk` is the batch's only chunk in flight (the others are done, or came
 /// back once the batch stopped running).
 async fn only_in_flight(stack: &Stack, batch: &BatchId, chunk: u32) {
-    eventually("the other chunks came back", 120, || async {
-        let dispatched = stack
-            .metadata
-            .dispatched_chunks(batch)
-            .await
-            .expect("dispatched");
-        (dispatched.len() == 1 && dispatched[0].span.index == chunk).then_some(())
-    })
+    eventually(
+        "the other chunks came back",
+        Duration::from_secs(120),
+        || async {
+            let dispatched = stack
+                .metadata
+                .dispatched_chunks(batch)
+                .await
+                .expect("dispatched");
+            let indexes: Vec<u32> = dispatched.iter().map(|c| c.span.index).collect();
+            if indexes == [chunk] {
+                return Ok(());
+            }
+            Err(format!("chunks in flight: {indexes:?}"))
+        },
+    )
     .await
+    .expect("the other chunks came back");
 }
 
 async fn check(stack: &Stack, key: &str, batch: &BatchId, status: &str, code: Option<&str>) {
@@ -226,15 +216,20 @@ async fn a_cancelled_batch_with_a_hung_chunk_ends_cancelled(deployment: Deployme
     cancel(&stack, &tenant, &batch).await;
     // The live state loses the cancel flag (a Redis flush or restart): it is raised again.
     stack.state.clear(batch.as_str()).await.expect("clear");
-    eventually("the cancel flag is raised again", 30, || async {
-        stack
-            .state
-            .is_cancelled(batch.as_str())
-            .await
-            .expect("flag")
-            .then_some(())
-    })
-    .await;
+    eventually(
+        "the cancel flag is raised again",
+        Duration::from_secs(30),
+        || async {
+            let raised = stack
+                .state
+                .is_cancelled(batch.as_str())
+                .await
+                .expect("flag");
+            if raised { Ok(()) } else { Err("no flag") }
+        },
+    )
+    .await
+    .expect("the cancel flag is raised again");
     // The other chunks come back; the hung one's live lease holds the batch, within the
     // ending grace only.
     only_in_flight(&stack, &batch, hung.span.index).await;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use nightshift_core::BatchId;
 use nightshift_e2e::cluster::{Cluster, ClusterOptions};
+use nightshift_e2e::eventually;
 use nightshift_inference_sim::SimConfig;
 use nightshift_state::LiveState;
 
@@ -48,19 +49,19 @@ async fn check(cluster: &Cluster, key: &str, batch: &BatchId) {
 
 /// Polls the live counts until `lines` requests of the batch finished: its chunk is running.
 async fn wait_running(cluster: &Cluster, batch: &BatchId, lines: u64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
+    eventually("progress", Duration::from_secs(120), || async {
         let c = cluster.state.counts(batch.as_str()).await.expect("counts");
         if c.completed + c.failed >= lines {
             assert!(
                 c.completed + c.failed < LINES,
                 "the chunk ended before the test could strike: {c:?}"
             );
-            return;
+            return Ok(());
         }
-        assert!(tokio::time::Instant::now() < deadline, "no progress: {c:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        Err(format!("{c:?}"))
+    })
+    .await
+    .expect("no progress");
 }
 
 /// The chunk needs ~38 s more when SIGTERM arrives: longer than the old fixed 30 s hard
@@ -118,18 +119,19 @@ async fn a_second_signal_exits_at_once() {
     cluster.signal("executor-1", "TERM").expect("first SIGTERM");
     // Two signals close together are one to the process: wait until it is draining.
     let log = log_dir.path().join("executor-1.log");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("a second signal exits at once")
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the executor never logged its shutdown:\n{}",
-            cluster.log_tail("executor-1", 20)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "the executor logs its shutdown",
+        Duration::from_secs(30),
+        || async {
+            let logged = std::fs::read_to_string(&log).unwrap_or_default();
+            if logged.contains("a second signal exits at once") {
+                return Ok(());
+            }
+            Err(format!("\n{}", cluster.log_tail("executor-1", 20)))
+        },
+    )
+    .await
+    .expect("the executor never logged its shutdown");
     cluster
         .signal("executor-1", "TERM")
         .expect("second SIGTERM");

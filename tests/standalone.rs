@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use nightshift_e2e::cluster::nightshift_bin;
-use nightshift_e2e::run_python;
+use nightshift_e2e::{eventually, run_python};
 use nightshift_inference_sim::SimConfig;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
@@ -120,15 +120,15 @@ async fn seed_001_runs_against_the_simulate_quick_start() {
         assert_eq!(out.matches(id).count(), 1, "{id} in {out}");
     }
     // One line per state change, ending with the batch's outcome; no log flood.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !process.printed().iter().any(|l| l.contains(" completed ")) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no completed line: {:#?}",
-            process.printed()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("a completed line", Duration::from_secs(10), || async {
+        let printed = process.printed();
+        if printed.iter().any(|l| l.contains(" completed ")) {
+            return Ok(());
+        }
+        Err(format!("{printed:#?}"))
+    })
+    .await
+    .expect("no completed line");
     let printed = process.printed();
     assert!(printed.len() < 40, "too chatty: {printed:#?}");
     process.stop().await.expect("clean exit on SIGTERM");
@@ -169,8 +169,7 @@ async fn killed_mid_batch_and_restarted_it_completes_every_line_once() {
 
     // Strike once part of the batch is done.
     let client = api::Client::new(&first.origin, &key);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
+    eventually("progress", Duration::from_secs(120), || async {
         let b = client.batch(&batch).await.expect("retrieve");
         let done = b["request_counts"]["completed"].as_u64().unwrap_or(0);
         assert_ne!(
@@ -178,11 +177,12 @@ async fn killed_mid_batch_and_restarted_it_completes_every_line_once() {
             "the batch finished before the kill"
         );
         if done >= 1_000 {
-            break;
+            return Ok(());
         }
-        assert!(tokio::time::Instant::now() < deadline, "no progress: {b}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        Err(b)
+    })
+    .await
+    .expect("no progress");
     first.kill9().await.expect("kill -9");
 
     let second = Process::start(dir.path(), &args).await.expect("restart");

@@ -10,7 +10,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use nightshift_e2e::{Stack, StackOptions};
+use nightshift_e2e::{Stack, StackOptions, eventually};
 use nightshift_telemetry::{LogFormat, OtelSettings, TelemetryConfig};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
@@ -20,7 +20,6 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 use serde_json::{Value as Json, json};
 use tokio::sync::Notify;
-use tokio::time::Instant;
 
 /// What the receiver collected: every span, and a signal per export.
 #[derive(Default)]
@@ -229,8 +228,7 @@ async fn a_batch_is_one_connected_trace_across_every_service() {
     let batch_id = batch["id"].as_str().expect("batch id").to_owned();
 
     // Bounded polling until the batch completes.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
+    eventually("the batch completes", Duration::from_secs(120), || async {
         let now = call(
             client
                 .get(format!("{api}/batches/{batch_id}"))
@@ -241,40 +239,38 @@ async fn a_batch_is_one_connected_trace_across_every_service() {
         match now["status"].as_str() {
             Some("completed") => {
                 assert_eq!(now["request_counts"]["completed"], 3, "{now}");
-                break;
+                Ok(())
             }
-            Some("validating" | "in_progress" | "finalizing") => {}
+            Some("validating" | "in_progress" | "finalizing") => Err(now),
             other => panic!("unexpected status {other:?}: {now}"),
         }
-        assert!(
-            Instant::now() < deadline,
-            "batch not completed in time: {now}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
+    .expect("batch not completed in time");
 
     // Flush until the trace is complete: the finalizer's span ends a moment after the commit
     // the poll saw. Each round exports what has ended and waits for the receiver.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let trace = loop {
-        let arrived = collected.arrived.notified();
-        let flushing = telemetry.clone();
-        tokio::task::spawn_blocking(move || flushing.flush())
-            .await
-            .expect("flush");
-        let spans = collected.spans.lock().expect("lock").clone();
-        match batch_trace(&spans, &batch_id) {
-            Ok(trace) => break trace,
-            Err(missing) => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                assert!(
-                    !left.is_zero(),
-                    "the batch's trace is incomplete: {missing}"
-                );
-                let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), arrived).await;
-            }
-        }
-    };
+    let trace = eventually(
+        "the batch's whole trace",
+        Duration::from_secs(60),
+        || async {
+            let arrived = collected.arrived.notified();
+            let flushing = telemetry.clone();
+            tokio::task::spawn_blocking(move || flushing.flush())
+                .await
+                .expect("flush");
+            let spans = collected.spans.lock().expect("lock").clone();
+            let missing = match batch_trace(&spans, &batch_id) {
+                Ok(trace) => return Ok(trace),
+                Err(missing) => missing,
+            };
+            // Before flushing again, give the receiver a moment to take what was exported.
+            let _ = tokio::time::timeout(Duration::from_secs(1), arrived).await;
+            Err(missing)
+        },
+    )
+    .await
+    .expect("the batch's trace is incomplete");
 
     // One trace: every span of the batch, wherever it ran, carries the same trace id...
     let all = collected.spans.lock().expect("lock").clone();
@@ -392,27 +388,27 @@ async fn dashboard_families_are_exported_from_the_start() {
     let stack = Stack::start(StackOptions::default()).await.expect("stack");
     // Every service of the in-process stack records into the one process-wide registry.
     let url = format!("{}/metrics", stack.origin);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let metrics = loop {
+    let metrics = eventually("the queue gauges", Duration::from_secs(30), || async {
         let text = reqwest::get(&url)
             .await
             .expect("scrape")
             .text()
             .await
             .expect("body");
-        // the first sample of the scheduler's gauges is taken as it starts
+        // the first sample of the scheduler's gauges is taken as it starts; this is its last
         if series(
             &text,
-            "nightshift_queue_ready_messages",
+            "nightshift_queue_dead_lettered_messages",
             &[r#"queue="finalize-jobs""#],
         )
         .is_some()
         {
-            break text;
+            return Ok(text);
         }
-        assert!(Instant::now() < deadline, "no queue gauges:\n{text}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+        Err(format!("\n{text}"))
+    })
+    .await
+    .expect("no queue gauges");
     for status in ["validating", "in_progress", "finalizing", "cancelling"] {
         let label = format!(r#"status="{status}""#);
         assert_eq!(

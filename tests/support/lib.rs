@@ -11,7 +11,10 @@
 //! check runs on both deployments) for what a client cannot see ("nothing was left behind").
 
 pub mod cluster;
+mod eventually;
 pub mod infra;
+
+pub use eventually::eventually;
 
 use std::path::PathBuf;
 use std::process::Stdio;
