@@ -1,5 +1,5 @@
 """The Files API through the official SDK: upload, retrieve, list (purpose/limit/order/after),
-download byte for byte, delete — every field as openai-compat.md says."""
+download byte for byte, delete — every field as docs/openai-compat.md says."""
 
 import io
 import time

@@ -5,7 +5,7 @@
 //! re-reads every line with [`ResultLineSummary::parse`] to count successes and failures and to
 //! sum [`Usage`]: the parts are the authoritative record, Redis counts only a live view.
 //!
-//! Line shape (openai-compat.md, "Result lines"), keys in this order:
+//! Line shape (`docs/openai-compat.md`, "Result lines"), keys in this order:
 //! ```text
 //! {"id": "batch_req_…", "custom_id": "…", "response": {"status_code": 200, "request_id": "…", "body": {…}}, "error": null}
 //! {"id": "batch_req_…", "custom_id": "…", "response": null, "error": {"code": "batch_expired", "message": "…"}}

@@ -3,7 +3,7 @@
 //! The scheduler streams the input once through [`crate::jsonl::JsonlSplitter`] and hands every
 //! item to a [`LineValidator`]; at end of input, [`LineValidator::finish`] adds the file-level
 //! checks and returns a [`ValidationReport`]. A batch whose report is not [`ok`] goes to `failed`
-//! with the report's errors as its `errors.data` (see openai-compat.md, "Validation").
+//! with the report's errors as its `errors.data` (see `docs/openai-compat.md`, "Validation").
 //!
 //! Each line must be `{"custom_id": str, "method": "POST", "url": <batch endpoint>, "body": {..}}`.
 //! Other top-level keys are ignored. Validation goes on after an error so one pass reports every
