@@ -149,7 +149,7 @@ async fn killed_mid_batch_and_restarted_it_completes_every_line_once() {
             ..SimConfig::default()
         },
         sim,
-        std::future::pending(),
+        tokio_util::sync::CancellationToken::new(),
     ));
     let dir = tempfile::tempdir().expect("tempdir");
     let args = ["--upstream", upstream.as_str(), "--quiet"];
@@ -228,7 +228,7 @@ async fn huge_upstream_answers_are_cut_and_memory_stays_bounded() {
     tokio::spawn(nightshift_inference_sim::serve(
         SimConfig::default(),
         sim,
-        std::future::pending(),
+        tokio_util::sync::CancellationToken::new(),
     ));
     let dir = tempfile::tempdir().expect("tempdir");
     let process = Process::start(dir.path(), &["--upstream", upstream.as_str(), "--quiet"])

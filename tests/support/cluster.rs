@@ -18,12 +18,14 @@ use anyhow::{Context, bail};
 use nightshift_core::secret::Secret;
 use nightshift_inference_sim::SimConfig;
 use nightshift_metadata::{PgConfig, PgStore};
+use nightshift_proto::client::SchedulerClient;
 use nightshift_proto::v1::CreateTenantRequest;
 use nightshift_queue::{QueueConfig, RabbitQueue};
 use nightshift_state::{RedisState, StateConfig};
 use nightshift_storage::{ObjectStore, S3Config, S3Store};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
 
 use crate::{pg_config, s3_config};
 
@@ -146,7 +148,8 @@ pub struct Cluster {
     children: HashMap<String, Child>,
     settings: Vec<(String, String)>,
     log_dir: Option<PathBuf>,
-    sim_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Stops the in-process simulator.
+    sim_stop: CancellationToken,
 }
 
 impl Cluster {
@@ -224,13 +227,12 @@ impl Cluster {
         let sim_listener = TcpListener::bind("127.0.0.1:0").await?;
         let sim_origin = format!("http://{}", sim_listener.local_addr()?);
         let sim_url = format!("{sim_origin}/v1");
-        let (sim_stop, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let _ = nightshift_inference_sim::serve(sim, sim_listener, async {
-                let _ = rx.await;
-            })
-            .await;
-        });
+        let sim_stop = CancellationToken::new();
+        tokio::spawn(nightshift_inference_sim::serve(
+            sim,
+            sim_listener,
+            sim_stop.clone(),
+        ));
 
         let mut ports = HashMap::new();
         for name in ["gateway", "scheduler", "finalizer"] {
@@ -354,7 +356,7 @@ backoff_max = "50ms"
             children: HashMap::new(),
             settings,
             log_dir,
-            sim_stop: Some(sim_stop),
+            sim_stop,
         };
         cluster.spawn("scheduler").await?;
         cluster.spawn("finalizer").await?;
@@ -525,10 +527,7 @@ backoff_max = "50ms"
 
     /// A fresh tenant: its API key.
     pub async fn tenant(&self, name: &str) -> anyhow::Result<String> {
-        let control = nightshift_proto::client::SchedulerClient::connect_lazy(
-            &self.scheduler_url,
-            Duration::from_secs(10),
-        )?;
+        let control = SchedulerClient::connect_lazy(&self.scheduler_url, Duration::from_secs(10))?;
         Ok(control
             .tenants()
             .create_tenant(CreateTenantRequest {
@@ -547,9 +546,7 @@ backoff_max = "50ms"
             let _ = child.start_kill();
             let _ = child.wait().await;
         }
-        if let Some(tx) = self.sim_stop.take() {
-            let _ = tx.send(());
-        }
+        self.sim_stop.cancel();
     }
 
     /// Stops every process and deletes what the test left.

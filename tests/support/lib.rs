@@ -1,10 +1,12 @@
 //! The end-to-end harness. Each test starts a whole deployment of its own in-process, on
-//! ephemeral loopback ports, once per [`Deployment`] ([`for_both_deployments!`]):
+//! ephemeral loopback ports, once per [`Deployment`] ([`for_both_deployments!`]), both through
+//! the product's one wiring ([`nightshift_standalone::Services`]):
 //! - distributed: every service over the REAL adapters (PostgreSQL, the S3 service, RabbitMQ
-//!   and Redis that `make up`/`make test` start), isolated by a Postgres schema, an
+//!   and Redis that `make up`/`make test` start), built from a configuration as `nightshift
+//!   <service>` builds them ([`nightshift_cli::ports`]), isolated by a Postgres schema, an
 //!   object-storage prefix, queue names and a Redis key prefix of its own;
-//! - standalone: `nightshift standalone`'s own wiring over the embedded adapters, in a
-//!   temporary data directory.
+//! - standalone: `nightshift standalone` itself ([`Standalone`]) over the embedded adapters,
+//!   in a temporary data directory.
 //!
 //! Tests run in parallel. Clients are the official `openai` Python SDK (run from the
 //! virtualenv `make test` prepares) and direct port access (through the traits, so the same
@@ -16,28 +18,32 @@ pub mod infra;
 
 pub use eventually::eventually;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use nightshift_cli::config::Config;
+use nightshift_cli::ports;
 use nightshift_core::routing::{RoutingConfig, UpstreamConfig};
 use nightshift_core::secret::Secret;
 use nightshift_executor::ExecutorConfig;
 use nightshift_gateway::GatewayConfig;
 use nightshift_inference_sim::SimConfig;
 use nightshift_metadata::{MetadataStore, PgConfig, PgStore};
+use nightshift_proto::client::SchedulerClient;
 use nightshift_proto::v1::CreateTenantRequest;
 use nightshift_queue::{QueueConfig, RabbitQueue, WorkQueue};
 use nightshift_scheduler::batches::BatchSettings;
-use nightshift_scheduler::{Ports, SchedulerConfig};
-use nightshift_standalone::{Standalone, StandaloneConfig};
-use nightshift_state::{LiveState, RedisState, StateConfig};
-use nightshift_storage::{ObjectStore, S3Config, S3Store};
+use nightshift_scheduler::{SchedulerConfig, SchedulerPorts};
+use nightshift_standalone::{ServiceConfigs, ServicePorts, Services, Standalone, StandaloneConfig};
+use nightshift_state::{LiveState, StateConfig};
+use nightshift_storage::{ObjectStore, S3Config};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 fn env_or(key: &str, default: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| default.to_owned())
@@ -177,12 +183,13 @@ impl Default for StackOptions {
 /// What only one deployment has.
 enum Backend {
     Distributed {
+        services: Box<Services>,
+        /// The harness's own connection to this test's schema: time travel, and the clean-up.
         pg: Arc<PgStore>,
+        /// The harness's own connection to this test's queues, to delete them at the end.
         rabbit: Arc<RabbitQueue>,
         /// This test's Postgres schema (dropped at the end).
         schema: String,
-        stops: Vec<oneshot::Sender<()>>,
-        tasks: Vec<JoinHandle<()>>,
     },
     Standalone {
         running: Box<Standalone>,
@@ -200,34 +207,41 @@ pub struct Stack {
     pub metadata: Arc<dyn MetadataStore>,
     pub queue: Arc<dyn WorkQueue>,
     pub state: Arc<dyn LiveState>,
-    pub ports: Ports,
+    /// The scheduler's ports (for the sweeps a test drives itself).
+    pub ports: SchedulerPorts,
     /// The simulator's base URL (`http://127.0.0.1:<port>`).
     pub sim_origin: String,
     pub scheduler_url: String,
     /// Unique per test: object-storage prefix and tenant names.
     pub prefix: String,
     backend: Backend,
-    sim_stop: Option<oneshot::Sender<()>>,
+    /// Stops the simulator, once the deployment has stopped.
+    sim_stop: CancellationToken,
     sim_task: Option<JoinHandle<()>>,
 }
 
 /// The in-process simulator every test stack calls.
 async fn start_sim(
     config: SimConfig,
-) -> anyhow::Result<(String, oneshot::Sender<()>, JoinHandle<()>)> {
+    stop: CancellationToken,
+) -> anyhow::Result<(String, JoinHandle<()>)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let origin = format!("http://{}", listener.local_addr()?);
-    let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        if let Err(e) = nightshift_inference_sim::serve(config, listener, async {
-            let _ = rx.await;
-        })
-        .await
-        {
+        if let Err(e) = nightshift_inference_sim::serve(config, listener, stop).await {
             panic!("inference simulator failed: {e}");
         }
     });
-    Ok((origin, tx, task))
+    Ok((origin, task))
+}
+
+fn gateway_config(opts: &StackOptions) -> GatewayConfig {
+    GatewayConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        max_upload_bytes: opts.max_upload_bytes,
+        completion_windows: opts.completion_windows.clone(),
+        ..GatewayConfig::default()
+    }
 }
 
 fn scheduler_config(opts: &StackOptions) -> SchedulerConfig {
@@ -258,7 +272,8 @@ impl Stack {
             log_format: nightshift_telemetry::LogFormat::Pretty,
             log_filter: "warn".into(),
         });
-        let (sim_origin, sim_stop, sim_task) = start_sim(opts.sim.clone()).await?;
+        let sim_stop = CancellationToken::new();
+        let (sim_origin, sim_task) = start_sim(opts.sim.clone(), sim_stop.clone()).await?;
         let routing = opts.routing.clone().unwrap_or_else(|| RoutingConfig {
             upstreams: vec![UpstreamConfig {
                 max_attempts: 3,
@@ -269,16 +284,12 @@ impl Stack {
                 ..UpstreamConfig::new("sim", format!("{sim_origin}/v1"), TEST_MODELS)
             }],
         });
+        // Both return once the scheduler answers.
         let mut stack = match opts.deployment {
-            Deployment::Distributed => {
-                let stack = Self::distributed(&opts, routing, sim_origin).await?;
-                stack.wait_ready().await?;
-                stack
-            }
-            // `Standalone::start` returns once its scheduler answers.
+            Deployment::Distributed => Self::distributed(&opts, routing, sim_origin).await?,
             Deployment::Standalone => Self::standalone(&opts, routing, sim_origin).await?,
         };
-        stack.sim_stop = Some(sim_stop);
+        stack.sim_stop = sim_stop;
         stack.sim_task = Some(sim_task);
         Ok(stack)
     }
@@ -290,18 +301,16 @@ impl Stack {
     ) -> anyhow::Result<Self> {
         let data_dir = tempfile::tempdir()?;
         let mut config = StandaloneConfig::new(data_dir.path());
-        config.gateway = GatewayConfig {
-            listen: "127.0.0.1:0".parse()?,
-            max_upload_bytes: opts.max_upload_bytes,
-            completion_windows: opts.completion_windows.clone(),
-            ..GatewayConfig::default()
+        config.services = ServiceConfigs {
+            gateway: gateway_config(opts),
+            scheduler: scheduler_config(opts),
+            executor: executor_config(),
+            finalizer: Default::default(),
+            executors: opts.executors,
+            finalizer_enabled: opts.finalizer,
         };
-        config.scheduler = scheduler_config(opts);
-        config.executor = executor_config();
-        config.routing = routing;
-        config.executors = opts.executors;
-        config.finalizer_enabled = opts.finalizer;
-        let running = Standalone::start(config)
+        config.services.set_routing(routing);
+        let running = Standalone::start(config, CancellationToken::new())
             .await
             .context("standalone deployment")?;
         let ports = running.ports.clone();
@@ -320,209 +329,110 @@ impl Stack {
                 running: Box::new(running),
                 _data_dir: data_dir,
             },
-            sim_stop: None,
+            sim_stop: CancellationToken::new(),
             sim_task: None,
         })
     }
 
+    /// The distributed deployment: a configuration of this test's own (its S3 prefix, schema,
+    /// queue names and Redis prefix), validated, each service's ports built from it as
+    /// `nightshift <service>` builds them, and the services started by the product's wiring.
     async fn distributed(
         opts: &StackOptions,
         routing: RoutingConfig,
         sim_origin: String,
     ) -> anyhow::Result<Self> {
-        let prefix = format!("e2e/{}", uuid::Uuid::new_v4());
-        let storage = Arc::new(
-            S3Store::new(&s3_config(&prefix))
-                .await
-                .context("s3 client")?,
-        );
-        storage
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let prefix = format!("e2e/{id}");
+        let schema = format!("e2e_{id}");
+        let mut config = Config {
+            storage: s3_config(&prefix),
+            metadata: PgConfig {
+                schema: Some(schema.clone()),
+                ..pg_config()
+            },
+            queue: QueueConfig {
+                prefix: format!("e2e-{id}"),
+                ..QueueConfig::default()
+            },
+            state: StateConfig {
+                key_prefix: format!("e2e:{id}:"),
+                ttl: Duration::from_secs(3600),
+                ..StateConfig::default()
+            },
+            gateway: gateway_config(opts),
+            scheduler: scheduler_config(opts),
+            executor: executor_config(),
+            ..Config::default()
+        };
+        config.set_routing(routing);
+        config.validate().map_err(anyhow::Error::msg)?;
+
+        ports::storage(&config)
+            .await?
             .ping()
             .await
             .context("object storage is not reachable: run `make up` (or `make test`)")?;
-        // Each test has a schema of its own: its scheduler must see only its own batches.
-        let schema = format!("e2e_{}", uuid::Uuid::new_v4().simple());
-        let metadata = Arc::new(
-            PgStore::connect(&PgConfig {
-                schema: Some(schema.clone()),
-                ..pg_config()
-            })
+        let pg = ports::metadata(&config)
             .await
-            .context("postgres is not reachable: run `make up` (or `make test`)")?,
-        );
-        let queue = Arc::new(
-            RabbitQueue::connect(&QueueConfig {
-                prefix: format!("e2e-{}", uuid::Uuid::new_v4()),
-                ..QueueConfig::default()
-            })
+            .context("postgres is not reachable: run `make up` (or `make test`)")?;
+        let rabbit = ports::queue(&config)
             .await
-            .context("rabbitmq is not reachable: run `make up` (or `make test`)")?,
-        );
-        let state = Arc::new(
-            RedisState::connect(&StateConfig {
-                key_prefix: format!("e2e:{}:", uuid::Uuid::new_v4()),
-                ttl: Duration::from_secs(3600),
-                ..StateConfig::default()
-            })
-            .await
-            .context("redis is not reachable: run `make up` (or `make test`)")?,
-        );
-        let ports = Ports {
-            metadata: metadata.clone(),
-            storage: storage.clone(),
-            queue: queue.clone(),
-            state: state.clone(),
+            .context("rabbitmq is not reachable: run `make up` (or `make test`)")?;
+        let service_ports = ServicePorts {
+            gateway: ports::gateway(&config).await?,
+            scheduler: ports::scheduler(&config).await?,
+            executor: ports::executor(&config).await?,
+            finalizer: ports::finalizer(&config).await?,
         };
-        let mut stops = Vec::new();
-        let mut tasks = Vec::new();
-
-        let sched_listener = TcpListener::bind("127.0.0.1:0").await?;
-        let sched_addr = sched_listener.local_addr()?;
-        let (tx, rx) = oneshot::channel::<()>();
-        stops.push(tx);
-        let sched_config = SchedulerConfig {
-            listen: sched_addr,
-            ..scheduler_config(opts)
-        };
-        let sched_routing = routing.clone();
-        let sched_ports = ports.clone();
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = nightshift_scheduler::serve(
-                sched_config,
-                sched_routing,
-                sched_ports,
-                sched_listener,
-                async {
-                    let _ = rx.await;
-                },
-            )
-            .await
-            {
-                panic!("scheduler failed: {e}");
-            }
-        }));
-
-        let gw_listener = TcpListener::bind("127.0.0.1:0").await?;
-        let gw_addr = gw_listener.local_addr()?;
-        let (tx, rx) = oneshot::channel::<()>();
-        stops.push(tx);
-        let gw_config = GatewayConfig {
-            listen: gw_addr,
-            scheduler_url: format!("http://{sched_addr}"),
-            max_upload_bytes: opts.max_upload_bytes,
-            completion_windows: opts.completion_windows.clone(),
-            ..GatewayConfig::default()
-        };
-        let gw_storage: Arc<dyn ObjectStore> = storage.clone();
-        let gw_state: Arc<dyn LiveState> = state.clone();
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) =
-                nightshift_gateway::serve(gw_config, gw_storage, gw_state, gw_listener, async {
-                    let _ = rx.await;
-                })
-                .await
-            {
-                panic!("gateway failed: {e}");
-            }
-        }));
-
-        for _ in 0..opts.executors {
-            let listener = TcpListener::bind("127.0.0.1:0").await?;
-            let (tx, rx) = oneshot::channel::<()>();
-            stops.push(tx);
-            let ports = nightshift_executor::ExecutorPorts {
-                storage: storage.clone(),
-                queue: queue.clone(),
-                state: state.clone(),
-            };
-            let routing = routing.clone();
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) =
-                    nightshift_executor::serve(executor_config(), routing, ports, listener, async {
-                        let _ = rx.await;
-                    })
-                    .await
-                {
-                    panic!("executor failed: {e}");
-                }
-            }));
-        }
-        let mut stack = Self {
+        let scheduler = service_ports.scheduler.clone();
+        let services = Services::start(
+            ServiceConfigs {
+                gateway: config.gateway,
+                scheduler: config.scheduler,
+                executor: config.executor,
+                finalizer: config.finalizer,
+                executors: opts.executors,
+                finalizer_enabled: opts.finalizer,
+            },
+            service_ports,
+            CancellationToken::new(),
+        )
+        .await
+        .context("distributed deployment")?;
+        Ok(Self {
             deployment: Deployment::Distributed,
-            origin: format!("http://{gw_addr}"),
-            storage,
-            metadata: metadata.clone(),
-            queue: queue.clone(),
-            state,
-            ports,
+            origin: format!("http://{}", services.gateway_addr),
+            storage: scheduler.storage.clone(),
+            metadata: scheduler.metadata.clone(),
+            queue: scheduler.queue.clone(),
+            state: scheduler.state.clone(),
+            ports: scheduler,
             sim_origin,
-            scheduler_url: format!("http://{sched_addr}"),
+            scheduler_url: services.scheduler_url.clone(),
             prefix,
             backend: Backend::Distributed {
-                pg: metadata,
-                rabbit: queue,
+                services: Box::new(services),
+                pg,
+                rabbit,
                 schema,
-                stops,
-                tasks,
             },
-            sim_stop: None,
+            sim_stop: CancellationToken::new(),
             sim_task: None,
-        };
-        if opts.finalizer {
-            stack.start_finalizer().await?;
-        }
-        Ok(stack)
-    }
-
-    /// Polls the scheduler (which answers once its recovery ran) with a deadline.
-    async fn wait_ready(&self) -> anyhow::Result<()> {
-        let control = self.control()?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if control.ping().await.is_ok() {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() > deadline {
-                bail!("the scheduler did not become ready within 30s");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
     }
 
     /// Starts a finalizer on this stack's queues.
     pub async fn start_finalizer(&mut self) -> anyhow::Result<()> {
-        let scheduler_url = self.scheduler_url.clone();
-        let ports = nightshift_finalizer::FinalizerPorts {
-            storage: self.storage.clone(),
-            queue: self.queue.clone(),
-            state: self.state.clone(),
-        };
         match &mut self.backend {
             Backend::Standalone { running, .. } => running.start_finalizer().await?,
-            Backend::Distributed { stops, tasks, .. } => {
-                let listener = TcpListener::bind("127.0.0.1:0").await?;
-                let (tx, rx) = oneshot::channel::<()>();
-                stops.push(tx);
-                let config = nightshift_finalizer::FinalizerConfig {
-                    scheduler_url,
-                    ..Default::default()
-                };
-                tasks.push(tokio::spawn(async move {
-                    if let Err(e) = nightshift_finalizer::serve(config, ports, listener, async {
-                        let _ = rx.await;
-                    })
-                    .await
-                    {
-                        panic!("finalizer failed: {e}");
-                    }
-                }));
-            }
+            Backend::Distributed { services, .. } => services.start_finalizer().await?,
         }
         Ok(())
     }
 
-    pub fn control(&self) -> anyhow::Result<nightshift_proto::client::SchedulerClient> {
-        Ok(nightshift_proto::client::SchedulerClient::connect_lazy(
+    pub fn control(&self) -> anyhow::Result<SchedulerClient> {
+        Ok(SchedulerClient::connect_lazy(
             &self.scheduler_url,
             Duration::from_secs(10),
         )?)
@@ -608,18 +518,12 @@ impl Stack {
     pub async fn stop(mut self) -> anyhow::Result<()> {
         match self.backend {
             Backend::Distributed {
+                services,
                 pg,
                 rabbit,
                 schema,
-                stops,
-                tasks,
             } => {
-                for tx in stops {
-                    let _ = tx.send(());
-                }
-                for task in tasks {
-                    task.await?;
-                }
+                services.stop().await?;
                 self.storage.delete_prefix("").await?;
                 rabbit.delete_all().await?;
                 let drop = format!("DROP SCHEMA IF EXISTS {schema} CASCADE");
@@ -630,9 +534,7 @@ impl Stack {
             // The data directory goes with the TempDir.
             Backend::Standalone { running, .. } => running.stop().await?,
         }
-        if let Some(tx) = self.sim_stop.take() {
-            let _ = tx.send(());
-        }
+        self.sim_stop.cancel();
         if let Some(task) = self.sim_task.take() {
             task.await?;
         }

@@ -1,5 +1,6 @@
 //! The configuration chain: defaults → TOML file → `NIGHTSHIFT_<SECTION>__<KEY>` environment
-//! variables. One file configures every service; each service reads its sections.
+//! variables → command-line flags, then [`Config::validate`], once. One file configures every
+//! service; each service reads its sections.
 
 use std::path::{Path, PathBuf};
 
@@ -36,7 +37,8 @@ pub struct Config {
     pub executor: ExecutorConfig,
     pub finalizer: FinalizerConfig,
     /// Which upstream serves which model (the scheduler validates against it; executors call
-    /// the upstreams).
+    /// the upstreams). [`Config::load`] copies it into `scheduler` and `executor`; change it
+    /// with [`Config::set_routing`].
     pub routing: RoutingConfig,
     /// `nightshift standalone` (everything in one process; ignores `storage`, `metadata`,
     /// `queue` and `state`).
@@ -78,10 +80,39 @@ impl Config {
         if let Some(path) = file {
             figment = figment.merge(Toml::file_exact(path));
         }
-        figment
+        let mut config: Self = figment
             .merge(env.filter(|k| k.as_str().contains("__")).split("__"))
             .extract()
-            .map_err(Box::new)
+            .map_err(Box::new)?;
+        config.set_routing(config.routing.clone());
+        Ok(config)
+    }
+
+    /// Sets the routing table: `[routing]`, and the copies the scheduler and the executors
+    /// read from their own sections.
+    pub fn set_routing(&mut self, routing: RoutingConfig) {
+        self.scheduler.routing = routing.clone();
+        self.executor.routing = routing.clone();
+        self.routing = routing;
+    }
+
+    /// Checks every section — what serde cannot: ranges, URLs, names, the routing table — once,
+    /// right after loading. A service's `serve` then checks only what needs facts known at run
+    /// time (the queue's consumer timeout, the upstreams' API keys in the environment);
+    /// `[storage]` and `[metadata]` are checked when their adapters are built.
+    ///
+    /// # Errors
+    /// The first problem found, naming the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        self.routing
+            .validate()
+            .map_err(|e| format!("routing: {e}"))?;
+        self.gateway.validate()?;
+        self.executor.validate()?;
+        self.finalizer.validate()?;
+        self.queue.validate().map_err(|e| e.to_string())?;
+        self.state.validate().map_err(|e| e.to_string())?;
+        Ok(())
     }
 
     /// The effective configuration as TOML, secrets redacted.
@@ -153,6 +184,65 @@ mod tests {
             assert!(c.metadata.url.expose().starts_with("postgres://"));
             Ok(())
         });
+    }
+
+    #[test]
+    fn the_routing_table_reaches_the_services_that_read_it() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "ns.toml",
+                r#"
+                [[routing.upstreams]]
+                name = "vllm"
+                base_url = "http://127.0.0.1:8000/v1"
+                models = ["m"]
+                "#,
+            )?;
+            let c =
+                Config::load(Some(Path::new("ns.toml")), Env::prefixed("NONE_")).map_err(|e| *e)?;
+            assert_eq!(c.routing.upstreams.len(), 1);
+            assert_eq!(c.scheduler.routing, c.routing);
+            assert_eq!(c.executor.routing, c.routing);
+            // it is not a key of the services' own sections, nor dumped there
+            assert!(!c.dump().contains("[scheduler.routing"), "{}", c.dump());
+            jail.create_file("bad.toml", "[scheduler.routing]\nupstreams = []\n")?;
+            assert!(Config::load(Some(Path::new("bad.toml")), Env::prefixed("NONE_")).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn validation_covers_every_section() {
+        Config::default().validate().unwrap();
+        let mut bad_routing = Config::default();
+        bad_routing.set_routing(RoutingConfig {
+            upstreams: vec![nightshift_core::routing::UpstreamConfig::new(
+                "u",
+                "not a url",
+                ["m"],
+            )],
+        });
+        let mut bad_gateway = Config::default();
+        bad_gateway.gateway.scheduler_url = "not a url".into();
+        let mut bad_executor = Config::default();
+        bad_executor.executor.prefetch = 0;
+        let mut bad_finalizer = Config::default();
+        bad_finalizer.finalizer.prefetch = 0;
+        let mut bad_queue = Config::default();
+        bad_queue.queue.prefix = String::new();
+        let mut bad_state = Config::default();
+        bad_state.state.key_prefix = "{x}".into();
+        for (section, config) in [
+            ("routing", bad_routing),
+            ("gateway", bad_gateway),
+            ("executor", bad_executor),
+            ("finalizer", bad_finalizer),
+            ("queue", bad_queue),
+            ("state", bad_state),
+        ] {
+            let error = config.validate().expect_err(section);
+            assert!(error.contains(section), "{section}: {error}");
+        }
     }
 
     #[test]

@@ -1,11 +1,11 @@
 //! `nightshift`: runs one service, or all of them in one process, and administers a deployment.
 
-mod config;
 mod run;
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use nightshift_cli::config;
 
 #[derive(Parser)]
 #[command(
@@ -44,7 +44,13 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let config = config::Config::load(cli.config.as_deref(), config::process_env())
+    let mut config = config::Config::load(cli.config.as_deref(), config::process_env())
+        .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+    if let Command::Standalone(args) = &cli.command {
+        args.apply(&mut config);
+    }
+    config
+        .validate()
         .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
     if cli.dump_config {
         print!("{}", config.dump());

@@ -1,25 +1,25 @@
-//! Wiring: builds each service's adapters from the configuration and runs it until a signal.
+//! The commands: `nightshift <service>` builds that service's ports from the configuration
+//! ([`nightshift_cli::ports`]) and runs its `serve` until a signal; `nightshift standalone`
+//! runs every service in this process ([`Standalone`]); `nightshift admin` calls the
+//! scheduler. The configuration was validated before any of them runs.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use std::net::SocketAddr;
-use std::path::PathBuf;
-
 use clap::{Args, Subcommand};
+use nightshift_cli::config::Config;
+use nightshift_cli::ports;
 use nightshift_core::secret::Secret;
-use nightshift_gateway::GatewayConfig;
 use nightshift_inference_sim::SimConfig;
-use nightshift_metadata::PgStore;
+use nightshift_proto::client::SchedulerClient;
 use nightshift_proto::v1::CreateTenantRequest;
-use nightshift_queue::RabbitQueue;
-use nightshift_standalone::{ProgressSettings, Standalone, StandaloneConfig};
-use nightshift_state::RedisState;
-use nightshift_storage::S3Store;
+use nightshift_standalone::{
+    ProgressSettings, ServiceConfigs, Standalone, StandaloneConfig, route_every_model,
+};
 use tokio::net::TcpListener;
-
-use crate::config::Config;
+use tokio_util::sync::CancellationToken;
 
 /// How long a service without a `shutdown_grace` of its own may drain after the first
 /// signal: the gateway's HTTP requests in flight, the scheduler's gRPC calls.
@@ -34,33 +34,34 @@ const SETTLE_MARGIN: Duration = Duration::from_secs(15);
 /// period plus [`SETTLE_MARGIN`] over.
 const FORCED_EXIT: i32 = 130;
 
-/// Resolves at the first SIGINT/SIGTERM; the service then drains for at most `drain` (its
-/// configured `shutdown_grace`, or [`DRAIN_GRACE`]). After that first signal a second one ends
-/// the process at once, and so does `drain` + [`SETTLE_MARGIN`] running out — the service's
-/// own grace handling (finish, then abandon and hand back) runs to its end first.
+/// A token cancelled at the first SIGINT/SIGTERM; the service then drains for at most `drain`
+/// (its configured `shutdown_grace`, or [`DRAIN_GRACE`]). After that first signal a second one
+/// ends the process at once, and so does `drain` + [`SETTLE_MARGIN`] running out — the
+/// service's own grace handling (finish, then abandon and hand back) runs to its end first.
 ///
-/// The signal handlers are installed when this is called, not when the future is first
-/// polled, so a signal in between is not lost.
-fn shutdown_signal(drain: Duration) -> impl Future<Output = ()> + Send + 'static {
+/// The signal handlers are installed when this is called, so no signal is lost.
+fn shutdown_on_signal(drain: Duration) -> CancellationToken {
+    let shutdown = CancellationToken::new();
     let mut signals = Signals::install();
     let hard_stop = drain.saturating_add(SETTLE_MARGIN);
-    async move {
+    let cancel = shutdown.clone();
+    tokio::spawn(async move {
         signals.recv().await;
         tracing::info!(
             drain_s = drain.as_secs_f64(),
             hard_stop_s = hard_stop.as_secs_f64(),
             "shutting down; a second signal exits at once"
         );
-        tokio::spawn(async move {
-            tokio::select! {
-                () = signals.recv() => tracing::warn!("second signal: exiting now"),
-                () = tokio::time::sleep(hard_stop) => {
-                    tracing::warn!("shutdown grace period and settle margin over: exiting now");
-                }
+        cancel.cancel();
+        tokio::select! {
+            () = signals.recv() => tracing::warn!("second signal: exiting now"),
+            () = tokio::time::sleep(hard_stop) => {
+                tracing::warn!("shutdown grace period and settle margin over: exiting now");
             }
-            std::process::exit(FORCED_EXIT);
-        });
-    }
+        }
+        std::process::exit(FORCED_EXIT);
+    });
+    shutdown
 }
 
 /// SIGINT and SIGTERM, each a stream for the life of the process (a fresh `ctrl_c()` per
@@ -114,28 +115,10 @@ fn standalone_drain(config: &Config) -> Duration {
         .saturating_add(config.finalizer.shutdown_grace)
 }
 
-async fn storage(config: &Config) -> anyhow::Result<Arc<S3Store>> {
-    Ok(Arc::new(
-        S3Store::new(&config.storage)
-            .await
-            .context("object storage")?,
-    ))
-}
-
-async fn queue(config: &Config) -> anyhow::Result<Arc<RabbitQueue>> {
-    Ok(Arc::new(
-        RabbitQueue::connect(&config.queue)
-            .await
-            .context("work queue (RabbitMQ)")?,
-    ))
-}
-
-async fn live_state(config: &Config) -> anyhow::Result<Arc<RedisState>> {
-    Ok(Arc::new(
-        RedisState::connect(&config.state)
-            .await
-            .context("live state (Redis)")?,
-    ))
+async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("bind {addr}"))
 }
 
 pub async fn gateway(config: Config) -> anyhow::Result<()> {
@@ -143,19 +126,10 @@ pub async fn gateway(config: Config) -> anyhow::Result<()> {
         &config.telemetry,
         nightshift_telemetry::OtelSettings::from_env("nightshift-gateway"),
     );
-    let storage = storage(&config).await?;
-    let live = live_state(&config).await?;
-    let listener = TcpListener::bind(config.gateway.listen)
-        .await
-        .with_context(|| format!("bind {}", config.gateway.listen))?;
-    nightshift_gateway::serve(
-        config.gateway,
-        storage,
-        live,
-        listener,
-        shutdown_signal(DRAIN_GRACE),
-    )
-    .await?;
+    let ports = ports::gateway(&config).await?;
+    let listener = bind(config.gateway.listen).await?;
+    let shutdown = shutdown_on_signal(DRAIN_GRACE);
+    nightshift_gateway::serve(config.gateway, ports, listener, shutdown).await?;
     Ok(())
 }
 
@@ -164,33 +138,10 @@ pub async fn scheduler(config: Config) -> anyhow::Result<()> {
         &config.telemetry,
         nightshift_telemetry::OtelSettings::from_env("nightshift-scheduler"),
     );
-    let storage = storage(&config).await?;
-    let metadata = Arc::new(
-        PgStore::connect(&config.metadata)
-            .await
-            .context("metadata store")?,
-    );
-    let listener = TcpListener::bind(config.scheduler.listen)
-        .await
-        .with_context(|| format!("bind {}", config.scheduler.listen))?;
-    let ports = nightshift_scheduler::Ports {
-        metadata,
-        storage,
-        queue: queue(&config).await?,
-        state: live_state(&config).await?,
-    };
-    config
-        .routing
-        .validate()
-        .map_err(|e| anyhow::anyhow!("routing: {e}"))?;
-    nightshift_scheduler::serve(
-        config.scheduler,
-        config.routing,
-        ports,
-        listener,
-        shutdown_signal(DRAIN_GRACE),
-    )
-    .await?;
+    let ports = ports::scheduler(&config).await?;
+    let listener = bind(config.scheduler.listen).await?;
+    let shutdown = shutdown_on_signal(DRAIN_GRACE);
+    nightshift_scheduler::serve(config.scheduler, ports, listener, shutdown).await?;
     Ok(())
 }
 
@@ -199,27 +150,10 @@ pub async fn executor(config: Config) -> anyhow::Result<()> {
         &config.telemetry,
         nightshift_telemetry::OtelSettings::from_env("nightshift-executor"),
     );
-    config
-        .routing
-        .validate()
-        .map_err(|e| anyhow::anyhow!("routing: {e}"))?;
-    let ports = nightshift_executor::ExecutorPorts {
-        storage: storage(&config).await?,
-        queue: queue(&config).await?,
-        state: live_state(&config).await?,
-    };
-    let listener = TcpListener::bind(config.executor.listen)
-        .await
-        .with_context(|| format!("bind {}", config.executor.listen))?;
-    let drain = config.executor.shutdown_grace;
-    nightshift_executor::serve(
-        config.executor,
-        config.routing,
-        ports,
-        listener,
-        shutdown_signal(drain),
-    )
-    .await?;
+    let ports = ports::executor(&config).await?;
+    let listener = bind(config.executor.listen).await?;
+    let shutdown = shutdown_on_signal(config.executor.shutdown_grace);
+    nightshift_executor::serve(config.executor, ports, listener, shutdown).await?;
     Ok(())
 }
 
@@ -228,16 +162,10 @@ pub async fn finalizer(config: Config) -> anyhow::Result<()> {
         &config.telemetry,
         nightshift_telemetry::OtelSettings::from_env("nightshift-finalizer"),
     );
-    let ports = nightshift_finalizer::FinalizerPorts {
-        storage: storage(&config).await?,
-        queue: queue(&config).await?,
-        state: live_state(&config).await?,
-    };
-    let listener = TcpListener::bind(config.finalizer.listen)
-        .await
-        .with_context(|| format!("bind {}", config.finalizer.listen))?;
-    let drain = config.finalizer.shutdown_grace;
-    nightshift_finalizer::serve(config.finalizer, ports, listener, shutdown_signal(drain)).await?;
+    let ports = ports::finalizer(&config).await?;
+    let listener = bind(config.finalizer.listen).await?;
+    let shutdown = shutdown_on_signal(config.finalizer.shutdown_grace);
+    nightshift_finalizer::serve(config.finalizer, ports, listener, shutdown).await?;
     Ok(())
 }
 
@@ -268,6 +196,27 @@ pub struct StandaloneArgs {
     quiet: bool,
 }
 
+impl StandaloneArgs {
+    /// Lays the flags over the configuration (file and environment): they win, and the result
+    /// is validated as a whole.
+    pub fn apply(&self, config: &mut Config) {
+        if let Some(data_dir) = &self.data_dir {
+            config.standalone.data_dir.clone_from(data_dir);
+        }
+        if let Some(listen) = self.listen {
+            config.gateway.listen = listen;
+        }
+        if let Some(key) = &self.api_key {
+            config.standalone.api_key = Some(Secret::new(key.clone()));
+        }
+        if let Some(url) = &self.upstream {
+            let routing =
+                route_every_model(&config.routing, url, self.upstream_api_key_env.clone());
+            config.set_routing(routing);
+        }
+    }
+}
+
 pub async fn standalone(config: Config, args: StandaloneArgs) -> anyhow::Result<()> {
     // A person reads this terminal: pretty warnings only, next to the progress lines.
     let _telemetry = nightshift_telemetry::init_with(
@@ -278,35 +227,17 @@ pub async fn standalone(config: Config, args: StandaloneArgs) -> anyhow::Result<
         nightshift_telemetry::OtelSettings::from_env("nightshift-standalone"),
     );
     let drain = standalone_drain(&config);
-    let section = config.standalone;
-    let mut settings = StandaloneConfig::new(args.data_dir.unwrap_or(section.data_dir));
-    settings.gateway = GatewayConfig {
-        listen: args.listen.unwrap_or(config.gateway.listen),
-        ..config.gateway
-    };
-    settings.scheduler = config.scheduler;
-    settings.executor = config.executor;
-    settings.finalizer = config.finalizer;
-    settings.routing = config.routing;
-    settings.executors = section.executors;
-    settings.api_key = args.api_key.map(Secret::new).or(section.api_key);
-    if !args.quiet {
-        settings.progress = Some(ProgressSettings::default());
-    }
     let upstream = if args.simulate {
-        settings.simulate = Some(simulator_from_env()?);
         "the built-in simulator (every model)".to_owned()
-    } else if let Some(url) = args.upstream {
-        let line = format!("{url} (every model)");
-        settings = settings.with_upstream(&url, args.upstream_api_key_env);
-        line
-    } else if settings.routing.upstreams.is_empty() {
+    } else if let Some(url) = &args.upstream {
+        format!("{url} (every model)")
+    } else if config.routing.upstreams.is_empty() {
         anyhow::bail!(
             "no upstream: pass --upstream http://HOST:PORT/v1 (any OpenAI-compatible server), \
              --simulate (the built-in simulator), or configure [[routing.upstreams]]"
         );
     } else {
-        settings
+        config
             .routing
             .upstreams
             .iter()
@@ -314,8 +245,24 @@ pub async fn standalone(config: Config, args: StandaloneArgs) -> anyhow::Result<
             .collect::<Vec<_>>()
             .join("; ")
     };
+    let mut settings = StandaloneConfig::new(config.standalone.data_dir);
+    settings.services = ServiceConfigs {
+        gateway: config.gateway,
+        scheduler: config.scheduler,
+        executor: config.executor,
+        finalizer: config.finalizer,
+        executors: config.standalone.executors,
+        finalizer_enabled: true,
+    };
+    settings.api_key = config.standalone.api_key;
+    if args.simulate {
+        settings.simulate = Some(simulator_from_env()?);
+    }
+    if !args.quiet {
+        settings.progress = Some(ProgressSettings::default());
+    }
     let data_dir = settings.data_dir.clone();
-    let running = Standalone::start(settings)
+    let running = Standalone::start(settings, shutdown_on_signal(drain))
         .await
         .context("nightshift standalone")?;
     println!(
@@ -331,7 +278,7 @@ pub async fn standalone(config: Config, args: StandaloneArgs) -> anyhow::Result<
         running.base_url(),
         running.api_key,
     );
-    running.run_until(shutdown_signal(drain)).await?;
+    running.join().await?;
     Ok(())
 }
 
@@ -363,7 +310,7 @@ pub enum Admin {
 }
 
 pub async fn admin(config: Config, cmd: Admin) -> anyhow::Result<()> {
-    let control = nightshift_proto::client::SchedulerClient::connect_lazy(
+    let control = SchedulerClient::connect_lazy(
         &config.gateway.scheduler_url,
         config.gateway.control_timeout,
     )?;

@@ -1,6 +1,6 @@
 //! The executor service: consume chunk tasks, run them, announce their results.
 //!
-//! [`serve`] runs until its shutdown future completes:
+//! [`serve`] runs until its shutdown token is cancelled:
 //!
 //! - **Ops endpoints** on the listener: `/livez`, `/readyz` (object storage, queue and live
 //!   state answer), `/metrics`.
@@ -40,7 +40,7 @@
 //!   - any other failure: [`Retry`](Disposition::Retry), requeued after `requeue_delay ×
 //!     2^n` (`n`: the deliveries it already had, capped at 32×); the queue's delivery limit
 //!     dead-letters a chunk that keeps failing (the scheduler's lease re-drives it).
-//! - **Shutdown.** When `shutdown` completes: stop taking chunks; running chunks get
+//! - **Shutdown.** When `shutdown` is cancelled: stop taking chunks; running chunks get
 //!   `shutdown_grace` to finish (and publish, and be acked). Past it, those still running
 //!   stop at once (their requests in flight are abandoned, nothing is written) and their
 //!   tasks are re-published as fresh copies for the next executor. `serve` returns at most
@@ -50,7 +50,10 @@
 //! **Timing.** The work done for one delivery must stay well under the broker's consumer
 //! timeout (`queue.consumer_timeout`), or the broker takes every delivery of the consumer
 //! back while they still run: [`ExecutorConfig::check_timing`] refuses to start when the
-//! chunk time budget plus the longest upstream attempt exceeds three quarters of it.
+//! chunk time budget plus the longest upstream attempt exceeds three quarters of it. That is
+//! the one check `serve` makes: it needs the queue's consumer timeout, known only once the
+//! queue is open. The rest of the configuration is checked when it is loaded
+//! ([`ExecutorConfig::validate`], and the routing table's own `validate`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -126,6 +129,10 @@ pub struct ExecutorConfig {
     /// held before it is requeued, doubled per earlier delivery (at most 32×). Default 1 s.
     #[serde(with = "humantime_serde")]
     pub requeue_delay: Duration,
+    /// Which upstream serves which model. Not a key of `[executor]`: the binary copies the
+    /// top-level `[routing]` table here when it loads the configuration.
+    #[serde(skip)]
+    pub routing: RoutingConfig,
 }
 
 impl Default for ExecutorConfig {
@@ -142,6 +149,7 @@ impl Default for ExecutorConfig {
             heartbeat_interval: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(60),
             requeue_delay: Duration::from_secs(1),
+            routing: RoutingConfig::default(),
         }
     }
 }
@@ -262,8 +270,8 @@ pub struct ExecutorPorts {
 /// Failures that stop the executor from starting or serving.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// [`ExecutorConfig::validate`] or [`ExecutorConfig::check_timing`] refused the
-    /// configuration.
+    /// [`ExecutorConfig::check_timing`] (or the queue worker's settings) refused the
+    /// configuration against the queue's consumer timeout.
     #[error("invalid executor configuration: {0}")]
     Config(String),
     /// The routing table cannot be turned into upstreams (bad URL, missing API key...).
@@ -331,24 +339,23 @@ fn register_metrics(upstreams: &Upstreams) {
     });
 }
 
-/// Runs the executor until `shutdown` completes, then shuts down as the [module
-/// docs](self) say, and returns.
+/// Runs the executor until `shutdown` is cancelled, then shuts down as the [module
+/// docs](self) say, and returns. `config` was validated when it was loaded.
 ///
 /// Upstream API keys are read from the process environment (see [`Upstreams::new`]).
 ///
 /// # Errors
-/// At start: an invalid `config` or `routing`, or timings the broker's consumer timeout
-/// cannot hold. At the end: the ops server's I/O error. Infrastructure outages while running
-/// are never errors: they are waited out, logged and shown by `/readyz`.
+/// At start: upstreams that cannot be built (an API key missing from the environment...), or
+/// timings the broker's consumer timeout cannot hold. At the end: the ops server's I/O error.
+/// Infrastructure outages while running are never errors: they are waited out, logged and
+/// shown by `/readyz`.
 pub async fn serve(
     config: ExecutorConfig,
-    routing: RoutingConfig,
     ports: ExecutorPorts,
     listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    config.validate().map_err(ServeError::Config)?;
-    let upstreams = Arc::new(Upstreams::new(&routing)?);
+    let upstreams = Arc::new(Upstreams::new(&config.routing)?);
     let consumer_timeout = ports.queue.consumer_timeout();
     config
         .check_timing(&upstreams, consumer_timeout)
@@ -380,15 +387,14 @@ pub async fn serve(
                 async move { state.ping().await.map_err(|e| e.to_string()) }
             })
     };
-    let (stop_ops, ops_stopped) = tokio::sync::oneshot::channel::<()>();
+    // The ops endpoints stay up until every delivery is settled.
+    let stop_ops = CancellationToken::new();
     let addr = listener.local_addr()?;
-    let ops = tokio::spawn(async move {
+    let ops = tokio::spawn(
         axum::serve(listener, nightshift_telemetry::ops_router(readiness))
-            .with_graceful_shutdown(async {
-                _ = ops_stopped.await;
-            })
-            .await
-    });
+            .with_graceful_shutdown(stop_ops.clone().cancelled_owned())
+            .into_future(),
+    );
     tracing::info!(
         addr = %addr,
         prefetch = config.prefetch,
@@ -413,26 +419,26 @@ pub async fn serve(
         heartbeats: Heartbeats::default(),
     });
     let heartbeats = handler.heartbeats.clone();
-    let stop = CancellationToken::new();
-    let signalled = {
-        let stop = stop.clone();
-        async move {
-            shutdown.await;
-            tracing::info!(
-                grace_s = config.shutdown_grace.as_secs_f64(),
-                "shutting down: taking no more chunks, letting running ones finish"
-            );
-            stop.cancel();
-        }
+    let announce = async {
+        shutdown.cancelled().await;
+        tracing::info!(
+            grace_s = config.shutdown_grace.as_secs_f64(),
+            "shutting down: taking no more chunks, letting running ones finish"
+        );
     };
     tokio::join!(
-        run_worker(Arc::clone(&ports.queue), worker_config, handler, stop),
-        signalled
+        run_worker(
+            Arc::clone(&ports.queue),
+            worker_config,
+            handler,
+            shutdown.clone()
+        ),
+        announce
     );
 
     // Every delivery is settled: no chunk is held any more.
     heartbeats.stop_all();
-    _ = stop_ops.send(());
+    stop_ops.cancel();
     let served = match ops.await {
         Ok(served) => served,
         Err(error) => Err(std::io::Error::other(error)),

@@ -23,14 +23,13 @@ use nightshift_core::secret::Secret;
 use nightshift_executor::service::{ExecutorConfig, ExecutorPorts, serve};
 use nightshift_proto::v1::{ChunkReport, ChunkResult, ChunkTask};
 use nightshift_queue::{
-    Consumer, Delivery, Headers, QueueConfig, QueueKind, RabbitQueue, WorkQueue,
+    CancellationToken, Consumer, Delivery, Headers, QueueConfig, QueueKind, RabbitQueue, WorkQueue,
 };
 use nightshift_state::MemoryState;
 use nightshift_storage::{ObjectStore, S3Config, S3Store};
 use prost::Message;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
 use tokio::task::{AbortHandle, JoinHandle};
 
 const INPUT_KEY: &str = "files/file-service";
@@ -74,7 +73,7 @@ where
 
 struct Running {
     addr: std::net::SocketAddr,
-    stop: oneshot::Sender<()>,
+    stop: CancellationToken,
     served: JoinHandle<Result<(), nightshift_executor::ServeError>>,
 }
 
@@ -85,17 +84,16 @@ async fn start(
 ) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let served = tokio::spawn(serve(config, routing, ports, listener, async {
-        _ = stopped.await;
-    }));
+    let stop = CancellationToken::new();
+    let config = ExecutorConfig { routing, ..config };
+    let served = tokio::spawn(serve(config, ports, listener, stop.clone()));
     Running { addr, stop, served }
 }
 
 impl Running {
     /// Signals shutdown and waits (bounded) for `serve` to return.
     async fn stop(self) {
-        self.stop.send(()).unwrap();
+        self.stop.cancel();
         tokio::time::timeout(WAIT, self.served)
             .await
             .expect("serve returns after shutdown")

@@ -18,6 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 const CHAT: &str = "/v1/chat/completions";
 
@@ -25,20 +26,18 @@ struct Sim {
     url: String,
     client: reqwest::Client,
     /// Dropping it shuts the simulator down.
-    _stop: oneshot::Sender<()>,
+    _stop: DropGuard,
 }
 
 async fn start(config: SimConfig) -> Sim {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(serve(config, listener, async {
-        _ = stopped.await;
-    }));
+    let stop = CancellationToken::new();
+    tokio::spawn(serve(config, listener, stop.clone()));
     Sim {
         url,
         client: reqwest::Client::new(),
-        _stop: stop,
+        _stop: stop.drop_guard(),
     }
 }
 

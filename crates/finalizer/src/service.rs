@@ -154,27 +154,24 @@ impl Default for FinalizerConfig {
 impl FinalizerConfig {
     /// Checks what serde cannot: `prefetch ≥ 1`, `max_line_bytes ≥ 1`, `lease_ttl ≥ 3 s`, a
     /// usable URL, and the worker's settings (see [`WorkerConfig::validate`]).
-    pub fn validate(&self) -> Result<(), ServeError> {
+    ///
+    /// # Errors
+    /// A message naming the bad setting.
+    pub fn validate(&self) -> Result<(), String> {
         if self.prefetch == 0 {
-            return Err(ServeError::Config(
-                "finalizer.prefetch must be at least 1".into(),
-            ));
+            return Err("finalizer.prefetch must be at least 1".into());
         }
         if self.max_line_bytes == 0 {
-            return Err(ServeError::Config(
-                "finalizer.max_line_bytes must be at least 1".into(),
-            ));
+            return Err("finalizer.max_line_bytes must be at least 1".into());
         }
         if self.lease_ttl < Duration::from_secs(3) {
-            return Err(ServeError::Config(
-                "finalizer.lease_ttl must be at least 3s".into(),
-            ));
+            return Err("finalizer.lease_ttl must be at least 3s".into());
         }
         SchedulerClient::check_url(&self.scheduler_url)
-            .map_err(|e| ServeError::Config(format!("finalizer.scheduler_url: {e}")))?;
+            .map_err(|e| format!("finalizer.scheduler_url: {e}"))?;
         self.worker(None)
             .validate(None)
-            .map_err(|e| ServeError::Config(format!("finalizer: {e}")))
+            .map_err(|e| format!("finalizer: {e}"))
     }
 
     /// The queue worker's settings, `max_hold` fit to the broker's `consumer_timeout`.
@@ -212,7 +209,8 @@ pub struct FinalizerPorts {
 /// Failures that stop the finalizer from starting or serving.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// The configuration cannot work.
+    /// The configuration cannot work with this queue (its consumer timeout), or the scheduler
+    /// URL is unusable.
     #[error("invalid configuration: {0}")]
     Config(String),
     /// The ops listener failed.
@@ -220,20 +218,21 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
-/// Runs the finalizer until `shutdown` resolves: serves the ops endpoints on `listener` and
-/// consumes finalize jobs; then stops taking jobs, finishes (or, past `shutdown_grace`,
+/// Runs the finalizer until `shutdown` is cancelled: serves the ops endpoints on `listener`
+/// and consumes finalize jobs; then stops taking jobs, finishes (or, past `shutdown_grace`,
 /// interrupts and publishes again) the jobs in hand, and returns — at most
 /// `shutdown_grace` + [`nightshift_queue::worker::SHUTDOWN_MARGIN`] after `shutdown`.
 ///
-/// The queue and the scheduler may be down at start or at any time: the finalizer keeps
-/// retrying (and `/readyz` says what is missing) rather than exiting.
+/// `config` was validated when it was loaded ([`FinalizerConfig::validate`]); `serve` checks
+/// only what needs the queue: the worker's settings against its consumer timeout. The queue
+/// and the scheduler may be down at start or at any time: the finalizer keeps retrying (and
+/// `/readyz` says what is missing) rather than exiting.
 pub async fn serve(
     config: FinalizerConfig,
     ports: FinalizerPorts,
     listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    config.validate()?;
     let consumer_timeout = ports.queue.consumer_timeout();
     let worker = config.worker(consumer_timeout);
     worker
@@ -244,24 +243,17 @@ pub async fn serve(
     metrics::describe();
     metrics::register();
 
-    let stop = CancellationToken::new();
-    let stop_on_shutdown = stop.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        stop_on_shutdown.cancel();
-    });
-
     // The ops endpoints stay up until every job in hand is settled.
+    let stop_ops = CancellationToken::new();
     let addr = listener.local_addr()?;
-    let (ops_stop_tx, ops_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let ops = axum::serve(
-        listener,
-        nightshift_telemetry::ops_router(readiness(&ports, &scheduler)),
-    )
-    .with_graceful_shutdown(async move {
-        let _ = ops_stop_rx.await;
-    });
-    let ops = tokio::spawn(async move { ops.await });
+    let ops = tokio::spawn(
+        axum::serve(
+            listener,
+            nightshift_telemetry::ops_router(readiness(&ports, &scheduler)),
+        )
+        .with_graceful_shutdown(stop_ops.clone().cancelled_owned())
+        .into_future(),
+    );
 
     let handler = Arc::new(FinalizeHandler {
         settings: AssembleSettings {
@@ -282,9 +274,9 @@ pub async fn serve(
         holder = %handler.holder,
         "finalizer listening"
     );
-    run_worker(handler.queue.clone(), worker, handler, stop).await;
+    run_worker(handler.queue.clone(), worker, handler, shutdown).await;
 
-    let _ = ops_stop_tx.send(());
+    stop_ops.cancel();
     let served = ops.await.map_err(std::io::Error::other)?;
     tracing::info!("finalizer stopped");
     served.map_err(ServeError::Io)
@@ -837,10 +829,7 @@ mod tests {
                 ..FinalizerConfig::default()
             },
         ] {
-            assert!(
-                matches!(bad.validate(), Err(ServeError::Config(_))),
-                "{bad:?}"
-            );
+            assert!(bad.validate().is_err(), "{bad:?}");
         }
         let fractional = FinalizerConfig {
             lease_ttl: Duration::from_millis(4500),

@@ -24,14 +24,15 @@ use nightshift_proto::v1::{
     LeaseFinalizationResponse,
 };
 use nightshift_queue::{
-    Consumer, Delivery, Headers, QueueConfig, QueueKind, RabbitQueue, Settle, Settlement, WorkQueue,
+    CancellationToken, Consumer, Delivery, Headers, QueueConfig, QueueKind, RabbitQueue, Settle,
+    Settlement, WorkQueue,
 };
 use nightshift_state::{LineOutcome, LiveCounts, LiveState, MemoryState};
 use nightshift_storage::{ObjectStore, S3Store};
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status};
 
@@ -419,10 +420,8 @@ impl Harness {
             }),
             state: self.state.clone(),
         };
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(config, ports, listener, async move {
-            let _ = stopped.await;
-        }));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(serve(config, ports, listener, stop.clone()));
         Running { stop, task, ops }
     }
 
@@ -463,14 +462,14 @@ impl Harness {
 }
 
 struct Running {
-    stop: oneshot::Sender<()>,
+    stop: CancellationToken,
     task: JoinHandle<Result<(), ServeError>>,
     ops: SocketAddr,
 }
 
 impl Running {
     async fn shutdown(self) {
-        let _ = self.stop.send(());
+        self.stop.cancel();
         tokio::time::timeout(WAIT, self.task)
             .await
             .expect("the finalizer stops in time")

@@ -3,6 +3,10 @@
 //! It owns nothing durable. File bytes stream straight between the client and object
 //! storage; everything else is asked of the scheduler over gRPC. Routes are served under
 //! `/v1`, at the root (for a `base_url` that forgot `/v1`) and under `/v1/openai`.
+//!
+//! [`serve`] runs it on a bound listener over the adapters the binary picked
+//! ([`GatewayPorts`]) until its shutdown token is cancelled, then finishes the requests in
+//! flight.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,6 +27,7 @@ use rand::Rng;
 use rand::distr::Alphanumeric;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
@@ -56,6 +61,17 @@ pub struct GatewayConfig {
     pub control_timeout: Duration,
 }
 
+impl GatewayConfig {
+    /// Checks what serde cannot: a usable `scheduler_url`.
+    ///
+    /// # Errors
+    /// A message naming the bad setting.
+    pub fn validate(&self) -> Result<(), String> {
+        SchedulerClient::check_url(&self.scheduler_url)
+            .map_err(|e| format!("gateway.scheduler_url: {e}"))
+    }
+}
+
 impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
@@ -67,6 +83,26 @@ impl Default for GatewayConfig {
             control_timeout: Duration::from_secs(30),
         }
     }
+}
+
+/// The infrastructure the gateway runs on; the binary picks the adapters.
+#[derive(Debug, Clone)]
+pub struct GatewayPorts {
+    /// Uploaded files' bytes, written on upload and read back for downloads.
+    pub storage: Arc<dyn ObjectStore>,
+    /// Live request counts and usage of running batches.
+    pub state: Arc<dyn LiveState>,
+}
+
+/// Failures that stop the gateway from starting or serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The scheduler URL is unusable.
+    #[error("invalid gateway configuration: {0}")]
+    Config(String),
+    /// The listener failed.
+    #[error("serve: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// What the handlers share.
@@ -256,44 +292,50 @@ pub fn app(state: AppState, readiness: Readiness) -> Router {
         .layer(SetRequestIdLayer::x_request_id(MakeReqId))
 }
 
-/// Runs the gateway on `listener` until `shutdown` resolves, then finishes in-flight
-/// requests.
+/// Runs the gateway on `listener` until `shutdown` is cancelled, then finishes the requests
+/// in flight. `config` was validated when it was loaded ([`GatewayConfig::validate`]); the
+/// scheduler may be down at start or at any time (`/readyz` says so).
+///
+/// # Errors
+/// An unusable `scheduler_url`, or the listener's I/O error.
 pub async fn serve(
     config: GatewayConfig,
-    storage: Arc<dyn ObjectStore>,
-    live: Arc<dyn LiveState>,
+    ports: GatewayPorts,
     listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
     let control = SchedulerClient::connect_lazy(&config.scheduler_url, config.control_timeout)
-        .map_err(|e| std::io::Error::other(format!("scheduler_url: {e}")))?;
-    let readiness = {
-        let (c, s, l) = (control.clone(), storage.clone(), live.clone());
-        Readiness::new()
-            .check("live_state", move || {
-                let l = l.clone();
-                async move { l.ping().await.map_err(|e| e.to_string()) }
-            })
-            .check("scheduler", move || {
-                let c = c.clone();
-                async move { c.ping().await }
-            })
-            .check("object_storage", move || {
-                let s = s.clone();
-                async move { s.ping().await.map_err(|e| e.to_string()) }
-            })
-    };
+        .map_err(|e| ServeError::Config(format!("gateway.scheduler_url: {e}")))?;
+    let readiness = readiness(&ports, &control);
     metrics::register();
     let state = AppState {
         config: Arc::new(config),
         control,
-        storage,
-        live,
+        storage: ports.storage,
+        live: ports.state,
     };
     tracing::info!(addr = %listener.local_addr()?, "gateway listening");
     axum::serve(listener, app(state, readiness))
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// `/readyz`: live state, the scheduler and object storage answer.
+fn readiness(ports: &GatewayPorts, control: &SchedulerClient) -> Readiness {
+    let (c, s, l) = (control.clone(), ports.storage.clone(), ports.state.clone());
+    Readiness::new()
+        .check("live_state", move || {
+            let l = l.clone();
+            async move { l.ping().await.map_err(|e| e.to_string()) }
+        })
+        .check("scheduler", move || {
+            let c = c.clone();
+            async move { c.ping().await }
+        })
+        .check("object_storage", move || {
+            let s = s.clone();
+            async move { s.ping().await.map_err(|e| e.to_string()) }
+        })
 }

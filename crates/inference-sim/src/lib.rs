@@ -96,7 +96,7 @@
 //!
 //! # Shutdown
 //!
-//! When the shutdown future completes, [`serve`] stops accepting, `/readyz` turns 503, and
+//! When the shutdown token is cancelled, [`serve`] stops accepting, `/readyz` turns 503, and
 //! every request still in simulated latency or a timeout hold has its connection cut, so
 //! shutdown never waits on simulated time.
 
@@ -108,26 +108,26 @@ mod openai;
 mod server;
 mod stats;
 
-use std::future::Future;
+use tokio_util::sync::CancellationToken;
 
 pub use config::{ConfigError, SimConfig};
 pub use stats::{FailureCounts, RequestCounts, SimStats};
 
-/// Serves the simulator on `listener` until `shutdown` completes, then drains connections
+/// Serves the simulator on `listener` until `shutdown` is cancelled, then drains connections
 /// (requests in simulated waits are cut at once).
 ///
 /// Fails at once with `InvalidInput` if the configuration does not [`SimConfig::validate`].
 pub async fn serve(
     config: SimConfig,
     listener: tokio::net::TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     config
         .validate()
         .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidInput, error))?;
     let (router, app) = server::build(config);
     let signal = async move {
-        shutdown.await;
+        shutdown.cancelled().await;
         tracing::info!("shutting down: cutting simulated waits, draining connections");
         app.begin_shutdown();
     };

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 
 use clap::{CommandFactory, FromArgMatches, Parser};
 use nightshift_inference_sim::{SimConfig, serve};
+use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -31,12 +32,14 @@ async fn main() -> anyhow::Result<()> {
     cli.config.validate()?;
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "inference simulator listening");
-    serve(cli.config, listener, shutdown_signal()).await?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    serve(cli.config, listener, shutdown).await?;
     Ok(())
 }
 
-/// Completes on the first SIGINT or SIGTERM; a second SIGINT then exits at once.
-async fn shutdown_signal() {
+/// Cancels `shutdown` at the first SIGINT or SIGTERM; a second SIGINT then exits at once.
+async fn cancel_on_signal(shutdown: CancellationToken) {
     #[cfg(unix)]
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -47,6 +50,7 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let terminate = std::future::pending::<()>();
     tokio::select! { _ = tokio::signal::ctrl_c() => {}, () = terminate => {} }
+    shutdown.cancel();
     tokio::spawn(async {
         _ = tokio::signal::ctrl_c().await;
         std::process::exit(130);

@@ -10,23 +10,21 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 struct Sim {
     url: String,
     client: reqwest::Client,
-    stop: oneshot::Sender<()>,
+    stop: CancellationToken,
     task: JoinHandle<std::io::Result<()>>,
 }
 
 async fn start(config: SimConfig) -> Sim {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve(config, listener, async {
-        _ = stopped.await;
-    }));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(serve(config, listener, stop.clone()));
     Sim {
         url,
         client: reqwest::Client::new(),
@@ -80,7 +78,7 @@ impl Sim {
     }
 
     async fn shutdown(self) {
-        self.stop.send(()).unwrap();
+        self.stop.cancel();
         self.task.await.unwrap().unwrap();
     }
 }
@@ -877,7 +875,7 @@ async fn serve_rejects_invalid_config() {
         rate_drop: 2.0,
         ..SimConfig::default()
     };
-    let error = serve(config, listener, std::future::pending())
+    let error = serve(config, listener, CancellationToken::new())
         .await
         .expect_err("invalid config");
     assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput);

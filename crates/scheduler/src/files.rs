@@ -15,14 +15,14 @@ use nightshift_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::ids::{caller_tenant, file_id, no_such};
-use crate::{Ports, SchedulerError, metrics};
+use crate::{SchedulerError, SchedulerPorts, metrics};
 
 pub struct FilesService {
-    ports: Ports,
+    ports: SchedulerPorts,
 }
 
 impl FilesService {
-    pub fn new(ports: Ports) -> Self {
+    pub fn new(ports: SchedulerPorts) -> Self {
         Self { ports }
     }
 }

@@ -48,7 +48,6 @@ mod sweeper;
 mod tenants;
 
 pub use error::SchedulerError;
-pub(crate) use SchedulerPorts as Ports;
 pub use sampler::sample_once;
 pub use sweeper::sweep_once;
 
@@ -168,7 +167,10 @@ pub async fn serve(
 }
 
 /// Makes the configured bootstrap key exist, owned by `bootstrap_tenant` (if a key is set).
-async fn bootstrap_tenant(config: &SchedulerConfig, ports: &SchedulerPorts) -> Result<(), ServeError> {
+async fn bootstrap_tenant(
+    config: &SchedulerConfig,
+    ports: &SchedulerPorts,
+) -> Result<(), ServeError> {
     if let Some(key) = config.bootstrap_api_key.as_ref().filter(|k| !k.is_empty()) {
         let tenant = ports
             .metadata

@@ -9,10 +9,10 @@ use nightshift_core::time::now_unix_micros;
 use nightshift_queue::QueueKind;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Ports, metrics};
+use crate::{SchedulerPorts, metrics};
 
 /// Samples every `interval` (the first time at once) until `stop` is cancelled.
-pub async fn run(ports: Ports, interval: Duration, stop: CancellationToken) {
+pub async fn run(ports: SchedulerPorts, interval: Duration, stop: CancellationToken) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -26,7 +26,7 @@ pub async fn run(ports: Ports, interval: Duration, stop: CancellationToken) {
 
 /// One sample at `now_us`. A source that does not answer leaves its gauges at their last
 /// value (readiness reports the outage).
-pub async fn sample_once(ports: &Ports, now_us: i64) {
+pub async fn sample_once(ports: &SchedulerPorts, now_us: i64) {
     for status in metrics::LIVE_STATUSES {
         match ports.metadata.batches_with_status(&[status]).await {
             Ok(batches) => {

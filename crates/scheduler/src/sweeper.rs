@@ -11,10 +11,10 @@ use std::time::Duration;
 use nightshift_core::time::now_unix;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Ports, SchedulerError, metrics};
+use crate::{SchedulerError, SchedulerPorts, metrics};
 
 /// Runs sweep rounds every `interval` until `stop` is cancelled.
-pub async fn run(ports: Ports, interval: Duration, batch: u32, stop: CancellationToken) {
+pub async fn run(ports: SchedulerPorts, interval: Duration, batch: u32, stop: CancellationToken) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -38,7 +38,11 @@ pub async fn run(ports: Ports, interval: Duration, batch: u32, stop: Cancellatio
 }
 
 /// One round at `now`: returns how many files were reclaimed.
-pub async fn sweep_once(ports: &Ports, now: i64, batch: u32) -> Result<usize, SchedulerError> {
+pub async fn sweep_once(
+    ports: &SchedulerPorts,
+    now: i64,
+    batch: u32,
+) -> Result<usize, SchedulerError> {
     let files = ports.metadata.sweepable_files(now, batch).await?;
     let mut swept = 0;
     for file in files {

@@ -8,14 +8,14 @@ use nightshift_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::{Ports, SchedulerError};
+use crate::{SchedulerError, SchedulerPorts};
 
 pub struct TenantsService {
-    ports: Ports,
+    ports: SchedulerPorts,
 }
 
 impl TenantsService {
-    pub fn new(ports: Ports) -> Self {
+    pub fn new(ports: SchedulerPorts) -> Self {
         Self { ports }
     }
 }

@@ -1,8 +1,9 @@
 //! nightshift in one process.
 //!
-//! [`Standalone::start`] runs the gateway, the scheduler, executors and the finalizer — the same
-//! `serve` functions the distributed deployment runs, unchanged — on the embedded adapters of
-//! the four ports, all under one data directory:
+//! [`Standalone::start`] runs the gateway, the scheduler, executors and the finalizer through
+//! the one wiring of every service in a process ([`Services`], also what the e2e harness's
+//! distributed stack runs) on the embedded adapters of the four ports, all under one data
+//! directory:
 //!
 //! | port | adapter | where |
 //! | --- | --- | --- |
@@ -19,39 +20,38 @@
 //! exact.
 //!
 //! The services still talk over loopback (the gateway and the finalizer call the scheduler's
-//! gRPC API on an ephemeral `127.0.0.1` port): one code path for both deployments.
+//! gRPC API on an ephemeral `127.0.0.1` port): one code path for both deployments. Optionally
+//! the inference simulator serves every model (`simulate`), and a progress reporter prints
+//! batch state changes; both stop after the services.
 //!
 //! One process owns a data directory at a time: [`Standalone::start`] takes an exclusive lock
 //! on `<data_dir>/lock` (released by the OS when the process dies, even by `kill -9`).
 
 mod progress;
+mod services;
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
-use futures::FutureExt;
-use futures::future::BoxFuture;
 use nightshift_core::apikey;
 use nightshift_core::routing::{RoutingConfig, UpstreamConfig};
 use nightshift_core::secret::Secret;
-use nightshift_executor::{ExecutorConfig, ExecutorPorts};
-use nightshift_finalizer::{FinalizerConfig, FinalizerPorts};
-use nightshift_gateway::GatewayConfig;
+use nightshift_executor::ExecutorPorts;
+use nightshift_finalizer::FinalizerPorts;
+use nightshift_gateway::GatewayPorts;
 use nightshift_inference_sim::SimConfig;
 use nightshift_metadata::{SqliteConfig, SqliteStore};
 use nightshift_queue::{EmbeddedQueue, EmbeddedQueueConfig};
-use nightshift_scheduler::{Ports, SchedulerConfig};
+use nightshift_scheduler::SchedulerPorts;
 use nightshift_state::MemoryState;
 use nightshift_storage::LocalStore;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 pub use progress::{Progress, ProgressSettings};
+pub use services::{ServiceConfigs, ServicePorts, Services};
 
 /// The model pattern that routes every model to one upstream.
 const ANY_MODEL: &str = "*";
@@ -61,23 +61,13 @@ const ANY_MODEL: &str = "*";
 pub struct StandaloneConfig {
     /// Objects, metadata and queue live here (created if missing).
     pub data_dir: PathBuf,
-    /// The HTTP API (`listen`; `scheduler_url` is set by [`Standalone::start`]).
-    pub gateway: GatewayConfig,
-    /// `listen` and `bootstrap_api_key` are set by [`Standalone::start`].
-    pub scheduler: SchedulerConfig,
-    /// `listen` (ops endpoints) is set by [`Standalone::start`].
-    pub executor: ExecutorConfig,
-    /// `listen` and `scheduler_url` are set by [`Standalone::start`].
-    pub finalizer: FinalizerConfig,
-    /// Which upstream serves which model. With [`simulate`](Self::simulate), every model goes
-    /// to the built-in simulator instead.
-    pub routing: RoutingConfig,
+    /// The services' settings, the routing table included (with
+    /// [`simulate`](Self::simulate), every model goes to the built-in simulator instead). The
+    /// scheduler's `bootstrap_api_key` is set to the [`api_key`](Self::api_key); the loopback
+    /// addresses are set by the wiring.
+    pub services: ServiceConfigs,
     /// Serve the built-in inference simulator on loopback and route every model to it.
     pub simulate: Option<SimConfig>,
-    /// Executors in the process (they share the chunk queue). At least 1.
-    pub executors: usize,
-    /// Start the finalizer (tests may start it later with [`Standalone::start_finalizer`]).
-    pub finalizer_enabled: bool,
     /// The API key of the `default` tenant. `None`: the key in `<data_dir>/api-key`, generated
     /// and saved there on the first start.
     pub api_key: Option<Secret>,
@@ -92,38 +82,35 @@ impl StandaloneConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
-            gateway: GatewayConfig::default(),
-            scheduler: SchedulerConfig::default(),
-            executor: ExecutorConfig::default(),
-            finalizer: FinalizerConfig::default(),
-            routing: RoutingConfig::default(),
+            services: ServiceConfigs::default(),
             simulate: None,
-            executors: 1,
-            finalizer_enabled: true,
             api_key: None,
             delivery_limit: EmbeddedQueueConfig::default().delivery_limit,
             progress: None,
         }
     }
+}
 
-    /// Routes every model to one OpenAI-compatible server (`base_url` ends in `/v1`), keeping
-    /// the configured routing's tuning of its first upstream (concurrency, timeouts, retries).
-    pub fn with_upstream(mut self, base_url: &str, api_key_env: Option<String>) -> Self {
-        let mut upstream = UpstreamConfig::new("upstream", base_url, [ANY_MODEL]);
-        if let Some(tuned) = self.routing.upstreams.first() {
-            upstream = UpstreamConfig {
-                name: upstream.name,
-                base_url: upstream.base_url,
-                models: upstream.models,
-                api_key_env: None,
-                ..tuned.clone()
-            };
-        }
-        upstream.api_key_env = api_key_env;
-        self.routing = RoutingConfig {
-            upstreams: vec![upstream],
+/// Routes every model to one OpenAI-compatible server (`base_url` ends in `/v1`), keeping the
+/// tuning of `routing`'s first upstream (concurrency, timeouts, retries).
+pub fn route_every_model(
+    routing: &RoutingConfig,
+    base_url: &str,
+    api_key_env: Option<String>,
+) -> RoutingConfig {
+    let mut upstream = UpstreamConfig::new("upstream", base_url, [ANY_MODEL]);
+    if let Some(tuned) = routing.upstreams.first() {
+        upstream = UpstreamConfig {
+            name: upstream.name,
+            base_url: upstream.base_url,
+            models: upstream.models,
+            api_key_env: None,
+            ..tuned.clone()
         };
-        self
+    }
+    upstream.api_key_env = api_key_env;
+    RoutingConfig {
+        upstreams: vec![upstream],
     }
 }
 
@@ -187,8 +174,8 @@ impl EmbeddedPorts {
     }
 
     /// The scheduler's view of the ports.
-    pub fn scheduler(&self) -> Ports {
-        Ports {
+    pub fn scheduler(&self) -> SchedulerPorts {
+        SchedulerPorts {
             metadata: self.metadata.clone(),
             storage: self.storage.clone(),
             queue: self.queue.clone(),
@@ -196,63 +183,24 @@ impl EmbeddedPorts {
         }
     }
 
-    fn executor(&self) -> ExecutorPorts {
-        ExecutorPorts {
-            storage: self.storage.clone(),
-            queue: self.queue.clone(),
-            state: self.state.clone(),
-        }
-    }
-
-    fn finalizer(&self) -> FinalizerPorts {
-        FinalizerPorts {
-            storage: self.storage.clone(),
-            queue: self.queue.clone(),
-            state: self.state.clone(),
-        }
-    }
-}
-
-/// One running service: a stop signal and its task.
-struct Service {
-    name: &'static str,
-    stop: watch::Sender<bool>,
-    task: JoinHandle<Result<(), String>>,
-}
-
-impl Service {
-    fn spawn<F, E>(name: &'static str, run: impl FnOnce(BoxFuture<'static, ()>) -> F) -> Self
-    where
-        F: Future<Output = Result<(), E>> + Send + 'static,
-        E: std::fmt::Display,
-    {
-        let (stop, mut rx) = watch::channel(false);
-        let shutdown = async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-        .boxed();
-        let fut = run(shutdown);
-        let task = tokio::spawn(async move { fut.await.map_err(|e| e.to_string()) });
-        Self { name, stop, task }
-    }
-
-    async fn stop(self) -> Result<()> {
-        let _ = self.stop.send(true);
-        self.join().await
-    }
-
-    async fn join(self) -> Result<()> {
-        let name = self.name;
-        match self.task.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(message)) => Err(StandaloneError::Service {
-                service: name,
-                message,
-            }),
-            Err(e) => Err(StandaloneError::Service {
-                service: name,
-                message: e.to_string(),
-            }),
+    /// Every service's view of the ports.
+    pub fn services(&self) -> ServicePorts {
+        ServicePorts {
+            gateway: GatewayPorts {
+                storage: self.storage.clone(),
+                state: self.state.clone(),
+            },
+            scheduler: self.scheduler(),
+            executor: ExecutorPorts {
+                storage: self.storage.clone(),
+                queue: self.queue.clone(),
+                state: self.state.clone(),
+            },
+            finalizer: FinalizerPorts {
+                storage: self.storage.clone(),
+                queue: self.queue.clone(),
+                state: self.state.clone(),
+            },
         }
     }
 }
@@ -269,17 +217,20 @@ pub struct Standalone {
     pub sim_origin: Option<String>,
     pub ports: EmbeddedPorts,
     pub data_dir: PathBuf,
-    finalizer_config: FinalizerConfig,
-    /// In stop order: gateway, executors, finalizer, progress, scheduler, simulator.
-    front: Vec<Service>,
-    finalizers: Vec<Service>,
-    back: Vec<Service>,
+    /// The services, the simulator and the progress reporter.
+    services: Services,
+    /// Held until the services have stopped.
     _lock: File,
 }
 
 impl Standalone {
     /// Opens the data directory and starts every service; returns once the scheduler answers.
-    pub async fn start(mut config: StandaloneConfig) -> Result<Self> {
+    /// Cancelling `shutdown` stops everything, in order (see [`Services`]).
+    ///
+    /// # Errors
+    /// The data directory is unusable or locked, an adapter cannot be opened, or a service
+    /// failed to start (the others are stopped first).
+    pub async fn start(mut config: StandaloneConfig, shutdown: CancellationToken) -> Result<Self> {
         let data_dir = config.data_dir.clone();
         std::fs::create_dir_all(&data_dir).map_err(|source| StandaloneError::DataDir {
             path: data_dir.clone(),
@@ -292,69 +243,33 @@ impl Standalone {
         };
         let ports = EmbeddedPorts::open(&data_dir, config.delivery_limit).await?;
 
-        let mut back = Vec::new();
-        let mut sim_origin = None;
+        let mut simulator = None;
         if let Some(sim) = config.simulate.take() {
-            let listener = bind(loopback()).await?;
-            let origin = format!("http://{}", local_addr(&listener)?);
-            back.push(Service::spawn("inference simulator", |stop| {
-                nightshift_inference_sim::serve(sim, listener, stop)
-            }));
-            config = config.with_upstream(&format!("{origin}/v1"), None);
-            sim_origin = Some(origin);
+            let listener = services::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+            let origin = format!("http://{}", services::local_addr(&listener)?);
+            let routing = route_every_model(
+                &config.services.executor.routing,
+                &format!("{origin}/v1"),
+                None,
+            );
+            config.services.set_routing(routing);
+            simulator = Some((sim, listener, origin));
         }
-        config
-            .routing
-            .validate()
-            .map_err(|e| StandaloneError::Config(format!("routing: {e}")))?;
-
-        // The scheduler first: everything else talks to it.
-        let listener = bind(loopback()).await?;
-        let scheduler_addr = local_addr(&listener)?;
-        let scheduler_url = format!("http://{scheduler_addr}");
-        let scheduler_config = SchedulerConfig {
-            listen: scheduler_addr,
-            bootstrap_api_key: Some(Secret::new(api_key.clone())),
-            ..config.scheduler.clone()
-        };
-        let sched_ports = ports.scheduler();
+        config.services.scheduler.bootstrap_api_key = Some(Secret::new(api_key.clone()));
+        // Subscribed before the scheduler starts, so no batch is missed.
         let created = config
             .progress
             .is_some()
             .then(|| ports.metadata.subscribe_created());
-        let routing = config.routing.clone();
-        back.insert(
-            0,
-            Service::spawn("scheduler", |stop| {
-                nightshift_scheduler::serve(scheduler_config, routing, sched_ports, listener, stop)
-            }),
-        );
 
-        let mut front = Vec::new();
-        let listener = bind(config.gateway.listen).await?;
-        let origin = format!("http://{}", local_addr(&listener)?);
-        let gateway_config = GatewayConfig {
-            scheduler_url: scheduler_url.clone(),
-            ..config.gateway.clone()
-        };
-        let (storage, state) = (ports.storage.clone(), ports.state.clone());
-        front.push(Service::spawn("gateway", |stop| {
-            nightshift_gateway::serve(gateway_config, storage, state, listener, stop)
-        }));
-
-        for _ in 0..config.executors.max(1) {
-            let listener = bind(loopback()).await?;
-            let executor_config = ExecutorConfig {
-                listen: local_addr(&listener)?,
-                ..config.executor.clone()
-            };
-            let (routing, exec_ports) = (config.routing.clone(), ports.executor());
-            front.push(Service::spawn("executor", |stop| {
-                nightshift_executor::serve(executor_config, routing, exec_ports, listener, stop)
-            }));
-        }
-
-        if let Some(settings) = config.progress.take() {
+        let services = Services::start(config.services, ports.services(), shutdown).await?;
+        let sim_origin = simulator.map(|(sim, listener, origin)| {
+            services.spawn_auxiliary("inference simulator", |stop| {
+                nightshift_inference_sim::serve(sim, listener, stop)
+            });
+            origin
+        });
+        if let Some(settings) = config.progress {
             let mut progress = Progress::new(
                 settings,
                 ports.metadata.clone(),
@@ -364,36 +279,22 @@ impl Standalone {
             if let Some(created) = created {
                 progress = progress.follow_created(created);
             }
-            back.insert(
-                0,
-                Service::spawn("progress", |stop| async move {
-                    progress.run(stop).await;
-                    Ok::<(), std::convert::Infallible>(())
-                }),
-            );
+            services.spawn_auxiliary("progress", |stop| async move {
+                progress.run(stop.cancelled_owned()).await;
+                Ok::<(), std::convert::Infallible>(())
+            });
         }
 
-        let mut standalone = Self {
-            origin,
+        Ok(Self {
+            origin: format!("http://{}", services.gateway_addr),
             api_key,
-            scheduler_url: scheduler_url.clone(),
+            scheduler_url: services.scheduler_url.clone(),
             sim_origin,
             ports,
             data_dir,
-            finalizer_config: FinalizerConfig {
-                scheduler_url,
-                ..config.finalizer.clone()
-            },
-            front,
-            finalizers: Vec::new(),
-            back,
+            services,
             _lock: lock,
-        };
-        if config.finalizer_enabled {
-            standalone.start_finalizer().await?;
-        }
-        standalone.wait_ready().await?;
-        Ok(standalone)
+        })
     }
 
     /// `http://<gateway>/v1`, what an OpenAI client's `base_url` is set to.
@@ -402,117 +303,29 @@ impl Standalone {
     }
 
     /// Starts a(nother) finalizer on this process's queues.
+    ///
+    /// # Errors
+    /// Its ops listener cannot be bound.
     pub async fn start_finalizer(&mut self) -> Result<()> {
-        let listener = bind(loopback()).await?;
-        let config = FinalizerConfig {
-            listen: local_addr(&listener)?,
-            ..self.finalizer_config.clone()
-        };
-        let ports = self.ports.finalizer();
-        self.finalizers.push(Service::spawn("finalizer", |stop| {
-            nightshift_finalizer::serve(config, ports, listener, stop)
-        }));
-        Ok(())
+        self.services.start_finalizer().await
     }
 
-    /// Waits until the scheduler answers (it runs its recovery before serving).
-    async fn wait_ready(&mut self) -> Result<()> {
-        let control = nightshift_proto::client::SchedulerClient::connect_lazy(
-            &self.scheduler_url,
-            Duration::from_secs(5),
-        )
-        .map_err(|e| StandaloneError::Config(format!("scheduler url: {e}")))?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            if control.ping().await.is_ok() {
-                return Ok(());
-            }
-            if let Some(failed) = self.failed_service().await {
-                return Err(failed);
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(StandaloneError::Service {
-                    service: "scheduler",
-                    message: "did not answer within 60s of starting".into(),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    /// Runs until the shutdown token is cancelled or a service fails; everything is stopped in
+    /// order by then.
+    ///
+    /// # Errors
+    /// The failure, or the first error a service returned while stopping.
+    pub async fn join(self) -> Result<()> {
+        self.services.join().await
     }
 
-    /// The first service that ended on its own, with its error.
-    async fn failed_service(&mut self) -> Option<StandaloneError> {
-        for list in [&mut self.front, &mut self.finalizers, &mut self.back] {
-            if let Some(i) = list.iter().position(|s| s.task.is_finished()) {
-                let service = list.remove(i);
-                let name = service.name;
-                return Some(match service.join().await {
-                    Err(e) => e,
-                    Ok(()) => StandaloneError::Service {
-                        service: name,
-                        message: "ended unexpectedly".into(),
-                    },
-                });
-            }
-        }
-        None
+    /// Cancels the shutdown token and [joins](Self::join).
+    ///
+    /// # Errors
+    /// As [`Standalone::join`].
+    pub async fn stop(self) -> Result<()> {
+        self.services.stop().await
     }
-
-    /// Runs until `shutdown` resolves (then stops in order) or a service fails (then stops the
-    /// others and returns its error).
-    pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        let mut shutdown = std::pin::pin!(shutdown);
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
-        loop {
-            tokio::select! {
-                () = &mut shutdown => return self.stop().await,
-                _ = tick.tick() => {
-                    if let Some(failed) = self.failed_service().await {
-                        tracing::error!(error = %failed, "a service failed; stopping");
-                        let _ = self.stop().await;
-                        return Err(failed);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Stops in order: the gateway and executors (in-flight chunks finish or are requeued),
-    /// the finalizers, then the scheduler and the simulator. Returns the first error.
-    pub async fn stop(mut self) -> Result<()> {
-        let mut first_error = None;
-        for group in [
-            std::mem::take(&mut self.front),
-            std::mem::take(&mut self.finalizers),
-            std::mem::take(&mut self.back),
-        ] {
-            for service in &group {
-                let _ = service.stop.send(true);
-            }
-            for service in group {
-                if let Err(e) = service.stop().await {
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        first_error.map_or(Ok(()), Err)
-    }
-}
-
-fn loopback() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 0))
-}
-
-async fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| StandaloneError::Bind(addr, e))
-}
-
-fn local_addr(listener: &TcpListener) -> Result<SocketAddr> {
-    listener
-        .local_addr()
-        .map_err(|e| StandaloneError::Bind(loopback(), e))
 }
 
 /// Takes `<data_dir>/lock` exclusively for the life of the returned file.
@@ -604,13 +417,14 @@ mod tests {
 
     #[test]
     fn one_upstream_serves_every_model_and_keeps_the_configured_tuning() {
-        let mut config = StandaloneConfig::new("/tmp/x");
-        config.routing.upstreams = vec![UpstreamConfig {
-            max_concurrency: 7,
-            ..UpstreamConfig::new("vllm", "http://a/v1", ["m"])
-        }];
-        let config = config.with_upstream("http://b:8000/v1", Some("KEY".into()));
-        let [upstream] = config.routing.upstreams.as_slice() else {
+        let routing = RoutingConfig {
+            upstreams: vec![UpstreamConfig {
+                max_concurrency: 7,
+                ..UpstreamConfig::new("vllm", "http://a/v1", ["m"])
+            }],
+        };
+        let routing = route_every_model(&routing, "http://b:8000/v1", Some("KEY".into()));
+        let [upstream] = routing.upstreams.as_slice() else {
             panic!("one upstream");
         };
         assert_eq!(upstream.base_url, "http://b:8000/v1");

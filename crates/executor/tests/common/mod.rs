@@ -14,7 +14,7 @@ use nightshift_proto::v1::ChunkTask;
 use nightshift_storage::{ObjectStore, S3Config, S3Store};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// How long a test waits for something that must happen.
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -25,25 +25,23 @@ pub struct Sim {
     pub url: String,
     client: reqwest::Client,
     /// Dropping it shuts the simulator down.
-    _stop: oneshot::Sender<()>,
+    _stop: DropGuard,
 }
 
 /// Starts the simulator on 127.0.0.1:0.
 pub async fn start_sim() -> Sim {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind sim");
     let url = format!("http://{}", listener.local_addr().expect("sim addr"));
-    let (stop, stopped) = oneshot::channel::<()>();
+    let stop = CancellationToken::new();
     tokio::spawn(nightshift_inference_sim::serve(
         SimConfig::default(),
         listener,
-        async {
-            _ = stopped.await;
-        },
+        stop.clone(),
     ));
     Sim {
         url,
         client: reqwest::Client::new(),
-        _stop: stop,
+        _stop: stop.drop_guard(),
     }
 }
 

@@ -14,16 +14,16 @@ use tracing::Instrument;
 use super::Validator;
 use crate::ids::{batch_id, caller_tenant, no_such};
 use crate::pipeline::PipelineSettings;
-use crate::{Ports, SchedulerError, metrics};
+use crate::{SchedulerError, SchedulerPorts, metrics};
 
 pub struct BatchesService {
-    ports: Ports,
+    ports: SchedulerPorts,
     validator: Validator,
     pipeline: PipelineSettings,
 }
 
 impl BatchesService {
-    pub fn new(ports: Ports, validator: Validator, pipeline: PipelineSettings) -> Self {
+    pub fn new(ports: SchedulerPorts, validator: Validator, pipeline: PipelineSettings) -> Self {
         Self {
             ports,
             validator,

@@ -21,12 +21,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::BatchSettings;
-use crate::{Ports, SchedulerError, metrics};
+use crate::{SchedulerError, SchedulerPorts, metrics};
 
 /// Validates batches in the background, a bounded number at a time.
 #[derive(Clone)]
 pub struct Validator {
-    ports: Ports,
+    ports: SchedulerPorts,
     settings: Arc<BatchSettings>,
     routing: Arc<RoutingConfig>,
     permits: Arc<Semaphore>,
@@ -41,7 +41,7 @@ pub const VALIDATION_RETRY_BASE: Duration = Duration::from_secs(1);
 
 impl Validator {
     pub fn new(
-        ports: Ports,
+        ports: SchedulerPorts,
         settings: BatchSettings,
         routing: RoutingConfig,
         wake: Arc<tokio::sync::Notify>,
@@ -197,7 +197,7 @@ fn input_error(message: String) -> ValidationOutcome {
 /// retried); every problem with the input itself is a `Failed` outcome — a file whose bytes
 /// are missing from object storage included.
 pub async fn validate_input(
-    ports: &Ports,
+    ports: &SchedulerPorts,
     settings: &BatchSettings,
     routing: &RoutingConfig,
     batch: &BatchRecord,

@@ -30,18 +30,18 @@ use tracing::Instrument;
 
 use super::fairness::{self, Fairness};
 use super::{PipelineSettings, SCHEMA_VERSION, batch_trace};
-use crate::{Ports, SchedulerError, metrics};
+use crate::{SchedulerError, SchedulerPorts, metrics};
 
 /// The dispatcher and its fairness state.
 pub struct Dispatcher {
-    ports: Ports,
+    ports: SchedulerPorts,
     settings: PipelineSettings,
     /// Lines handed out per tenant: who gets the next free slot.
     fairness: Fairness,
 }
 
 impl Dispatcher {
-    pub fn new(ports: Ports, settings: PipelineSettings) -> Self {
+    pub fn new(ports: SchedulerPorts, settings: PipelineSettings) -> Self {
         Self {
             ports,
             settings,
@@ -138,7 +138,7 @@ impl Dispatcher {
 /// Publishes a chunk's task (dispatch number `attempt`) in a `dispatch_chunk` span of the
 /// batch's trace; the task carries the span's context to the executor.
 pub(crate) async fn publish_task(
-    ports: &Ports,
+    ports: &SchedulerPorts,
     batch: &BatchRecord,
     span: &ChunkSpan,
     attempt: u32,

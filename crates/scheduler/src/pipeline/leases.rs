@@ -26,7 +26,7 @@ use nightshift_metadata::LeasePolicy;
 use nightshift_queue::QueueKind;
 
 use super::{PipelineSettings, dispatch};
-use crate::{Ports, metrics};
+use crate::{SchedulerPorts, metrics};
 
 /// What one lease sweep did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -41,7 +41,7 @@ pub struct LeaseReport {
 
 /// One lease sweep at `now`. Failures are logged: a task that could not be published keeps
 /// its renewed lease and is found again when that expires.
-pub async fn sweep(ports: &Ports, settings: &PipelineSettings, now: i64) -> LeaseReport {
+pub async fn sweep(ports: &SchedulerPorts, settings: &PipelineSettings, now: i64) -> LeaseReport {
     // A queue that cannot tell its depth counts as busy: extending a lease is always safe.
     let tasks_waiting = match ports.queue.depth(QueueKind::ChunkTasks).await {
         Ok(depth) => depth > 0,

@@ -43,7 +43,7 @@ pub use dispatch::Dispatcher;
 pub use results::consume_results;
 pub use service::PipelineService;
 
-use crate::{Ports, SchedulerError, metrics};
+use crate::{SchedulerError, SchedulerPorts, metrics};
 
 /// Version of the queue messages this scheduler writes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -129,7 +129,7 @@ fn secs(d: Duration) -> i64 {
 ///
 /// [`MetadataStore::request_finalize`]: nightshift_metadata::MetadataStore::request_finalize
 pub async fn finalize_if_ready(
-    ports: &Ports,
+    ports: &SchedulerPorts,
     settings: &PipelineSettings,
     batch: &BatchId,
     now: i64,
@@ -150,7 +150,10 @@ pub async fn finalize_if_ready(
 /// Publishes the finalize job of a batch (again, after a restart: the finalizer is
 /// idempotent), in a `request_finalize` span of the batch's trace whose context the job
 /// carries to the finalizer.
-pub async fn publish_finalize(ports: &Ports, batch: &BatchRecord) -> Result<(), SchedulerError> {
+pub async fn publish_finalize(
+    ports: &SchedulerPorts,
+    batch: &BatchRecord,
+) -> Result<(), SchedulerError> {
     let span =
         tracing::info_span!("request_finalize", batch_id = %batch.id, status = %batch.status);
     propagation::set_parent(&span, batch_trace(batch));
@@ -175,7 +178,7 @@ pub(crate) fn batch_trace(batch: &BatchRecord) -> Option<&str> {
 /// Runs [`sweep_once`] every `expiry_interval` until `stop` is cancelled. `wake` is notified
 /// when a sweep freed model slots (chunks given up), so the dispatcher fills them at once.
 pub async fn run_sweeps(
-    ports: Ports,
+    ports: SchedulerPorts,
     settings: PipelineSettings,
     wake: std::sync::Arc<tokio::sync::Notify>,
     stop: CancellationToken,
@@ -223,7 +226,11 @@ pub struct SweepReport {
 ///    ended);
 /// 4. stalled finalizations (lease absent or expired, job older than `finalize_retry_after`)
 ///    get their job published again.
-pub async fn sweep_once(ports: &Ports, settings: &PipelineSettings, now: i64) -> SweepReport {
+pub async fn sweep_once(
+    ports: &SchedulerPorts,
+    settings: &PipelineSettings,
+    now: i64,
+) -> SweepReport {
     let mut report = SweepReport::default();
 
     match ports.metadata.expire_due(now).await {
@@ -333,7 +340,7 @@ pub struct Recovery {
 /// flag raised again (the live state may be empty); batches asked to finalize get their job
 /// published again. Nothing stops at the first error: each failure is logged and counted,
 /// and the periodic sweeps drive whatever was missed.
-pub async fn recover(ports: &Ports, settings: &PipelineSettings) -> Recovery {
+pub async fn recover(ports: &SchedulerPorts, settings: &PipelineSettings) -> Recovery {
     let mut recovery = Recovery::default();
     let now = now_unix();
     match ports.metadata.dispatch_candidates().await {

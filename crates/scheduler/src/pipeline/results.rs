@@ -24,7 +24,7 @@ use nightshift_core::time::now_unix;
 use nightshift_proto::v1::ChunkReport;
 
 use super::{PipelineSettings, finalize_if_ready};
-use crate::{Ports, SchedulerError, metrics};
+use crate::{SchedulerError, SchedulerPorts, metrics};
 
 /// How long, at shutdown, chunk results being recorded may take before they are re-published.
 pub const RESULTS_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -36,7 +36,7 @@ pub const RESULTS_PREFETCH: u16 = 64;
 /// counting them, drains on shutdown). `wake` is notified whenever a result is recorded, so
 /// the dispatcher hands out a freed slot at once.
 pub async fn consume_results(
-    ports: Ports,
+    ports: SchedulerPorts,
     settings: PipelineSettings,
     wake: Arc<Notify>,
     stop: CancellationToken,
@@ -57,7 +57,7 @@ pub async fn consume_results(
 
 /// Records one chunk result per delivery.
 struct ResultHandler {
-    ports: Ports,
+    ports: SchedulerPorts,
     settings: PipelineSettings,
     wake: Arc<Notify>,
 }
@@ -116,7 +116,7 @@ impl Handler for ResultHandler {
 /// is back, see [`SchedulerError::outage`]) or a message that can never be handled (an
 /// invalid batch id, an unknown report: [`SchedulerError::Malformed`]).
 pub(crate) async fn handle(
-    ports: &Ports,
+    ports: &SchedulerPorts,
     settings: &PipelineSettings,
     result: &ChunkResult,
 ) -> Result<(), SchedulerError> {

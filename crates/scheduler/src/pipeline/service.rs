@@ -14,14 +14,14 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::ids::{batch_id, no_such};
-use crate::{Ports, SchedulerError, metrics};
+use crate::{SchedulerError, SchedulerPorts, metrics};
 
 pub struct PipelineService {
-    ports: Ports,
+    ports: SchedulerPorts,
 }
 
 impl PipelineService {
-    pub fn new(ports: Ports) -> Self {
+    pub fn new(ports: SchedulerPorts) -> Self {
         Self { ports }
     }
 }

@@ -29,11 +29,11 @@ use tokio_util::sync::CancellationToken;
 use super::results::handle;
 use super::{Dispatcher, PipelineSettings, recover, sweep_once};
 use crate::batches::{BatchSettings, Validator, validate_input};
-use crate::{Ports, SchedulerError};
+use crate::{SchedulerError, SchedulerPorts};
 
 struct Fixture {
     _dir: tempfile::TempDir,
-    ports: Ports,
+    ports: SchedulerPorts,
     storage: Arc<LocalStore>,
     tenant: TenantId,
 }
@@ -63,7 +63,7 @@ async fn fixture() -> Fixture {
         .expect("tenant")
         .id;
     Fixture {
-        ports: Ports {
+        ports: SchedulerPorts {
             metadata: Arc::new(metadata),
             storage: storage.clone(),
             queue: Arc::new(queue),
@@ -684,7 +684,7 @@ async fn validation_retries_until_the_input_can_be_read() {
         reads: AtomicUsize::new(0),
     });
     let validator = Validator::new(
-        Ports {
+        SchedulerPorts {
             storage: storage.clone(),
             ..fx.ports.clone()
         },
