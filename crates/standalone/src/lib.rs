@@ -280,7 +280,7 @@ impl Standalone {
                 progress = progress.follow_created(created);
             }
             services.spawn_auxiliary("progress", |stop| async move {
-                progress.run(stop.cancelled_owned()).await;
+                progress.run(stop).await;
                 Ok::<(), std::convert::Infallible>(())
             });
         }

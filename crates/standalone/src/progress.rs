@@ -14,6 +14,7 @@ use nightshift_core::ids::BatchId;
 use nightshift_metadata::MetadataStore;
 use nightshift_state::{LiveCounts, LiveState};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// How often progress looks, and how often it reports throughput.
 #[derive(Debug, Clone)]
@@ -75,15 +76,14 @@ impl Progress {
         self
     }
 
-    /// Reports until `stop` resolves.
-    pub async fn run(mut self, stop: impl Future<Output = ()>) {
-        let mut stop = std::pin::pin!(stop);
+    /// Reports until `stop` is cancelled.
+    pub async fn run(mut self, stop: CancellationToken) {
         let mut poll = tokio::time::interval(self.settings.poll);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_report = tokio::time::Instant::now();
         loop {
             tokio::select! {
-                () = &mut stop => return,
+                () = stop.cancelled() => return,
                 _ = poll.tick() => {}
             }
             let throughput = last_report.elapsed() >= self.settings.throughput_every;
