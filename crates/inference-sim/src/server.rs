@@ -16,7 +16,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::SimConfig;
 use crate::conn::ConnHandle;
@@ -35,9 +35,9 @@ pub(crate) struct App {
     attempts: Mutex<AttemptMemory>,
     /// Draws rate-based failures; seeded from `config.seed`, re-seeded by `/sim/reset`.
     rng: Mutex<StdRng>,
-    /// Flips to true when shutdown begins: held and sleeping requests are then cut so the
-    /// graceful shutdown never waits on simulated time.
-    shutdown: watch::Sender<bool>,
+    /// Cancelled when shutdown begins: held and sleeping requests are then cut so the graceful
+    /// shutdown never waits on simulated time.
+    shutdown: CancellationToken,
     /// Unix seconds at start, the `created` of listed models.
     started: u64,
 }
@@ -78,7 +78,7 @@ impl App {
             attempts: Mutex::new(AttemptMemory::new(config.attempt_memory)),
             rng: Mutex::new(StdRng::seed_from_u64(config.seed)),
             stats: Arc::new(Stats::default()),
-            shutdown: watch::Sender::new(false),
+            shutdown: CancellationToken::new(),
             started: unix_now(),
             config,
         }
@@ -86,11 +86,11 @@ impl App {
 
     /// Starts shutdown: readiness fails and every simulated wait ends in a cut connection.
     pub(crate) fn begin_shutdown(&self) {
-        self.shutdown.send_replace(true);
+        self.shutdown.cancel();
     }
 
     fn shutting_down(&self) -> bool {
-        *self.shutdown.borrow()
+        self.shutdown.is_cancelled()
     }
 
     /// Sleeps `duration` unless shutdown begins first; true if the full time passed.
@@ -101,10 +101,9 @@ impl App {
         if duration.is_zero() {
             return true;
         }
-        let mut shutdown = self.shutdown.subscribe();
         tokio::select! {
             () = tokio::time::sleep(duration) => true,
-            _ = shutdown.wait_for(|down| *down) => false,
+            () = self.shutdown.cancelled() => false,
         }
     }
 
@@ -288,10 +287,10 @@ impl App {
         let body = PaddedBody::new(body.to_string(), pad_to);
         let length = body.len();
         let streaming = self.stats.stream_started();
-        let shutdown = self.shutdown.subscribe();
+        let shutdown = self.shutdown.clone();
         let pieces = futures::stream::unfold((body, streaming), move |(mut body, streaming)| {
             // Checked before every piece, so a huge body never holds up shutdown.
-            let down = *shutdown.borrow();
+            let down = shutdown.is_cancelled();
             async move {
                 if down {
                     let error = std::io::Error::new(
@@ -656,10 +655,9 @@ async fn wait(
             && query.failures.is_none_or(|n| s.failures.total >= n)
     };
     let timeout = Duration::from_millis(query.timeout_ms.unwrap_or(10_000));
-    let mut shutdown = app.shutdown.subscribe();
     let met = tokio::select! {
         met = app.stats.wait_until(condition, timeout) => met,
-        _ = shutdown.wait_for(|down| *down) => false,
+        () = app.shutdown.cancelled() => false,
     };
     let status = if met {
         StatusCode::OK
