@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
-use crate::{pg_config, s3_config};
+use crate::{eventually, pg_config, s3_config};
 
 /// Where the infrastructure a [`Cluster`] runs on answers.
 #[derive(Debug, Clone)]
@@ -422,21 +422,24 @@ backoff_max = "50ms"
     /// Waits until a started instance answers `/readyz`; fails if it exits first.
     pub async fn wait_ready(&mut self, name: &str, within: Duration) -> anyhow::Result<()> {
         let url = format!("http://127.0.0.1:{}/readyz", self.port(name));
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            if http_ok(&url).await {
-                return Ok(());
+        let mut child = self.children.get_mut(name);
+        // Ok(Some(status)): it exited, no use waiting on.
+        let exited = eventually(&format!("{name} ready"), within, || {
+            let exited = child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            let url = url.clone();
+            async move {
+                match exited {
+                    Some(status) => Ok(Some(status)),
+                    None if http_ok(&url).await => Ok(None),
+                    None => Err("/readyz not answering 200"),
+                }
             }
-            if let Some(child) = self.children.get_mut(name)
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                bail!("{name} exited during start-up: {status}");
-            }
-            if tokio::time::Instant::now() > deadline {
-                bail!("{name} not ready within {within:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        })
+        .await?;
+        if let Some(status) = exited {
+            bail!("{name} exited during start-up: {status}");
         }
+        Ok(())
     }
 
     /// The ops port (`/livez`, `/readyz`, `/metrics`) of a service instance.

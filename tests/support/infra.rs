@@ -41,6 +41,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 
 use crate::cluster::Endpoints;
+use crate::eventually;
 
 /// One of the four dependencies of the distributed deployment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -368,28 +369,24 @@ impl PrivateInfra {
 
     /// Polls the dependency's own protocol until it answers.
     async fn await_ready(&self, dep: Dependency) -> anyhow::Result<()> {
-        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
-        loop {
+        // Ok(false): the daemon is gone, no use waiting on.
+        let answered = eventually(&format!("{dep} answering"), START_TIMEOUT, || async move {
             if self.answers(dep).await {
-                return Ok(());
+                return Ok(true);
             }
-            let Some(pid) = self.daemon(dep).pid() else {
-                bail!("{dep} is not running");
-            };
-            if !group_alive(pid) {
-                bail!(
-                    "{dep} exited during start-up; its log ends with:\n{}",
-                    self.log_tail(dep, 30)
-                );
+            match self.daemon(dep).pid() {
+                Some(pid) if group_alive(pid) => Err("no answer yet"),
+                _ => Ok(false),
             }
-            if tokio::time::Instant::now() > deadline {
-                bail!(
-                    "{dep} did not answer within {START_TIMEOUT:?}; its log ends with:\n{}",
-                    self.log_tail(dep, 30)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        })
+        .await
+        .with_context(|| format!("its log ends with:\n{}", self.log_tail(dep, 30)))?;
+        ensure!(
+            answered,
+            "{dep} exited during start-up; its log ends with:\n{}",
+            self.log_tail(dep, 30)
+        );
+        Ok(())
     }
 
     async fn answers(&self, dep: Dependency) -> bool {
@@ -421,16 +418,16 @@ impl PrivateInfra {
     /// First start of Garage: wait for its RPC, then layout, key, bucket and grants as
     /// `deploy/dev/infra.sh` does; then wait until S3 answers with our key.
     async fn bootstrap_garage(&self) -> anyhow::Result<()> {
-        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
-        while self.garage_cli(&["status"]).await.is_err() {
-            if tokio::time::Instant::now() > deadline {
-                bail!(
-                    "garage RPC did not answer; its log ends with:\n{}",
-                    self.log_tail(Dependency::Garage, 30)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        eventually("garage RPC answering", START_TIMEOUT, || {
+            self.garage_cli(&["status"])
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "its log ends with:\n{}",
+                self.log_tail(Dependency::Garage, 30)
+            )
+        })?;
         let node = self.garage_cli(&["node", "id", "-q"]).await?;
         let node = node.trim().split('@').next().unwrap_or_default().to_owned();
         self.garage_cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &node])
