@@ -160,7 +160,9 @@ pub async fn serve(
         .await;
     stop.cancel();
     for task in background {
-        let _ = task.await;
+        if let Err(e) = task.await {
+            tracing::error!(error = %e, "a scheduler background task panicked");
+        }
     }
     tracing::info!("scheduler stopped");
     served.map_err(ServeError::Io)
