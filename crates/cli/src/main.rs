@@ -1,5 +1,7 @@
-//! `nightshift`: runs one service, or all of them in one process, and administers a deployment.
+//! `nightshift`: runs one service, or all of them in one process, administers a deployment,
+//! and submits and follows batches on any OpenAI-compatible Batch API (`nightshift batch`).
 
+mod batch;
 mod run;
 
 use std::path::PathBuf;
@@ -40,10 +42,17 @@ enum Command {
     /// Administration through the scheduler.
     #[command(subcommand)]
     Admin(run::Admin),
+    /// A client of any OpenAI-compatible Batch API: submit, watch (with progress bars), list,
+    /// show, cancel, download, retry.
+    Batch(batch::BatchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // a client of a remote API: no server configuration to load
+    if let Command::Batch(args) = cli.command {
+        std::process::exit(i32::from(batch::main(args)));
+    }
     let mut config = config::Config::load(cli.config.as_deref(), config::process_env())
         .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
     if let Command::Standalone(args) = &cli.command {
@@ -67,6 +76,7 @@ fn main() -> anyhow::Result<()> {
             Command::Finalizer => run::finalizer(config).await,
             Command::Standalone(args) => run::standalone(config, args).await,
             Command::Admin(cmd) => run::admin(config, cmd).await,
+            Command::Batch(_) => unreachable!("handled before the configuration"),
         }
     })
 }
