@@ -36,6 +36,7 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 pub mod auth;
 pub mod batches;
+pub mod console;
 pub mod error;
 pub mod files;
 mod metrics;
@@ -278,6 +279,7 @@ pub fn app(state: AppState, readiness: Readiness) -> Router {
         .layer(DefaultBodyLimit::max(state.config.max_json_body_bytes))
         .with_state(state);
     routes
+        .merge(console::router())
         .merge(nightshift_telemetry::ops_router(readiness))
         .route_layer(middleware::from_fn(track))
         .layer(middleware::from_fn(json_errors))
