@@ -48,6 +48,30 @@ $(VENV)/.ok:
 .PHONY: venv
 venv: $(VENV)/.ok ## The Python virtualenv with the official openai SDK (for the e2e tests).
 
+# The console's browser test (tests/console.rs): Debian's Chromium, driven by Playwright's
+# Python package (which never downloads a browser of its own here).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium
+
+$(VENV)/.playwright-ok: | $(VENV)/.ok
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check 'playwright==1.65.3'
+	touch $@
+
+.PHONY: browser
+browser: $(CHROMIUM) $(VENV)/.playwright-ok ## Chromium and Playwright for the console's browser test.
+
+# `nightshift batch watch` is tested in a real terminal, a tmux pane (tests/cli_batch.rs).
+/usr/bin/tmux:
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends tmux
+
+.PHONY: terminal
+terminal: /usr/bin/tmux ## tmux, for the terminal test of `nightshift batch watch`.
+
 $(VENV)/.ops-ok: $(ROOT)/deploy/check/requirements.txt | $(VENV)/.ok
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r $<
 	touch $@
@@ -69,7 +93,7 @@ E2E_ENV := NIGHTSHIFT_E2E_PYTHON=$(VENV)/bin/python NIGHTSHIFT_BIN=$(ROOT)/targe
 CHAOS_NEXTEST := cargo nextest run -p nightshift-e2e --test chaos --run-ignored only --no-fail-fast --no-capture
 
 .PHONY: test
-test: infra venv lint ## Every test: unit, conformance suites and end-to-end, against real services; then chaos-short.
+test: infra venv browser lint ## Every test: unit, conformance suites and end-to-end, against real services; then chaos-short.
 	cargo build -p nightshift-cli
 	@$(MAKE) --no-print-directory ops-check
 	@rc=0; \
