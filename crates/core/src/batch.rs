@@ -29,7 +29,7 @@ pub const METADATA_MAX_VALUE_CHARS: usize = 512;
 pub type BatchId = crate::ids::BatchId;
 
 /// Where a batch is in its life. Terminal states never change again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BatchStatus {
     Validating,
@@ -340,7 +340,7 @@ impl ResultFile {
 }
 
 /// The request counts of a batch.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RequestCounts {
     pub total: u64,
     pub completed: u64,
@@ -424,35 +424,49 @@ impl BatchRecord {
 }
 
 /// `errors` of a Batch object.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct BatchErrors {
+    #[schema(schema_with = crate::schema::object_list)]
     pub object: &'static str,
     pub data: Vec<BatchError>,
 }
 
 /// OpenAI's Batch object; every key always serialised.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct BatchObject {
     pub id: String,
+    #[schema(schema_with = crate::schema::object_batch)]
     pub object: &'static str,
     pub endpoint: String,
+    #[schema(required = true)]
     pub model: Option<String>,
+    #[schema(required = true)]
     pub errors: Option<BatchErrors>,
     pub input_file_id: String,
     pub completion_window: String,
     pub status: BatchStatus,
+    #[schema(required = true)]
     pub output_file_id: Option<String>,
+    #[schema(required = true)]
     pub error_file_id: Option<String>,
     pub created_at: i64,
+    #[schema(required = true)]
     pub in_progress_at: Option<i64>,
     pub expires_at: i64,
+    #[schema(required = true)]
     pub finalizing_at: Option<i64>,
+    #[schema(required = true)]
     pub completed_at: Option<i64>,
+    #[schema(required = true)]
     pub failed_at: Option<i64>,
+    #[schema(required = true)]
     pub expired_at: Option<i64>,
+    #[schema(required = true)]
     pub cancelling_at: Option<i64>,
+    #[schema(required = true)]
     pub cancelled_at: Option<i64>,
     pub request_counts: RequestCounts,
+    #[schema(required = true)]
     pub metadata: Option<BTreeMap<String, String>>,
     pub usage: Usage,
 }

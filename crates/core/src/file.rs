@@ -16,7 +16,7 @@ pub const DEFAULT_BATCH_FILE_TTL_SECS: i64 = MAX_EXPIRES_AFTER_SECS;
 
 /// What a file is for. Only `batch` inputs are read by nightshift; the other purposes are
 /// stored and served so that clients written for OpenAI keep working.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Purpose {
     #[serde(rename = "batch")]
@@ -213,23 +213,37 @@ impl FileRecord {
 
 /// OpenAI's File object. Every key is always serialised (`null` where unset): strict clients
 /// require the keys to be present.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct FileObject {
     pub id: String,
+    #[schema(schema_with = crate::schema::object_file)]
     pub object: &'static str,
     pub bytes: u64,
+    /// Unix seconds.
     pub created_at: i64,
+    /// Unix seconds, or null: never expires.
+    #[schema(required = true)]
     pub expires_at: Option<i64>,
     pub filename: String,
+    #[schema(value_type = Purpose)]
     pub purpose: &'static str,
+    /// Always `processed`: a file is usable as soon as its upload returns.
+    #[schema(schema_with = file_status)]
     pub status: &'static str,
+    /// Always null.
+    #[schema(required = true)]
     pub status_details: Option<String>,
 }
 
+fn file_status() -> utoipa::openapi::schema::ObjectBuilder {
+    crate::schema::constant("processed")
+}
+
 /// The body of `DELETE /v1/files/{id}`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct FileDeleted {
     pub id: String,
+    #[schema(schema_with = crate::schema::object_file)]
     pub object: &'static str,
     pub deleted: bool,
 }

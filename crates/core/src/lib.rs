@@ -14,6 +14,7 @@ pub mod jsonl;
 pub mod page;
 pub mod results;
 pub mod routing;
+pub mod schema;
 pub mod sniff;
 pub mod time;
 pub mod validation;

@@ -5,7 +5,8 @@ use serde::Serialize;
 use crate::error::ApiError;
 
 /// Sort order by creation time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
 pub enum Order {
     Asc,
     #[default]
@@ -53,12 +54,18 @@ pub fn parse_limit(raw: Option<&str>, default: u32, max: u32) -> Result<u32, Api
 }
 
 /// One page of a list, in OpenAI's shape. All five keys are always serialised.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ListPage<T: Serialize> {
+    #[schema(schema_with = crate::schema::object_list)]
     pub object: &'static str,
     pub data: Vec<T>,
+    /// Id of the first item of `data`; null when it is empty.
+    #[schema(required = true)]
     pub first_id: Option<String>,
+    /// Id of the last item of `data` (the next page's `after`); null when it is empty.
+    #[schema(required = true)]
     pub last_id: Option<String>,
+    /// Whether items follow this page.
     pub has_more: bool,
 }
 

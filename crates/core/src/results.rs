@@ -423,37 +423,45 @@ fn push_json_string(out: &mut Vec<u8>, value: &str) {
 }
 
 /// `usage.input_tokens_details` of the Batch object.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default)]
 pub struct InputTokensDetails {
     /// Prompt tokens served from the upstream's prompt cache.
+    #[schema(required = true)]
     pub cached_tokens: u64,
 }
 
 /// `usage.output_tokens_details` of the Batch object.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default)]
 pub struct OutputTokensDetails {
     /// Completion tokens spent on reasoning.
+    #[schema(required = true)]
     pub reasoning_tokens: u64,
 }
 
 /// A batch's token usage, summed over its successful responses: the Batch object's `usage`.
-/// Serialises with every key, zeros included.
+/// Serialises with every key, zeros included (so the schema marks every key required, though
+/// reading one back defaults the missing ones).
 ///
 /// Sums saturate at `u64::MAX` rather than overflow.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default)]
 pub struct Usage {
     /// Sum of `prompt_tokens` (or `input_tokens`).
+    #[schema(required = true)]
     pub input_tokens: u64,
     /// Details of the input tokens.
+    #[schema(required = true)]
     pub input_tokens_details: InputTokensDetails,
     /// Sum of `completion_tokens` (or `output_tokens`); 0 for embeddings.
+    #[schema(required = true)]
     pub output_tokens: u64,
     /// Details of the output tokens.
+    #[schema(required = true)]
     pub output_tokens_details: OutputTokensDetails,
     /// `input_tokens + output_tokens`, whatever total the upstreams reported.
+    #[schema(required = true)]
     pub total_tokens: u64,
 }
 

@@ -128,15 +128,17 @@ impl fmt::Display for ValidationCode {
 
 /// One entry of a Batch object's `errors.data`: serialises as
 /// `{"code": str, "line": int|null, "message": str, "param": str|null}`, every key present.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, utoipa::ToSchema)]
 pub struct BatchError {
     /// Machine-readable code, e.g. `duplicate_custom_id` (see [`ValidationCode`]).
     pub code: String,
     /// 1-based input line the error is about; `None` for file-level errors.
+    #[schema(required = true)]
     pub line: Option<u64>,
     /// Human-readable explanation, in the style of OpenAI's messages.
     pub message: String,
     /// The offending parameter (`custom_id`, `body.model`, ...), if any.
+    #[schema(required = true)]
     pub param: Option<String>,
 }
 

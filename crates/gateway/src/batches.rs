@@ -97,6 +97,21 @@ async fn with_live(state: &AppState, batches: Vec<v1::Batch>) -> HttpResult<Vec<
 }
 
 /// `POST /v1/batches`.
+#[utoipa::path(
+    post,
+    path = "/batches",
+    tag = "Batches",
+    operation_id = "createBatch",
+    summary = "Create a batch from an uploaded JSONL file",
+    description = "The batch is created `validating`; everything about the input file itself \
+                   is checked asynchronously (a bad input makes the batch `failed` with `errors`).",
+    request_body(content = crate::openapi::CreateBatchRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The new batch.", body = BatchObject),
+        (status = 400, description = "A missing, unknown or invalid field; a body that is not JSON.", body = crate::openapi::ErrorResponse),
+        (status = 413, description = "A body over `gateway.max_json_body_bytes`.", body = crate::openapi::ErrorResponse),
+    ),
+)]
 pub async fn create(
     State(state): State<AppState>,
     tenant: Tenant,
@@ -125,6 +140,18 @@ pub async fn create(
 }
 
 /// `GET /v1/batches/{id}`.
+#[utoipa::path(
+    get,
+    path = "/batches/{id}",
+    tag = "Batches",
+    operation_id = "retrieveBatch",
+    summary = "Retrieve a batch, with live counts and usage while it runs",
+    params(("id" = String, Path, description = "The batch's id (`batch_…`).")),
+    responses(
+        (status = 200, description = "The batch.", body = BatchObject),
+        (status = 404, description = "No such batch, or another tenant's.", body = crate::openapi::ErrorResponse),
+    ),
+)]
 pub async fn retrieve(
     State(state): State<AppState>,
     tenant: Tenant,
@@ -147,6 +174,21 @@ pub async fn retrieve(
 }
 
 /// `GET /v1/batches`: newest first, `limit` 1..=100 (default 20), exclusive `after`.
+#[utoipa::path(
+    get,
+    path = "/batches",
+    tag = "Batches",
+    operation_id = "listBatches",
+    summary = "List the caller's batches, newest first",
+    params(
+        ("after" = Option<String>, Query, description = "A batch id: the page starts after it (an unknown id gives an empty page)."),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "Page size, 1..=100 (default 20)."),
+    ),
+    responses(
+        (status = 200, description = "One page of batches.", body = ListPage<BatchObject>),
+        (status = 400, description = "A bad `limit` or query string.", body = crate::openapi::ErrorResponse),
+    ),
+)]
 pub async fn list(
     State(state): State<AppState>,
     tenant: Tenant,
@@ -174,6 +216,21 @@ pub async fn list(
 }
 
 /// `POST /v1/batches/{id}/cancel`.
+#[utoipa::path(
+    post,
+    path = "/batches/{id}/cancel",
+    tag = "Batches",
+    operation_id = "cancelBatch",
+    summary = "Cancel a batch",
+    description = "A `validating` or `in_progress` batch becomes `cancelling`; one already \
+                   `cancelling`, `cancelled` or `finalizing` is returned as it is.",
+    params(("id" = String, Path, description = "The batch's id (`batch_…`).")),
+    responses(
+        (status = 200, description = "The batch, `cancelling` or as it was.", body = BatchObject),
+        (status = 404, description = "No such batch, or another tenant's.", body = crate::openapi::ErrorResponse),
+        (status = 409, description = "The batch is `completed`, `failed` or `expired` (sent with `x-should-retry: false`).", body = crate::openapi::ErrorResponse),
+    ),
+)]
 pub async fn cancel(
     State(state): State<AppState>,
     tenant: Tenant,

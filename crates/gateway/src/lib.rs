@@ -40,6 +40,7 @@ pub mod console;
 pub mod error;
 pub mod files;
 mod metrics;
+pub mod openapi;
 
 use error::HttpError;
 
@@ -265,6 +266,7 @@ fn api_routes() -> Router<AppState> {
         .route("/batches", get(batches::list).post(batches::create))
         .route("/batches/{id}", get(batches::retrieve))
         .route("/batches/{id}/cancel", axum::routing::post(batches::cancel))
+        .route(openapi::PATH, get(openapi::document))
 }
 
 /// The whole HTTP application (without the listener), for in-process tests.

@@ -4,8 +4,8 @@
 
 use std::collections::HashMap;
 
-mod read;
-mod upload;
+pub(crate) mod read;
+pub(crate) mod upload;
 
 pub use read::{content, delete, list, parse_range, retrieve};
 pub use upload::create;

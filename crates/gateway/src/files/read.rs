@@ -35,6 +35,23 @@ fn query_error(e: QueryRejection) -> HttpError {
 }
 
 /// `GET /v1/files`.
+#[utoipa::path(
+    get,
+    path = "/files",
+    tag = "Files",
+    operation_id = "listFiles",
+    summary = "List the caller's files",
+    params(
+        ("purpose" = Option<Purpose>, Query, description = "Only files of this purpose."),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 10000, description = "Page size, 1..=10000 (default 10000)."),
+        ("order" = Option<Order>, Query, description = "By creation time: `asc` or `desc` (default)."),
+        ("after" = Option<String>, Query, description = "A file id: the page starts after it (an unknown id gives an empty page)."),
+    ),
+    responses(
+        (status = 200, description = "One page of files.", body = ListPage<FileObject>),
+        (status = 400, description = "A bad `purpose`, `limit`, `order` or query string.", body = crate::openapi::ErrorResponse),
+    ),
+)]
 pub async fn list(
     State(state): State<AppState>,
     tenant: Tenant,
@@ -93,6 +110,18 @@ async fn lookup(state: &AppState, tenant: &Tenant, id: &str) -> HttpResult<FileR
 }
 
 /// `GET /v1/files/{id}`.
+#[utoipa::path(
+    get,
+    path = "/files/{id}",
+    tag = "Files",
+    operation_id = "retrieveFile",
+    summary = "Retrieve a file's metadata",
+    params(("id" = String, Path, description = "The file's id (`file-…`).")),
+    responses(
+        (status = 200, description = "The file.", body = FileObject),
+        (status = 404, description = "No such file (or expired, or another tenant's).", body = crate::openapi::ErrorResponse),
+    ),
+)]
 pub async fn retrieve(
     State(state): State<AppState>,
     tenant: Tenant,
@@ -102,6 +131,20 @@ pub async fn retrieve(
 }
 
 /// `DELETE /v1/files/{id}`.
+#[utoipa::path(
+    delete,
+    path = "/files/{id}",
+    tag = "Files",
+    operation_id = "deleteFile",
+    summary = "Delete a file",
+    description = "A batch already reading the file still reads it; its bytes go once every such \
+                   batch has ended.",
+    params(("id" = String, Path, description = "The file's id (`file-…`).")),
+    responses(
+        (status = 200, description = "The file is deleted.", body = FileDeleted),
+        (status = 404, description = "No such file (or expired, or another tenant's).", body = crate::openapi::ErrorResponse),
+    ),
+)]
 pub async fn delete(
     State(state): State<AppState>,
     tenant: Tenant,
@@ -149,6 +192,25 @@ pub fn parse_range(headers: &HeaderMap) -> Option<ByteRange> {
 }
 
 /// `GET /v1/files/{id}/content`: the stored bytes, streamed, with `Range` support.
+#[utoipa::path(
+    get,
+    path = "/files/{id}/content",
+    tag = "Files",
+    operation_id = "downloadFile",
+    summary = "Download a file's bytes",
+    params(
+        ("id" = String, Path, description = "The file's id (`file-…`)."),
+        ("Range" = Option<String>, Header, description = "One range: `bytes=a-b`, `bytes=a-` or `bytes=-n`; any other value is ignored."),
+    ),
+    responses(
+        (status = 200, description = "The whole file.", content_type = "application/octet-stream", body = Vec<u8>,
+         headers(("content-disposition" = String, description = "`attachment; filename=\"…\"`"))),
+        (status = 206, description = "The requested range, with `Content-Range`.", content_type = "application/octet-stream", body = Vec<u8>,
+         headers(("content-range" = String, description = "`bytes a-b/size`"))),
+        (status = 404, description = "No such file (or expired, or another tenant's).", body = crate::openapi::ErrorResponse),
+        (status = 416, description = "A range the file cannot satisfy, with `Content-Range: bytes */size`.", body = crate::openapi::ErrorResponse),
+    ),
+)]
 pub async fn content(
     State(state): State<AppState>,
     tenant: Tenant,

@@ -178,6 +178,20 @@ async fn stream_file_part(
 }
 
 /// `POST /v1/files`.
+#[utoipa::path(
+    post,
+    path = "/files",
+    tag = "Files",
+    operation_id = "createFile",
+    summary = "Upload a file",
+    description = "The file streams to object storage as it arrives. A `batch` file must be JSONL \
+                   (its lines are checked when a batch reads it).",
+    request_body(content = crate::openapi::FileUpload, content_type = "multipart/form-data"),
+    responses(
+        (status = 200, description = "The stored file.", body = FileObject),
+        (status = 400, description = "A missing or bad field; a file that is empty, too large or (for `batch`) not JSONL.", body = crate::openapi::ErrorResponse),
+    ),
+)]
 pub async fn create(
     State(state): State<AppState>,
     tenant: Tenant,
