@@ -45,8 +45,13 @@ $(VENV)/.ok:
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check openai
 	touch $@
 
+# schemathesis: tests/openapi.rs checks the gateway against its OpenAPI document with it.
+$(VENV)/.schemathesis-ok: | $(VENV)/.ok
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check 'schemathesis==4.32.5'
+	touch $@
+
 .PHONY: venv
-venv: $(VENV)/.ok ## The Python virtualenv with the official openai SDK (for the e2e tests).
+venv: $(VENV)/.ok $(VENV)/.schemathesis-ok ## The Python virtualenv with the official openai SDK and schemathesis (for the e2e tests).
 
 # The console's browser test (tests/console.rs): Debian's Chromium, driven by Playwright's
 # Python package (which never downloads a browser of its own here).
