@@ -98,7 +98,7 @@ E2E_ENV := NIGHTSHIFT_E2E_PYTHON=$(VENV)/bin/python NIGHTSHIFT_BIN=$(ROOT)/targe
 CHAOS_NEXTEST := cargo nextest run -p nightshift-e2e --test chaos --run-ignored only --no-fail-fast --no-capture
 
 .PHONY: test
-test: infra venv browser lint ## Every test: unit, conformance suites and end-to-end, against real services; then chaos-short.
+test: infra venv browser terminal lint ## Every test: unit, conformance suites and end-to-end, against real services; then chaos-short.
 	cargo build -p nightshift-cli
 	@$(MAKE) --no-print-directory ops-check
 	@rc=0; \

@@ -130,7 +130,13 @@ impl Sorter {
             self.runs.push(path);
         }
         let merge = Merge::open(&self.runs)?;
-        Ok((Sorted::Runs(merge, self.dir), self.spills))
+        Ok((
+            Sorted::Runs {
+                merge,
+                _dir: self.dir,
+            },
+            self.spills,
+        ))
     }
 }
 
@@ -194,15 +200,18 @@ impl Merge {
 /// The records of a [`Sorter`], in order.
 pub enum Sorted {
     Memory(std::vec::IntoIter<Record>),
-    /// The merge, and the directory of its runs (deleted when done).
-    Runs(Merge, Option<tempfile::TempDir>),
+    Runs {
+        merge: Merge,
+        /// The directory of the runs, deleted when the records have been read.
+        _dir: Option<tempfile::TempDir>,
+    },
 }
 
 impl Sorted {
     pub fn next_record(&mut self) -> io::Result<Option<Record>> {
         match self {
             Sorted::Memory(records) => Ok(records.next()),
-            Sorted::Runs(merge, _) => merge.next_record(),
+            Sorted::Runs { merge, .. } => merge.next_record(),
         }
     }
 }

@@ -43,7 +43,7 @@ pub async fn follow(ctx: &Ctx, id: &str, interval: f64) -> anyhow::Result<(u8, B
     let bar = ctx.bar(0);
     bar.set_style(
         ProgressStyle::with_template(
-            "{spinner:.green} {prefix} [{bar:30.cyan/blue}] {pos}/{len} done · {msg} · {per_sec} · ETA {eta}",
+            "{spinner:.green} {prefix} [{bar:20.cyan/blue}] {pos}/{len} done · {msg} · ETA {eta}",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
@@ -52,6 +52,8 @@ pub async fn follow(ctx: &Ctx, id: &str, interval: f64) -> anyhow::Result<(u8, B
     bar.enable_steady_tick(Duration::from_millis(200));
     let mut last_line = String::new();
     let mut last: Option<Batch> = None;
+    // when and at how many finished requests the rate is measured from
+    let mut since: Option<(std::time::Instant, u64)> = None;
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
     loop {
@@ -66,7 +68,15 @@ pub async fn follow(ctx: &Ctx, id: &str, interval: f64) -> anyhow::Result<(u8, B
                 return Err(e);
             }
         };
-        show(ctx, &bar, &batch, &mut last_line);
+        let done = batch.counts().completed + batch.counts().failed;
+        let (start, done_then) = *since.get_or_insert((std::time::Instant::now(), done));
+        let elapsed = start.elapsed().as_secs_f64();
+        let rate = if elapsed > 0.5 {
+            (done - done_then.min(done)) as f64 / elapsed
+        } else {
+            0.0
+        };
+        show(ctx, &bar, &batch, rate, &mut last_line);
         if batch.is_terminal() {
             bar.finish();
             let counts = batch.counts();
@@ -84,11 +94,11 @@ pub async fn follow(ctx: &Ctx, id: &str, interval: f64) -> anyhow::Result<(u8, B
     }
 }
 
-fn show(ctx: &Ctx, bar: &ProgressBar, batch: &Batch, last_line: &mut String) {
+fn show(ctx: &Ctx, bar: &ProgressBar, batch: &Batch, rate: f64, last_line: &mut String) {
     let counts = batch.counts();
     let message = format!(
-        "{} · {} ok · {} failed",
-        batch.status, counts.completed, counts.failed
+        "{} · {} failed · {rate:.1} req/s",
+        batch.status, counts.failed
     );
     bar.set_length(counts.total);
     bar.set_position(counts.completed + counts.failed);
