@@ -593,7 +593,7 @@ mod tests {
     /// budget; run with `cargo test --release -p nightshift-cli -- --ignored --nocapture
     /// million`. Measured: see docs/operations.md ("nightshift batch download").
     #[test]
-    #[ignore = "a measurement: 1M lines, about a minute"]
+    #[ignore = "a measurement: 1M lines (seconds in release, minutes in debug)"]
     fn million_lines_join_in_bounded_memory() {
         let dir = tempfile::tempdir().expect("tmp");
         let n = 1_000_000usize;
