@@ -67,8 +67,10 @@ pub struct BatchArgs {
 #[derive(Subcommand)]
 enum BatchCommand {
     /// Upload a JSONL file of requests and create a batch of it; prints the batch id.
+    #[command(after_help = EXIT_CODES_HELP)]
     Submit(submit::SubmitArgs),
     /// Follow a batch with a live progress bar until it ends (Ctrl-C leaves it running).
+    #[command(after_help = EXIT_CODES_HELP)]
     Watch(watch::WatchArgs),
     /// Batches, newest first.
     List(show::ListArgs),
