@@ -9,6 +9,8 @@
 //! | `POST /v1/chat/completions` | `chat.completion` objects |
 //! | `POST /v1/completions` | `text_completion` objects; `prompt` a string, strings, or token arrays |
 //! | `POST /v1/embeddings` | L2-normalised vectors; `input` a string, strings, or token arrays; `dimensions` and `encoding_format` (`float`/`base64`) honoured |
+//! | `POST /v1/responses` | `response` objects holding one assistant `message`; `input` a string or a list of input items (messages, `function_call`, `function_call_output`, `item_reference`); `max_output_tokens` honoured; usage in the Responses shape |
+//! | `POST /v1/moderations` | one result per input (a string, strings, or one result for an array of `text`/`image_url` parts), flagged by keyword; no usage |
 //! | `GET /v1/models` | the configured model ids |
 //! | `GET /livez`, `GET /readyz` | 200 (`/readyz` is 503 once shutdown begins) |
 //! | `GET /sim/stats` | [`SimStats`] as JSON |
@@ -31,13 +33,49 @@
 //! `max_tokens`, else [`SimConfig::default_max_tokens`], with `finish_reason: "length"` when
 //! cut and `"stop"` otherwise.
 //!
+//! **Responses** (`resp_…`, one `message` `msg_…` with one `output_text` part) are generated
+//! the same way from `model`, `input`, `instructions` and `max_output_tokens` (at least 16,
+//! as OpenAI's). A cut answer has `status: "incomplete"` and `incomplete_details: {"reason":
+//! "max_output_tokens"}`. `usage` is `{input_tokens, input_tokens_details: {cached_tokens},
+//! output_tokens, output_tokens_details: {reasoning_tokens}, total_tokens}`; `instructions`,
+//! `max_output_tokens`, `temperature`, `top_p`, `parallel_tool_calls`, `tool_choice`, `tools`,
+//! `metadata` (and `text`, `reasoning`, `store`, `truncation`, `user`) are echoed with OpenAI's
+//! defaults. `previous_response_id` is a 400: nothing is stored.
+//!
+//! **Moderations** (`modr-…`) report every category of `omni-moderation-latest`; `model` is
+//! optional (that one by default). A text is flagged in one category when one of its words
+//! (lowercased, split at anything but letters, digits and `-`) is exactly that category's
+//! keyword; its score is then 0.9..1, otherwise below 0.011, both derived from the hash:
+//!
+//! | category | keyword |
+//! | --- | --- |
+//! | `harassment` | `idiot` |
+//! | `harassment/threatening` | `threaten` |
+//! | `hate` | `hate` |
+//! | `hate/threatening` | `exterminate` |
+//! | `illicit` | `shoplift` |
+//! | `illicit/violent` | `gun` |
+//! | `self-harm` | `self-harm` |
+//! | `self-harm/intent` | `suicide` |
+//! | `self-harm/instructions` | `overdose` |
+//! | `sexual` | `nsfw` |
+//! | `sexual/minors` | `underage` |
+//! | `violence` | `kill` |
+//! | `violence/graphic` | `gore` |
+//!
+//! Images are never flagged; `category_applied_input_types` lists `"image"` for the
+//! categories OpenAI scores images in (`self-harm` and its two subcategories, `sexual`,
+//! `violence`, `violence/graphic`).
+//!
 //! **Tokens** are whitespace-separated words: `prompt_tokens` counts the words of every
 //! message's text (85 per non-text content part) or prompt/input string, and the length of
-//! token-id arrays; the generated text has exactly `completion_tokens` words.
+//! token-id arrays (for responses, `instructions` and the text of every input item); the
+//! generated text has exactly `completion_tokens` (`output_tokens`) words.
 //!
-//! Requests are validated like a real server: a non-JSON body, a missing `model`, a chat
-//! without `messages`, `stream: true` (batch never streams), or a `max_tokens` below 1 get
-//! 400 `invalid_request_error`. With [`SimConfig::strict_models`], an unknown model gets 404
+//! Requests are validated like a real server: a non-JSON body, a missing `model` (but for
+//! moderations), a chat without `messages`, a response or moderation without `input`,
+//! `stream: true` (batch never streams), or a `max_tokens` below 1 get 400
+//! `invalid_request_error`. With [`SimConfig::strict_models`], an unknown model gets 404
 //! `model_not_found`.
 //!
 //! # Latency, capacity, drawn failures
@@ -104,7 +142,9 @@ mod config;
 mod conn;
 mod directive;
 mod generate;
+mod moderation;
 mod openai;
+mod responses;
 mod server;
 mod stats;
 

@@ -1,4 +1,4 @@
-//! The OpenAI wire format: the error envelope and the three inference endpoints, as pure
+//! The OpenAI wire format: the error envelope and the inference endpoints, as pure
 //! functions from a parsed request body to a response body.
 
 use axum::http::{HeaderValue, StatusCode, header};
@@ -103,6 +103,8 @@ pub(crate) enum Endpoint {
     ChatCompletions,
     Completions,
     Embeddings,
+    Responses,
+    Moderations,
 }
 
 impl Endpoint {
@@ -111,6 +113,17 @@ impl Endpoint {
             Self::ChatCompletions => "chat_completions",
             Self::Completions => "completions",
             Self::Embeddings => "embeddings",
+            Self::Responses => "responses",
+            Self::Moderations => "moderations",
+        }
+    }
+
+    /// The model a request names: its `model`, which only moderations may omit (OpenAI then
+    /// uses its latest moderation model).
+    pub(crate) fn model(self, body: &Map<String, Value>) -> Result<&str, ApiError> {
+        match self {
+            Self::Moderations => crate::moderation::model(body),
+            _ => model(body),
         }
     }
 }
@@ -148,7 +161,7 @@ pub(crate) fn model(body: &Map<String, Value>) -> Result<&str, ApiError> {
 }
 
 /// Rejects `stream: true`: the batch path never streams.
-fn reject_stream(body: &Map<String, Value>) -> Result<(), ApiError> {
+pub(crate) fn reject_stream(body: &Map<String, Value>) -> Result<(), ApiError> {
     match body.get("stream") {
         None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(()),
         Some(Value::Bool(true)) => Err(ApiError::invalid(
@@ -160,7 +173,7 @@ fn reject_stream(body: &Map<String, Value>) -> Result<(), ApiError> {
 }
 
 /// An optional integer field within `min..=max`.
-fn optional_int(
+pub(crate) fn optional_int(
     body: &Map<String, Value>,
     name: &'static str,
     min: u64,
@@ -201,7 +214,7 @@ fn usage(prompt_tokens: u64, completion_tokens: u64) -> Value {
 
 /// Tokens charged for a non-text content part (image, audio, file), like OpenAI's flat
 /// low-detail image cost.
-const NON_TEXT_PART_TOKENS: u64 = 85;
+pub(crate) const NON_TEXT_PART_TOKENS: u64 = 85;
 
 const ROLES: &[&str] = &[
     "system",

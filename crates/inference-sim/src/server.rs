@@ -24,6 +24,7 @@ use crate::directive::{AttemptMemory, Directive, Failure};
 use crate::generate::canonical_hash_object;
 use crate::openai::{self, ApiError, Context, Endpoint, Generated};
 use crate::stats::{FailureKind, SimStats, Stats};
+use crate::{moderation, responses};
 
 /// Everything the handlers share.
 pub(crate) struct App {
@@ -387,7 +388,7 @@ impl App {
         body: &Map<String, Value>,
         request_id: &str,
     ) -> Result<Generated, ApiError> {
-        let model = openai::model(body)?;
+        let model = endpoint.model(body)?;
         if self.config.strict_models && !self.config.models.iter().any(|m| m == model) {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -406,6 +407,8 @@ impl App {
             Endpoint::ChatCompletions => openai::chat_completions(body, &ctx),
             Endpoint::Completions => openai::completions(body, &ctx),
             Endpoint::Embeddings => openai::embeddings(body, &ctx),
+            Endpoint::Responses => responses::responses(body, &ctx),
+            Endpoint::Moderations => moderation::moderations(body, &ctx),
         }
     }
 
@@ -544,6 +547,10 @@ pub(crate) fn build(config: SimConfig) -> (Router, Arc<App>) {
         .route("/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/embeddings", post(embeddings))
+        .route("/v1/responses", post(responses))
+        .route("/responses", post(responses))
+        .route("/v1/moderations", post(moderations))
+        .route("/moderations", post(moderations))
         .route("/v1/models", get(models))
         .route("/models", get(models))
         .route("/livez", get(livez))
@@ -582,6 +589,14 @@ async fn completions(State(app): State<Arc<App>>, request: Request) -> Response 
 
 async fn embeddings(State(app): State<Arc<App>>, request: Request) -> Response {
     app.handle(Endpoint::Embeddings, request).await
+}
+
+async fn responses(State(app): State<Arc<App>>, request: Request) -> Response {
+    app.handle(Endpoint::Responses, request).await
+}
+
+async fn moderations(State(app): State<Arc<App>>, request: Request) -> Response {
+    app.handle(Endpoint::Moderations, request).await
 }
 
 async fn models(State(app): State<Arc<App>>) -> Response {

@@ -47,9 +47,13 @@ pub struct RequestCounts {
     pub completions: u64,
     /// `POST /v1/embeddings`.
     pub embeddings: u64,
+    /// `POST /v1/responses`.
+    pub responses: u64,
+    /// `POST /v1/moderations`.
+    pub moderations: u64,
     /// `GET /v1/models`.
     pub models: u64,
-    /// The three inference endpoints together.
+    /// The inference endpoints together.
     pub total: u64,
 }
 
@@ -136,6 +140,8 @@ impl Stats {
                 Endpoint::ChatCompletions => s.requests.chat_completions += 1,
                 Endpoint::Completions => s.requests.completions += 1,
                 Endpoint::Embeddings => s.requests.embeddings += 1,
+                Endpoint::Responses => s.requests.responses += 1,
+                Endpoint::Moderations => s.requests.moderations += 1,
             }
         });
     }

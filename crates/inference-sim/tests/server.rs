@@ -1000,3 +1000,308 @@ async fn a_huge_answer_stops_streaming_when_the_client_stops_reading() {
     );
     sim.shutdown().await;
 }
+
+fn response_request(input: Value) -> Value {
+    json!({"model": "sim-chat", "input": input})
+}
+
+/// Checks a `response` object's shape and returns its output text.
+fn assert_response_shape(body: &Value) -> String {
+    assert!(body["id"].as_str().unwrap().starts_with("resp_"), "{body}");
+    assert_eq!(body["object"], "response");
+    assert!(body["created_at"].as_u64().is_some());
+    assert_eq!(body["model"], "sim-chat");
+    assert!(body["error"].is_null());
+    assert_eq!(body["output"].as_array().unwrap().len(), 1);
+    let message = &body["output"][0];
+    assert_eq!(message["type"], "message");
+    assert!(message["id"].as_str().unwrap().starts_with("msg_"));
+    assert_eq!(message["role"], "assistant");
+    assert_eq!(message["status"], body["status"]);
+    let part = &message["content"][0];
+    assert_eq!(part["type"], "output_text");
+    assert_eq!(part["annotations"], json!([]));
+    let text = part["text"].as_str().unwrap().to_owned();
+    assert!(text.starts_with("sim:"), "{text}");
+
+    let usage = &body["usage"];
+    let input = usage["input_tokens"].as_u64().unwrap();
+    let output = usage["output_tokens"].as_u64().unwrap();
+    assert_eq!(output, text.split_whitespace().count() as u64);
+    assert_eq!(usage["total_tokens"].as_u64().unwrap(), input + output);
+    assert_eq!(usage["input_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(usage["output_tokens_details"]["reasoning_tokens"], 0);
+    assert!(
+        usage.get("prompt_tokens").is_none(),
+        "Responses usage shape"
+    );
+    text
+}
+
+#[tokio::test]
+async fn responses_shape_usage_and_determinism() {
+    let sim = start(SimConfig::default()).await;
+    let (status, first) = sim
+        .post_json(
+            "/v1/responses",
+            &response_request(json!("tell me about night shifts")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let text = assert_response_shape(&first);
+    assert_eq!(first["status"], "completed");
+    assert!(first["incomplete_details"].is_null());
+    assert_eq!(first["usage"]["input_tokens"], 5);
+    // The request's settings, echoed with OpenAI's defaults.
+    assert!(first["instructions"].is_null());
+    assert!(first["max_output_tokens"].is_null());
+    assert_eq!(first["temperature"], 1.0);
+    assert_eq!(first["top_p"], 1.0);
+    assert_eq!(first["parallel_tool_calls"], true);
+    assert_eq!(first["tool_choice"], "auto");
+    assert_eq!(first["tools"], json!([]));
+    assert_eq!(first["metadata"], json!({}));
+
+    // Same request, same answer, whatever the key order; a new id.
+    let (_, again) = sim
+        .post_json(
+            "/responses",
+            &json!({"input": "tell me about night shifts", "model": "sim-chat"}),
+        )
+        .await;
+    assert_eq!(assert_response_shape(&again), text);
+    assert_eq!(again["usage"], first["usage"]);
+    assert_ne!(again["id"], first["id"]);
+
+    // A list of input items, instructions and settings echoed back.
+    let tools = json!([{"type": "function", "name": "f", "parameters": {"type": "object"}}]);
+    let body = json!({
+        "model": "sim-chat",
+        "instructions": "be brief",
+        "input": [
+            {"role": "user", "content": "what is this"},
+            {"type": "message", "role": "user", "content": [
+                {"type": "input_text", "text": "and that"},
+                {"type": "input_image", "image_url": "data:,"}
+            ]},
+        ],
+        "temperature": 0.2,
+        "parallel_tool_calls": false,
+        "tool_choice": "none",
+        "tools": tools,
+        "metadata": {"k": "v"},
+    });
+    let (status, items) = sim.post_json("/v1/responses", &body).await;
+    assert_eq!(status, StatusCode::OK, "{items}");
+    assert_ne!(assert_response_shape(&items), text);
+    assert_eq!(items["usage"]["input_tokens"], 2 + 3 + 2 + 85);
+    assert_eq!(items["instructions"], "be brief");
+    assert_eq!(items["temperature"], 0.2);
+    assert_eq!(items["parallel_tool_calls"], false);
+    assert_eq!(items["tool_choice"], "none");
+    assert_eq!(items["tools"], tools);
+    assert_eq!(items["metadata"], json!({"k": "v"}));
+
+    let stats = sim.stats().await;
+    assert_eq!(stats.requests.responses, 3);
+    assert_eq!(stats.requests.total, 3);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn responses_honour_max_output_tokens() {
+    let sim = start(SimConfig::default()).await;
+    let mut cut = 0;
+    for i in 0..10 {
+        let mut body = response_request(json!(format!("cap me {i}")));
+        body["max_output_tokens"] = json!(16);
+        let (status, capped) = sim.post_json("/v1/responses", &body).await;
+        assert_eq!(status, StatusCode::OK, "{capped}");
+        assert_response_shape(&capped);
+        assert_eq!(capped["max_output_tokens"], 16);
+        let output = capped["usage"]["output_tokens"].as_u64().unwrap();
+        assert!(output <= 16, "{capped}");
+        if capped["status"] == "incomplete" {
+            cut += 1;
+            assert_eq!(output, 16);
+            assert_eq!(capped["incomplete_details"]["reason"], "max_output_tokens");
+            assert!(capped["completed_at"].is_null());
+        } else {
+            assert_eq!(capped["status"], "completed");
+        }
+    }
+    // Natural lengths are 8..=64 words: most of ten answers are cut.
+    assert!(cut > 0, "no answer was cut");
+
+    // OpenAI's minimum is 16.
+    let mut body = response_request(json!("too small"));
+    body["max_output_tokens"] = json!(15);
+    let (status, error) = sim.post_json("/v1/responses", &body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error["error"]["param"], "max_output_tokens");
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn moderations_flag_by_keyword_one_result_per_input() {
+    let sim = start(SimConfig::default()).await;
+    let (status, single) = sim
+        .post_json(
+            "/v1/moderations",
+            &json!({"input": "I will kill the process"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{single}");
+    assert!(single["id"].as_str().unwrap().starts_with("modr-"));
+    assert_eq!(single["model"], "omni-moderation-latest");
+    assert!(single.get("usage").is_none(), "moderations carry no usage");
+    let result = &single["results"][0];
+    assert_eq!(result["flagged"], true);
+    assert_eq!(result["categories"]["violence"], true);
+    assert_eq!(result["categories"]["hate"], false);
+    assert!(result["category_scores"]["violence"].as_f64().unwrap() >= 0.9);
+    assert!(result["category_scores"]["hate"].as_f64().unwrap() < 0.1);
+    let categories = result["categories"].as_object().unwrap();
+    assert_eq!(categories.len(), 13);
+    for name in categories.keys() {
+        assert!(result["category_scores"][name].is_f64(), "{name}");
+        assert_eq!(
+            result["category_applied_input_types"][name],
+            json!(["text"])
+        );
+    }
+
+    // One result per string, in order; deterministic.
+    let body = json!({"model": "omni-moderation-latest", "input": ["a calm sea", "I hate mondays", "calm"]});
+    let (status, many) = sim.post_json("/v1/moderations", &body).await;
+    assert_eq!(status, StatusCode::OK);
+    let flagged: Vec<&Value> = many["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| &r["flagged"])
+        .collect();
+    assert_eq!(flagged, [&json!(false), &json!(true), &json!(false)]);
+    assert_eq!(many["results"][1]["categories"]["hate"], true);
+    let (_, again) = sim.post_json("/moderations", &body).await;
+    assert_eq!(again["results"], many["results"]);
+
+    // Multi-modal parts: one result, images scored where OpenAI scores them.
+    let body = json!({"input": [
+        {"type": "text", "text": "look"},
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    ]});
+    let (status, omni) = sim.post_json("/v1/moderations", &body).await;
+    assert_eq!(status, StatusCode::OK, "{omni}");
+    assert_eq!(omni["results"].as_array().unwrap().len(), 1);
+    let applied = &omni["results"][0]["category_applied_input_types"];
+    assert_eq!(applied["violence"], json!(["text", "image"]));
+    assert_eq!(applied["illicit"], json!(["text"]));
+
+    assert_eq!(sim.stats().await.requests.moderations, 4);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn responses_and_moderations_reject_bad_bodies_with_400s() {
+    let sim = start(SimConfig::default()).await;
+    let cases = [
+        ("/v1/responses", json!({"input": "x"}), "model"),
+        ("/v1/responses", json!({"model": "m"}), "input"),
+        ("/v1/responses", json!({"model": "m", "input": []}), "input"),
+        ("/v1/responses", json!({"model": "m", "input": 3}), "input"),
+        (
+            "/v1/responses",
+            json!({"model": "m", "input": [{"role": "wizard", "content": "x"}]}),
+            "input",
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "m", "input": "x", "stream": true}),
+            "stream",
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "m", "input": "x", "temperature": 3}),
+            "temperature",
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "m", "input": "x", "instructions": 1}),
+            "instructions",
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "m", "input": "x", "previous_response_id": "resp_1"}),
+            "previous_response_id",
+        ),
+        ("/v1/moderations", json!({}), "input"),
+        ("/v1/moderations", json!({"input": []}), "input"),
+        ("/v1/moderations", json!({"input": ["a", 1]}), "input"),
+        (
+            "/v1/moderations",
+            json!({"input": [{"type": "video"}]}),
+            "input",
+        ),
+        (
+            "/v1/moderations",
+            json!({"input": "x", "model": ""}),
+            "model",
+        ),
+    ];
+    for (path, body, param) in cases {
+        let (status, error) = sim.post_json(path, &body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path} {body}");
+        assert_error(&error, "invalid_request_error");
+        assert_eq!(error["error"]["param"], param, "{path} {body}");
+    }
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn responses_and_moderations_obey_sim_directives() {
+    let sim = start(SimConfig::default()).await;
+    let response = response_request(json!("scripted"));
+    let moderation = json!({"input": "scripted"});
+    for (path, body) in [
+        ("/v1/responses", &response),
+        ("/v1/moderations", &moderation),
+    ] {
+        // A scripted status, in the envelope.
+        let (status, error) = sim
+            .post_json(path, &with_sim(body.clone(), json!({"status": 400})))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}");
+        assert_error(&error, "invalid_request_error");
+
+        // Fails once, then succeeds with the answer the plain request gets.
+        let flaky = with_sim(body.clone(), json!({"fail_times": 1, "status": 503}));
+        let (status, _) = sim.post_json(path, &flaky).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{path}");
+        let (status, answer) = sim.post_json(path, &flaky).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        let (_, plain) = sim.post_json(path, body).await;
+        // Ids are per response; the content is the plain request's.
+        let content = if path == "/v1/responses" {
+            "/output/0/content"
+        } else {
+            "/results"
+        };
+        assert_eq!(answer.pointer(content), plain.pointer(content), "{path}");
+
+        // Malformed: half a body.
+        let malformed = with_sim(body.clone(), json!({"kind": "malformed"}));
+        let response = sim.post(path, &malformed).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let text = response.text().await.unwrap();
+        assert!(serde_json::from_str::<Value>(&text).is_err(), "{text}");
+
+        // Dropped: no answer at all.
+        let dropped = with_sim(body.clone(), json!({"kind": "drop"}));
+        let error = sim.try_post(path, &dropped).await.unwrap_err();
+        assert!(is_connection_error(&error), "{error}");
+    }
+    let stats = sim.stats().await;
+    assert_eq!(stats.failures.total, 2 * 4);
+    sim.shutdown().await;
+}
