@@ -36,11 +36,11 @@
 //! **Responses** (`resp_…`, one `message` `msg_…` with one `output_text` part) are generated
 //! the same way from `model`, `input`, `instructions` and `max_output_tokens` (at least 16,
 //! as OpenAI's). A cut answer has `status: "incomplete"` and `incomplete_details: {"reason":
-//! "max_output_tokens"}`. `usage` is `{input_tokens, input_tokens_details: {cached_tokens},
-//! output_tokens, output_tokens_details: {reasoning_tokens}, total_tokens}`; `instructions`,
-//! `max_output_tokens`, `temperature`, `top_p`, `parallel_tool_calls`, `tool_choice`, `tools`,
-//! `metadata` (and `text`, `reasoning`, `store`, `truncation`, `user`) are echoed with OpenAI's
-//! defaults. `previous_response_id` is a 400: nothing is stored.
+//! "max_output_tokens"}`. `usage` is `{input_tokens, input_tokens_details: {cached_tokens,
+//! cache_write_tokens}, output_tokens, output_tokens_details: {reasoning_tokens},
+//! total_tokens}`; `instructions`, `max_output_tokens`, `temperature`, `top_p`,
+//! `parallel_tool_calls`, `tool_choice`, `tools`, `metadata` (and `text`, `reasoning`,
+//! `store`, `truncation`, `user`) are echoed with OpenAI's defaults. `previous_response_id` is a 400: nothing is stored.
 //!
 //! **Moderations** (`modr-…`) report every category of `omni-moderation-latest`; `model` is
 //! optional (that one by default). A text is flagged in one category when one of its words

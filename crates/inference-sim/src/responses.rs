@@ -127,7 +127,8 @@ pub(crate) fn responses(
             "truncation": echo("truncation", json!("disabled")),
             "usage": {
                 "input_tokens": input_tokens,
-                "input_tokens_details": { "cached_tokens": 0 },
+                // OpenAI now reports prompt-cache writes too; the SDK requires the key.
+                "input_tokens_details": { "cached_tokens": 0, "cache_write_tokens": 0 },
                 "output_tokens": output_tokens,
                 "output_tokens_details": { "reasoning_tokens": 0 },
                 "total_tokens": input_tokens + output_tokens,
