@@ -1,8 +1,8 @@
-//! End-to-end: a batch per endpoint beyond chat, completions and embeddings —
-//! `/v1/responses` and `/v1/moderations` — runs through the whole pipeline on both
-//! deployments against the simulator, checked with the official Python SDK's own types:
-//! every line once, an upstream 400 on its own line, and the batch `usage` the sum of the
-//! lines' (Responses' `input_tokens`/`output_tokens` shape; nothing for moderations).
+//! End-to-end: a batch per endpoint beyond chat and embeddings (`tests/pipeline.rs`) —
+//! `/v1/responses`, `/v1/moderations` and `/v1/completions` — runs through the whole pipeline
+//! on both deployments against the simulator, checked with the official Python SDK's own
+//! types: every line once, an upstream 400 on its own line, and the batch `usage` the sum of
+//! the lines' (Responses' `input_tokens`/`output_tokens` shape; nothing for moderations).
 
 use std::time::Duration;
 
@@ -96,7 +96,17 @@ async fn a_moderations_batch_completes_with_zero_usage(deployment: Deployment) {
     assert_eq!(report["usage"]["total_tokens"], 0, "{report}");
 }
 
+async fn a_completions_batch_sums_completions_usage(deployment: Deployment) {
+    let report = run_batch(deployment, "/v1/completions").await;
+    assert_eq!(report["ok"], true, "{report}");
+    assert!(
+        report["usage"]["output_tokens"].as_u64() > Some(0),
+        "{report}"
+    );
+}
+
 for_both_deployments!(
     a_responses_batch_sums_responses_usage,
     a_moderations_batch_completes_with_zero_usage,
+    a_completions_batch_sums_completions_usage,
 );

@@ -1,12 +1,12 @@
-"""A batch of `/v1/responses` or `/v1/moderations` requests (NS_ENDPOINT) runs to `completed`
-against the simulator: every custom_id once, every body a valid object of the SDK's own type,
-an upstream 400 on its own line, and the batch `usage` the sum of the lines' usage (zero for
-moderations, which report none)."""
+"""A batch of `/v1/responses`, `/v1/moderations` or `/v1/completions` requests (NS_ENDPOINT)
+runs to `completed` against the simulator: every custom_id once, every body a valid object of
+the SDK's own type, an upstream 400 on its own line, and the batch `usage` the sum of the
+lines' usage (zero for moderations, which report none)."""
 
 import collections
 import os
 
-from openai.types import ModerationCreateResponse
+from openai.types import Completion, ModerationCreateResponse
 from openai.types.responses import Response
 
 from nstest import emit
@@ -153,4 +153,31 @@ def moderations():
     return {"lines": len(lines), "usage": u.model_dump()}
 
 
-emit(ok=True, endpoint=ENDPOINT, **{"/v1/responses": responses, "/v1/moderations": moderations}[ENDPOINT]())
+def completions():
+    lines = [line(f"text-{i}", {"model": "sim-chat", "prompt": f"once upon {i}", "max_tokens": 12}) for i in range(6)]
+    lines += [
+        line("token-ids", {"model": "sim-chat", "prompt": [1, 2, 3, 4, 5]}),
+        line("two-prompts", {"model": "sim-chat", "prompt": ["first one", "second"], "n": 2}),
+        line("rejected", {"model": "sim-chat", "prompt": "no", "sim": {"status": 400}}),
+    ]
+    done, out, err = run(lines)
+    assert set(err) == {"rejected"}, err.keys()
+    check_upstream_400(err, "rejected")
+    inp = outp = 0
+    for cid, l in out.items():
+        m = Completion.model_validate(l["response"]["body"])  # the SDK's own type
+        assert m.object == "text_completion" and all(ch.text.startswith("sim:") for ch in m.choices), m
+        assert m.usage.total_tokens == m.usage.prompt_tokens + m.usage.completion_tokens, m.usage
+        inp += m.usage.prompt_tokens
+        outp += m.usage.completion_tokens
+    body = lambda cid: out[cid]["response"]["body"]
+    assert body("token-ids")["usage"]["prompt_tokens"] == 5
+    assert len(body("two-prompts")["choices"]) == 4 and body("two-prompts")["usage"]["prompt_tokens"] == 3
+    assert all(body(f"text-{i}")["usage"]["completion_tokens"] <= 12 for i in range(6))
+    u = done.usage
+    assert (u.input_tokens, u.output_tokens, u.total_tokens) == (inp, outp, inp + outp), (u, inp, outp)
+    return {"lines": len(lines), "usage": u.model_dump()}
+
+
+ENDPOINTS = {"/v1/responses": responses, "/v1/moderations": moderations, "/v1/completions": completions}
+emit(ok=True, endpoint=ENDPOINT, **ENDPOINTS[ENDPOINT]())
