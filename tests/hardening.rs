@@ -2,12 +2,19 @@
 //!
 //! - Arbitrary HTTP method tokens reach the 404/405 answers before authentication; they must
 //!   not mint metric series (the `method` label is a standard method or `other`).
+//! - A model name is bounded (`MAX_MODEL_CHARS`): a batch naming a 10 kB model fails validation
+//!   in OpenAI's shape, and the next batch runs as usual.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
-use nightshift_e2e::{Deployment, Stack, StackOptions, for_both_deployments};
+use nightshift_core::validation::MAX_MODEL_CHARS;
+use nightshift_e2e::{
+    Deployment, Stack, StackOptions, TEST_MODELS, eventually, for_both_deployments,
+};
 use reqwest::{Client, Method};
+use serde_json::{Value, json};
 
 /// Requests sent with random method tokens, after the warm-up.
 const HOSTILE_REQUESTS: usize = 10_000;
@@ -151,4 +158,134 @@ async fn random_methods_mint_no_series(deployment: Deployment) {
     stack.stop().await.expect("stop");
 }
 
-for_both_deployments!(random_methods_mint_no_series);
+/// One chat line naming `model`.
+fn chat_line(custom_id: &str, model: &str) -> String {
+    json!({
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": model, "messages": [{"role": "user", "content": "hi"}]},
+    })
+    .to_string()
+}
+
+/// Uploads `jsonl` as a `batch` file and creates a chat batch on it; returns the batch id.
+async fn create_batch(client: &Client, origin: &str, key: &str, jsonl: &str) -> String {
+    let boundary = "nightshift-hardening-boundary";
+    let body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
+         Content-Type: application/jsonl\r\n\r\n{jsonl}\n\r\n--{boundary}--\r\n"
+    );
+    let file: Value = client
+        .post(format!("{origin}/v1/files"))
+        .bearer_auth(key)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(body)
+        .send()
+        .await
+        .expect("upload")
+        .json()
+        .await
+        .expect("file object");
+    let file_id = file["id"].as_str().unwrap_or_else(|| panic!("{file}"));
+    let batch: Value = client
+        .post(format!("{origin}/v1/batches"))
+        .bearer_auth(key)
+        .json(&json!({
+            "input_file_id": file_id,
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        }))
+        .send()
+        .await
+        .expect("create")
+        .json()
+        .await
+        .expect("batch object");
+    batch["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{batch}"))
+        .to_owned()
+}
+
+/// Polls the batch until it is in one of `statuses`; returns the Batch object.
+async fn batch_reaches(
+    client: &Client,
+    origin: &str,
+    key: &str,
+    id: &str,
+    statuses: &[&str],
+) -> Value {
+    eventually(
+        &format!("batch {id} in {statuses:?}"),
+        Duration::from_secs(60),
+        || async {
+            let batch: Value = client
+                .get(format!("{origin}/v1/batches/{id}"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .map_err(|e| e.to_string())?
+                .json()
+                .await
+                .map_err(|e| e.to_string())?;
+            match batch["status"].as_str() {
+                Some(s) if statuses.contains(&s) => Ok(batch),
+                _ => Err(batch.to_string()),
+            }
+        },
+    )
+    .await
+    .expect("batch status")
+}
+
+async fn overlong_model_names_fail_validation(deployment: Deployment) {
+    let stack = Stack::start(StackOptions::on(deployment))
+        .await
+        .expect("stack");
+    let (_, key) = stack.tenant("models").await.expect("tenant");
+    let client = Client::new();
+    let origin = stack.origin.as_str();
+
+    let huge = "m".repeat(10 * 1024);
+    let jsonl = [chat_line("a", &huge), chat_line("b", TEST_MODELS[0])].join("\n");
+    let id = create_batch(&client, origin, &key, &jsonl).await;
+    let failed = batch_reaches(&client, origin, &key, &id, &["failed"]).await;
+    let errors = failed["errors"]["data"].as_array().expect("errors.data");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(
+        errors[0],
+        json!({
+            "code": "invalid_request",
+            "line": 1,
+            "param": "body.model",
+            "message": format!(
+                "Invalid 'body.model': string too long. Expected a string with maximum length \
+                 {MAX_MODEL_CHARS}, but got a string with length {} instead.",
+                huge.len()
+            ),
+        })
+    );
+    assert_ne!(failed["model"].as_str(), Some(huge.as_str()));
+
+    // Nothing else broke: the next batch of the same tenant runs to the end.
+    let jsonl = [
+        chat_line("a", TEST_MODELS[0]),
+        chat_line("b", TEST_MODELS[0]),
+    ]
+    .join("\n");
+    let id = create_batch(&client, origin, &key, &jsonl).await;
+    let done = batch_reaches(&client, origin, &key, &id, &["completed", "failed"]).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["request_counts"]["completed"], 2, "{done}");
+    stack.stop().await.expect("stop");
+}
+
+for_both_deployments!(
+    random_methods_mint_no_series,
+    overlong_model_names_fail_validation
+);

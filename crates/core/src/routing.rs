@@ -32,6 +32,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::validation::MAX_MODEL_CHARS;
+
 /// The `models` entry that makes an upstream the default route: it serves every model that no
 /// earlier upstream lists.
 pub const DEFAULT_ROUTE: &str = "*";
@@ -272,6 +274,11 @@ impl UpstreamConfig {
         for model in &self.models {
             if model.is_empty() {
                 return Err(format!("upstream {name:?} lists an empty model name"));
+            }
+            if model.chars().count() > MAX_MODEL_CHARS {
+                return Err(format!(
+                    "upstream {name:?} lists a model name longer than {MAX_MODEL_CHARS} characters"
+                ));
             }
             if !seen.insert(model.as_str()) {
                 return Err(format!("upstream {name:?} lists model {model:?} twice"));
@@ -670,6 +677,8 @@ mod tests {
         assert!(check(|u| u.api_key_env = Some("OPENAI_API_KEY".into())).is_ok());
         assert!(check(|u| u.max_response_bytes = MIN_MAX_RESPONSE_BYTES - 1).is_err());
         assert!(check(|u| u.max_response_bytes = MIN_MAX_RESPONSE_BYTES).is_ok());
+        assert!(check(|u| u.models = vec!["m".repeat(MAX_MODEL_CHARS)]).is_ok());
+        assert!(check(|u| u.models = vec!["m".repeat(MAX_MODEL_CHARS + 1)]).is_err());
 
         let small = UpstreamConfig {
             max_concurrency: 4,

@@ -19,6 +19,8 @@
 //!   has no equivalent that we know of).
 //! - A line repeating a key (`{"custom_id": "a", "custom_id": "b", ..}`) is `invalid_json_line`.
 //! - `body.model` is required for every endpoint, moderations included: it routes the batch.
+//!   A name longer than [`MAX_MODEL_CHARS`] is `invalid_request` and is not kept as the batch's
+//!   model.
 //! - Lines past [`ValidationLimits::max_lines`] are counted but not checked; the file fails
 //!   with `too_many_tasks` anyway.
 //!
@@ -39,6 +41,13 @@ use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use crate::jsonl::{JsonlItem, Line};
+
+/// Most characters in a model name: in a line's `body.model` (more is `invalid_request`, with
+/// OpenAI's "string too long" wording) and in the routing table's `models`. The batch's model
+/// is copied into every chunk task, log line and span, so it must not grow with the line.
+/// Real names are far shorter: `meta-llama/Llama-3.1-8B-Instruct` is 32, a Hugging Face repo
+/// id at most 96 plus its owner, an OpenAI fine-tune id under 100.
+pub const MAX_MODEL_CHARS: usize = 256;
 
 /// Bounds on what one batch input may hold and on how much validation reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -544,6 +553,19 @@ impl LineValidator {
         }
 
         match body.model {
+            Some(Field::Str(model)) if model.chars().nth(MAX_MODEL_CHARS).is_some() => {
+                let message = format!(
+                    "Invalid 'body.model': string too long. Expected a string with maximum \
+                     length {MAX_MODEL_CHARS}, but got a string with length {} instead.",
+                    model.chars().count()
+                );
+                self.record(
+                    ValidationCode::InvalidRequest,
+                    line,
+                    message,
+                    Some("body.model"),
+                );
+            }
             Some(Field::Str(model)) if !model.is_empty() => match &self.model {
                 None => {
                     self.model = Some(SeenModel {
@@ -1184,6 +1206,50 @@ mod tests {
             ]
         );
         assert_eq!(report.model, None);
+    }
+
+    #[test]
+    fn model_names_are_bounded_in_characters() {
+        let longest = "é".repeat(MAX_MODEL_CHARS);
+        let report = validate_with(
+            CHAT,
+            chat_line("a", &longest).as_bytes(),
+            ValidationLimits::default(),
+            &[longest.as_str()],
+        );
+        assert!(report.ok(), "{:?}", report.errors);
+        assert_eq!(report.model.as_deref(), Some(longest.as_str()));
+
+        let huge = "m".repeat(10 * 1024);
+        let input = [
+            chat_line("a", &huge),
+            chat_line("b", &"m".repeat(MAX_MODEL_CHARS + 1)),
+            chat_line("c", "served"),
+        ]
+        .join("\n");
+        let report = validate_with(
+            CHAT,
+            input.as_bytes(),
+            ValidationLimits::default(),
+            &["served"],
+        );
+        assert_eq!(
+            codes(&report),
+            vec![
+                ("invalid_request", Some(1), Some("body.model")),
+                ("invalid_request", Some(2), Some("body.model")),
+            ]
+        );
+        assert_eq!(
+            report.errors[0].message,
+            "Invalid 'body.model': string too long. Expected a string with maximum length 256, \
+             but got a string with length 10240 instead."
+        );
+        assert_eq!(
+            report.model.as_deref(),
+            Some("served"),
+            "an overlong name is never the batch's model"
+        );
     }
 
     #[test]
