@@ -27,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
+use crate::infra::free_port;
 use crate::{eventually, pg_config, s3_config};
 
 /// Where the infrastructure a [`Cluster`] runs on answers.
@@ -107,11 +108,6 @@ impl ClusterOptions {
         self.settings.push((key.to_owned(), value.to_string()));
         self
     }
-}
-
-/// A free loopback port (bound and released: fine for tests on one machine).
-async fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0").await?.local_addr()?.port())
 }
 
 /// The `nightshift` binary built by `make test` (or `NIGHTSHIFT_BIN`).
