@@ -199,22 +199,7 @@ pub(crate) fn moderations(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ctx() -> Context<'static> {
-        Context {
-            request_id: "test",
-            created: 1,
-            default_max_tokens: 64,
-            embedding_dim: 8,
-        }
-    }
-
-    fn object(value: Value) -> Map<String, Value> {
-        match value {
-            Value::Object(map) => map,
-            _ => Map::new(),
-        }
-    }
+    use crate::openai::test_support::{ctx, object};
 
     #[test]
     fn keywords_flag_their_category_only() {

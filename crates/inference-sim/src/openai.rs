@@ -496,11 +496,15 @@ pub(crate) fn embeddings(
     })
 }
 
+/// What the endpoint modules' unit tests share.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod test_support {
+    use serde_json::{Map, Value};
 
-    fn ctx() -> Context<'static> {
+    use super::Context;
+
+    /// A request context with small, fixed values.
+    pub(crate) fn ctx() -> Context<'static> {
         Context {
             request_id: "test",
             created: 1,
@@ -509,12 +513,19 @@ mod tests {
         }
     }
 
-    fn object(value: Value) -> Map<String, Value> {
+    /// `value`'s members (empty unless it is an object).
+    pub(crate) fn object(value: Value) -> Map<String, Value> {
         match value {
             Value::Object(map) => map,
             _ => Map::new(),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::openai::test_support::{ctx, object};
 
     #[test]
     fn error_types_follow_status() {

@@ -235,22 +235,7 @@ fn message_tokens(message: &Map<String, Value>) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ctx() -> Context<'static> {
-        Context {
-            request_id: "test",
-            created: 1,
-            default_max_tokens: 64,
-            embedding_dim: 8,
-        }
-    }
-
-    fn object(value: Value) -> Map<String, Value> {
-        match value {
-            Value::Object(map) => map,
-            _ => Map::new(),
-        }
-    }
+    use crate::openai::test_support::{ctx, object};
 
     #[test]
     fn input_items_are_counted() {
