@@ -33,6 +33,20 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every class, for code that must cover them all (tests, documents).
+    pub const ALL: [Self; 10] = [
+        Self::InvalidRequest,
+        Self::NotFound,
+        Self::Conflict,
+        Self::PayloadTooLarge,
+        Self::RangeNotSatisfiable,
+        Self::Unauthenticated,
+        Self::PermissionDenied,
+        Self::RateLimited,
+        Self::Unavailable,
+        Self::Internal,
+    ];
+
     /// HTTP status code.
     pub fn http_status(self) -> u16 {
         match self {
@@ -188,18 +202,7 @@ mod tests {
 
     #[test]
     fn kinds_round_trip_and_map() {
-        for kind in [
-            ErrorKind::InvalidRequest,
-            ErrorKind::NotFound,
-            ErrorKind::Conflict,
-            ErrorKind::PayloadTooLarge,
-            ErrorKind::RangeNotSatisfiable,
-            ErrorKind::Unauthenticated,
-            ErrorKind::PermissionDenied,
-            ErrorKind::RateLimited,
-            ErrorKind::Unavailable,
-            ErrorKind::Internal,
-        ] {
+        for kind in ErrorKind::ALL {
             assert_eq!(ErrorKind::parse(kind.as_str()), Some(kind));
             let status = kind.http_status();
             // client mistakes are 4xx, never 5xx: the SDKs retry 5xx

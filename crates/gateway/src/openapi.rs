@@ -711,18 +711,7 @@ mod tests {
             .filter_map(Value::as_str)
             .collect();
         let types = schema["properties"]["type"]["enum"].as_array().unwrap();
-        for kind in [
-            ErrorKind::InvalidRequest,
-            ErrorKind::NotFound,
-            ErrorKind::Conflict,
-            ErrorKind::PayloadTooLarge,
-            ErrorKind::RangeNotSatisfiable,
-            ErrorKind::Unauthenticated,
-            ErrorKind::PermissionDenied,
-            ErrorKind::RateLimited,
-            ErrorKind::Unavailable,
-            ErrorKind::Internal,
-        ] {
+        for kind in ErrorKind::ALL {
             for err in [
                 ApiError::new(kind, "m"),
                 ApiError::new(kind, "m").with_param("p").with_code("c"),
