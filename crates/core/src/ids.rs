@@ -111,6 +111,16 @@ prefixed_id!(
     TenantId,
     "tenant_"
 );
+prefixed_id!(
+    /// A webhook endpoint (`we_…`): where a tenant's batch events are delivered.
+    WebhookEndpointId,
+    "we_"
+);
+prefixed_id!(
+    /// A webhook event (`evt_…`), as OpenAI spells it: one per batch terminal transition.
+    EventId,
+    "evt_"
+);
 
 #[cfg(test)]
 mod tests {

@@ -18,7 +18,8 @@ pub mod schema;
 pub mod sniff;
 pub mod time;
 pub mod validation;
+pub mod webhook;
 
 pub use error::{ApiError, ErrorKind};
-pub use ids::{BatchId, FileId, IdError, TenantId};
+pub use ids::{BatchId, EventId, FileId, IdError, TenantId, WebhookEndpointId};
 pub mod secret;
