@@ -14,7 +14,12 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use crate::{LineOutcome, LiveCounts, LiveState, MAX_LINE, MAX_USAGE_PER_CALL, StateError, Usage};
+use std::time::{Duration, Instant};
+
+use crate::{
+    LineOutcome, LiveCounts, LiveState, MAX_LINE, MAX_USAGE_PER_CALL, PermitGrant, PermitLease,
+    StateError, Usage,
+};
 
 /// Every check of the suite, named once: calls `$then!` with `$args` followed by the checks'
 /// names. Both [`run`] and each adapter's tests ([`conformance_tests!`](crate::conformance_tests))
@@ -38,6 +43,11 @@ macro_rules! __state_conformance_checks {
             invalid_input_is_refused_whole,
             large_calls_and_high_lines,
             ping,
+            leases_share_the_cap,
+            leases_converge_to_fair_shares,
+            lease_release_and_expiry,
+            leases_never_sum_above_the_cap,
+            invalid_lease_is_refused,
         }
     };
 }
@@ -486,6 +496,176 @@ async fn large_calls_and_high_lines(state: Arc<dyn LiveState>) {
 
 async fn ping(state: Arc<dyn LiveState>) {
     state.ping().await.expect("ping");
+}
+
+/// A lease call of the suite: a minute's ttl unless said otherwise.
+fn lease<'a>(
+    upstream: &'a str,
+    holder: &'a str,
+    want: u32,
+    keep: u32,
+    cap: u32,
+) -> PermitLease<'a> {
+    PermitLease {
+        upstream,
+        holder,
+        want,
+        keep,
+        cap,
+        ttl: Duration::from_secs(60),
+    }
+}
+
+async fn take(state: &dyn LiveState, lease: PermitLease<'_>) -> PermitGrant {
+    state
+        .lease_permits(&lease)
+        .await
+        .unwrap_or_else(|e| panic!("lease {lease:?}: {e}"))
+}
+
+async fn leases_share_the_cap(state: Arc<dyn LiveState>) {
+    let s = &*state;
+    // Alone, a holder gets what it wants, up to the cap.
+    let a = take(s, lease("up-1", "a", 100, 0, 8)).await;
+    assert_eq!((a.granted, a.holders), (8, 1), "{a:?}");
+    // A second holder finds no room, but its want lowers the first one's share.
+    let b = take(s, lease("up-1", "b", 8, 0, 8)).await;
+    assert_eq!((b.granted, b.share, b.holders), (0, 4, 2), "{b:?}");
+    // The first keeps what it uses; asking again it learns its share.
+    let a = take(s, lease("up-1", "a", 8, 8, 8)).await;
+    assert_eq!((a.granted, a.share), (8, 4), "keep is honoured: {a:?}");
+    // Once it gives back down to its share, the second gets the rest.
+    let a = take(s, lease("up-1", "a", 8, 4, 8)).await;
+    assert_eq!(a.granted, 4, "{a:?}");
+    let b = take(s, lease("up-1", "b", 8, 0, 8)).await;
+    assert_eq!(b.granted, 4, "{b:?}");
+    // Another upstream is another cap.
+    let c = take(s, lease("up-2", "a", 5, 0, 5)).await;
+    assert_eq!((c.granted, c.holders), (5, 1), "{c:?}");
+    // A small want leaves the rest to the others.
+    let a = take(s, lease("up-1", "a", 1, 1, 8)).await;
+    assert_eq!(a.granted, 1, "{a:?}");
+    let b = take(s, lease("up-1", "b", 100, 4, 8)).await;
+    assert_eq!((b.granted, b.share), (7, 7), "{b:?}");
+}
+
+async fn leases_converge_to_fair_shares(state: Arc<dyn LiveState>) {
+    // Four holders that all want the whole cap, each renewing as an executor does: keeping
+    // at most its last share. After two rounds each holds exactly its share.
+    let s = &*state;
+    let holders = ["h0", "h1", "h2", "h3"];
+    let mut held = [0u32; 4];
+    let mut share = [64u32; 4];
+    for round in 0..3 {
+        for (i, holder) in holders.iter().enumerate() {
+            let keep = held[i].min(share[i]);
+            let grant = take(s, lease("up-fair", holder, 64, keep, 64)).await;
+            assert!(
+                grant.granted >= keep,
+                "round {round}: {grant:?} below keep {keep}"
+            );
+            held[i] = grant.granted;
+            share[i] = grant.share;
+            assert!(
+                held.iter().sum::<u32>() <= 64,
+                "round {round}: grants {held:?} above the cap"
+            );
+        }
+    }
+    assert_eq!(held, [16; 4], "fair shares after three rounds");
+    // One holder wanting less lets the others share what it leaves.
+    let low = take(s, lease("up-fair", "h0", 4, 4, 64)).await;
+    assert_eq!(low.granted, 4);
+    let grant = take(s, lease("up-fair", "h1", 64, 16, 64)).await;
+    assert_eq!(grant.share, 20, "(64 - 4) / 3: {grant:?}");
+}
+
+async fn lease_release_and_expiry(state: Arc<dyn LiveState>) {
+    let s = &*state;
+    assert_eq!(take(s, lease("up-gone", "a", 10, 0, 10)).await.granted, 10);
+    // Giving everything back frees the permits at once.
+    let released = take(s, lease("up-gone", "a", 0, 0, 10)).await;
+    assert_eq!((released.granted, released.holders), (0, 0), "{released:?}");
+    assert_eq!(take(s, lease("up-gone", "b", 10, 0, 10)).await.granted, 10);
+    // A holder that stops renewing (a dead executor) gives them back when its ttl runs out.
+    let short = PermitLease {
+        ttl: Duration::from_millis(300),
+        ..lease("up-gone", "b", 10, 10, 10)
+    };
+    assert_eq!(take(s, short).await.granted, 10);
+    assert_eq!(take(s, lease("up-gone", "c", 10, 0, 10)).await.granted, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let grant = take(s, lease("up-gone", "c", 10, 0, 10)).await;
+        if grant.granted == 10 {
+            assert_eq!(grant.holders, 1, "the dead lease is gone: {grant:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "an expired lease still held its permits after 10 s: {grant:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn leases_never_sum_above_the_cap(state: Arc<dyn LiveState>) {
+    // A seeded random walk of holders behaving as executors do (keep at most what they were
+    // granted): the grants never sum above the cap, and every one of them is at least its keep.
+    let s = &*state;
+    let cap = 10;
+    let mut held = [0u32; 5];
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move |bound: u32| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        u32::try_from(seed % u64::from(bound)).unwrap_or(0)
+    };
+    let names = ["w0", "w1", "w2", "w3", "w4"];
+    for step in 0..300 {
+        let i = next(5) as usize;
+        let want = next(cap + 3);
+        let keep = next(held[i] + 1);
+        let grant = take(s, lease("up-walk", names[i], want, keep, cap)).await;
+        assert!(
+            grant.granted >= keep,
+            "step {step}: {grant:?} below keep {keep}"
+        );
+        assert!(
+            grant.granted <= want.min(cap).max(keep),
+            "step {step}: {grant:?} above want {want}"
+        );
+        held[i] = grant.granted;
+        assert!(
+            held.iter().sum::<u32>() <= cap,
+            "step {step}: grants {held:?} sum above the cap {cap}"
+        );
+    }
+}
+
+async fn invalid_lease_is_refused(state: Arc<dyn LiveState>) {
+    let s = &*state;
+    for bad in [
+        lease("", "a", 1, 0, 1),
+        lease("up", "", 1, 0, 1),
+        lease("up{x}", "a", 1, 0, 1),
+        lease("up", "a:b", 1, 0, 1),
+        lease("up", "a", 1, 0, 0),
+        PermitLease {
+            ttl: Duration::ZERO,
+            ..lease("up", "a", 1, 0, 1)
+        },
+    ] {
+        assert_invalid(s.lease_permits(&bad).await, &format!("{bad:?}"));
+    }
+    let long = "x".repeat(crate::MAX_LEASE_NAME_LEN + 1);
+    assert_invalid(
+        s.lease_permits(&lease(&long, "a", 1, 0, 1)).await,
+        "a long upstream name",
+    );
+    // Nothing was taken.
+    assert_eq!(take(s, lease("up", "a", 1, 0, 1)).await.granted, 1);
 }
 
 /// Declares the suite in an adapter's integration tests: one `#[tokio::test]` per check, each

@@ -23,8 +23,12 @@
 //! - **unknown is empty.** A batch nobody recorded reads as zero counts and not cancelled;
 //! - **bounded lifetime.** Adapters that outlive a process (Redis) expire every key of a batch
 //!   some time after its last write, so a crashed finalizer never leaks state forever.
+//!
+//! The port also shares each upstream's concurrency cap between executors: see
+//! [`LiveState::lease_permits`] and [`PermitLease`].
 
 use std::fmt;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use nightshift_core::results::ResultLine;
@@ -49,6 +53,109 @@ pub const MAX_USAGE_PER_CALL: u64 = 1 << 53;
 
 /// The longest batch id accepted (the same bound as the ids of `nightshift-core`).
 pub const MAX_BATCH_ID_LEN: usize = 128;
+
+/// The longest upstream or holder name [`LiveState::lease_permits`] accepts.
+pub const MAX_LEASE_NAME_LEN: usize = 128;
+
+/// One executor's ask for permits of one upstream: see [`LiveState::lease_permits`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PermitLease<'a> {
+    /// The shared resource: the upstream's name (`1..=MAX_LEASE_NAME_LEN` ASCII alphanumerics,
+    /// `-`, `_` or `.`, as the routing table allows).
+    pub upstream: &'a str,
+    /// Who holds the lease: one id per executor process (same alphabet as `upstream`).
+    pub holder: &'a str,
+    /// Permits the holder would like (its limiter's wish, bounded by its demand).
+    pub want: u32,
+    /// Permits the holder may be using right now and keeps whatever the others want: never
+    /// more than what its previous grant gave it (it cannot have started more).
+    pub keep: u32,
+    /// The upstream's `max_concurrency`: the sum of every holder's grant never exceeds it
+    /// (unless `keep`s already did, e.g. after the backend lost the leases).
+    pub cap: u32,
+    /// The lease lasts this long after the call unless renewed; a holder that stops renewing
+    /// (a dead executor) gives its permits back when it runs out. At least 1 ms.
+    pub ttl: Duration,
+}
+
+/// What [`LiveState::lease_permits`] granted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PermitGrant {
+    /// Permits the holder now holds, for `ttl` from the call: at least its `keep`.
+    pub granted: u32,
+    /// The holder's fair share: the max-min fair division of `cap` among the wants of every
+    /// live holder (rounded up). A holder granted more than it should keep gives the excess
+    /// back at its next call by lowering its `keep` to at most this.
+    pub share: u32,
+    /// Live holders of the upstream, this one included when it holds or wants anything.
+    pub holders: u32,
+}
+
+/// The decision of [`LiveState::lease_permits`] over the other live holders' `(granted, want)`,
+/// shared by the adapters that run in Rust ([`MemoryState`]; `lease.lua` is its Redis twin).
+pub(crate) fn settle_lease(lease: &PermitLease<'_>, others: &[(u32, u32)]) -> PermitGrant {
+    let cap = u64::from(lease.cap);
+    let want = lease.want.min(lease.cap);
+    let taken: u64 = others.iter().map(|&(granted, _)| u64::from(granted)).sum();
+    let mut wants: Vec<u64> = others.iter().map(|&(_, want)| u64::from(want)).collect();
+    wants.push(u64::from(want));
+    let share = fair_share(cap, &mut wants);
+    let room = cap.saturating_sub(taken);
+    let fresh = u64::from(want).min(share).min(room);
+    let granted = u32::try_from(fresh.max(u64::from(lease.keep))).unwrap_or(u32::MAX);
+    let holders = others.len() + usize::from(granted > 0 || want > 0);
+    PermitGrant {
+        granted,
+        share: u32::try_from(share).unwrap_or(u32::MAX),
+        holders: u32::try_from(holders).unwrap_or(u32::MAX),
+    }
+}
+
+/// Max-min fair level of `cap` over `wants` (sorted in place): the smallest wants are served
+/// whole, the rest get an equal share, rounded up so that a cap smaller than the number of
+/// holders still lets each of them start one request in turn.
+fn fair_share(cap: u64, wants: &mut [u64]) -> u64 {
+    wants.sort_unstable();
+    let mut left = cap;
+    let mut holders = wants.len() as u64;
+    for &want in wants.iter() {
+        let level = left.div_ceil(holders.max(1));
+        if want > level {
+            return level;
+        }
+        left = left.saturating_sub(want);
+        holders -= 1;
+    }
+    // Every want fits: anyone may have up to the whole cap.
+    cap
+}
+
+/// Checks the names and numbers of a [`PermitLease`].
+pub(crate) fn check_lease(lease: &PermitLease<'_>) -> Result<()> {
+    for (what, name) in [("upstream", lease.upstream), ("holder", lease.holder)] {
+        let ok = !name.is_empty()
+            && name.len() <= MAX_LEASE_NAME_LEN
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if !ok {
+            return Err(StateError::InvalidInput(format!(
+                "{what} {name:?} is not 1 to {MAX_LEASE_NAME_LEN} ASCII alphanumerics, '_', '-' or '.'"
+            )));
+        }
+    }
+    if lease.cap == 0 {
+        return Err(StateError::InvalidInput(
+            "a lease's cap must be at least 1".into(),
+        ));
+    }
+    if lease.ttl < Duration::from_millis(1) {
+        return Err(StateError::InvalidInput(
+            "a lease's ttl must be at least 1 ms".into(),
+        ));
+    }
+    Ok(())
+}
 
 /// Errors of the live-state port.
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +287,28 @@ pub trait LiveState: Send + Sync + fmt::Debug + 'static {
 
     /// Whether the backend answers (readiness).
     async fn ping(&self) -> Result<()>;
+
+    /// Takes, renews, resizes or gives back `lease.holder`'s lease of permits of
+    /// `lease.upstream`, in one atomic step, and returns what it holds now.
+    ///
+    /// Executors share an upstream's `max_concurrency` this way: each holds a lease of some
+    /// permits, starts no more requests than it holds, renews the lease well before its `ttl`
+    /// runs out, and asks again when it wants more. The step:
+    /// 1. leases that ran out (their holder stopped renewing: it died) are dropped;
+    /// 2. the holder's fair share is computed over every live holder's last `want` and this
+    ///    call's (see [`PermitGrant::share`]);
+    /// 3. the holder is granted `max(keep, min(want, share, cap − the others' grants))`, for
+    ///    `ttl` from now (the backend's clock), and its `want` is remembered for the others'
+    ///    shares.
+    ///
+    /// So the grants never sum above `cap` as long as every holder starts no more than it
+    /// holds and passes as `keep` at most what it was granted before. `want = keep = 0`
+    /// releases the lease. Expiry uses one clock (the backend's), so holders' clocks may
+    /// differ; a holder must still treat its lease as gone somewhat before `ttl` after it
+    /// *sent* the call. An invalid lease (a bad name, `cap` 0, `ttl` under 1 ms) fails with
+    /// [`StateError::InvalidInput`]; after a [`StateError::Backend`] the step may or may not
+    /// have been applied.
+    async fn lease_permits(&self, lease: &PermitLease<'_>) -> Result<PermitGrant>;
 }
 
 /// Checks a batch id against the shape every adapter accepts.

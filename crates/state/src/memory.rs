@@ -3,10 +3,14 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
 use async_trait::async_trait;
 
-use crate::{LineOutcome, LiveCounts, LiveState, Result, check_batch_id, check_outcomes};
+use crate::{
+    LineOutcome, LiveCounts, LiveState, PermitGrant, PermitLease, Result, check_batch_id,
+    check_lease, check_outcomes, settle_lease,
+};
 
 /// [`LiveState`] in this process's memory: for the single-process deployment
 /// (`nightshift serve --standalone`) and as the test double of services' unit tests.
@@ -19,6 +23,16 @@ use crate::{LineOutcome, LiveCounts, LiveState, Result, check_batch_id, check_ou
 pub struct MemoryState {
     /// Every batch with something recorded or flagged, by id.
     batches: Mutex<HashMap<String, BatchState>>,
+    /// Permit leases: upstream → holder → lease. Expired leases are dropped when their
+    /// upstream is next leased.
+    leases: Mutex<HashMap<String, HashMap<String, Lease>>>,
+}
+
+/// One holder's lease of an upstream's permits.
+struct Lease {
+    granted: u32,
+    want: u32,
+    expires: Instant,
 }
 
 /// What is kept for one batch.
@@ -138,5 +152,36 @@ impl LiveState for MemoryState {
 
     async fn ping(&self) -> Result<()> {
         Ok(())
+    }
+
+    async fn lease_permits(&self, lease: &PermitLease<'_>) -> Result<PermitGrant> {
+        check_lease(lease)?;
+        let now = Instant::now();
+        let mut upstreams = self.leases.lock().unwrap_or_else(PoisonError::into_inner);
+        let holders = upstreams.entry(lease.upstream.to_owned()).or_default();
+        holders.retain(|_, held| held.expires > now);
+        let others: Vec<(u32, u32)> = holders
+            .iter()
+            .filter(|(holder, _)| holder.as_str() != lease.holder)
+            .map(|(_, held)| (held.granted, held.want))
+            .collect();
+        let grant = settle_lease(lease, &others);
+        let want = lease.want.min(lease.cap);
+        if grant.granted == 0 && want == 0 {
+            holders.remove(lease.holder);
+        } else {
+            holders.insert(
+                lease.holder.to_owned(),
+                Lease {
+                    granted: grant.granted,
+                    want,
+                    expires: now + lease.ttl,
+                },
+            );
+        }
+        if holders.is_empty() {
+            upstreams.remove(lease.upstream);
+        }
+        Ok(grant)
     }
 }

@@ -13,8 +13,8 @@ use redis::{RedisError, Script};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    LineOutcome, LiveCounts, LiveState, Result, StateError, check_batch_id, check_outcomes,
-    usage_fields, usage_from_fields,
+    LineOutcome, LiveCounts, LiveState, PermitGrant, PermitLease, Result, StateError,
+    check_batch_id, check_lease, check_outcomes, usage_fields, usage_from_fields,
 };
 
 /// Fields of the counts hash, in the order [`parse_counts`] reads them: `completed`, `failed`,
@@ -32,6 +32,9 @@ const COUNT_FIELDS: [&str; 7] = [
 
 /// The record script; see `record.lua` for its contract.
 static RECORD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("record.lua")));
+
+/// The permit-lease script; see `lease.lua` for its contract.
+static LEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lease.lua")));
 
 /// Longest wait between two connection attempts.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
@@ -131,6 +134,7 @@ pub struct BatchKeys {
 /// | `{prefix}batch:{<id>}:done` | string used as a bitmap | bit `n` set = line `n` (1-based) was counted |
 /// | `{prefix}batch:{<id>}:counts` | hash | `completed`, `failed`, `input_tokens`, `cached_tokens`, `output_tokens`, `reasoning_tokens`, `total_tokens` (absent field = 0) |
 /// | `{prefix}batch:{<id>}:cancelled` | string `"1"` | present = cancel flag raised |
+/// | `{prefix}upstream:{<name>}:leases` | hash | per executor (holder id): `granted:want:expires_ms` of its permit lease ([`LiveState::lease_permits`], one `EVALSHA` of `lease.lua`); the hash expires a lease TTL after the last call |
 ///
 /// The bitmap is as long as the highest line recorded: one bit per line, so ~1.25 MB for a
 /// 10-million-line batch (and up to 512 MB at [`MAX_LINE`](crate::MAX_LINE), Redis' own
@@ -204,6 +208,7 @@ impl RedisState {
             .await
             .map_err(backend)?;
         RECORD.load_async(&mut conn).await.map_err(backend)?;
+        LEASE.load_async(&mut conn).await.map_err(backend)?;
         Ok(Self {
             conn,
             prefix: config.key_prefix.as_str().into(),
@@ -218,6 +223,12 @@ impl RedisState {
             counts: self.key(batch, "counts")?,
             cancelled: self.key(batch, "cancelled")?,
         })
+    }
+
+    /// The hash of `upstream`'s permit leases: `{prefix}upstream:{<upstream>}:leases`. The name
+    /// is not checked here ([`LiveState::lease_permits`] does).
+    pub fn leases_key(&self, upstream: &str) -> String {
+        format!("{}upstream:{{{upstream}}}:leases", self.prefix)
     }
 
     /// `{prefix}batch:{<batch>}:<kind>`, after checking the batch id (which keeps `{`, `}`
@@ -342,6 +353,26 @@ impl LiveState for RedisState {
             .exec_async(&mut self.conn.clone())
             .await
             .map_err(backend)
+    }
+
+    async fn lease_permits(&self, lease: &PermitLease<'_>) -> Result<PermitGrant> {
+        check_lease(lease)?;
+        let ttl_ms = u64::try_from(lease.ttl.as_millis()).unwrap_or(u64::MAX);
+        let (granted, share, holders): (u32, u32, u32) = LEASE
+            .key(self.leases_key(lease.upstream))
+            .arg(lease.holder)
+            .arg(lease.want)
+            .arg(lease.keep)
+            .arg(lease.cap)
+            .arg(ttl_ms)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(backend)?;
+        Ok(PermitGrant {
+            granted,
+            share,
+            holders,
+        })
     }
 }
 
