@@ -14,6 +14,33 @@ pub const MAX_EXPIRES_AFTER_SECS: i64 = 2_592_000;
 /// Default lifetime of batch inputs and outputs when the client sets none: 30 days.
 pub const DEFAULT_BATCH_FILE_TTL_SECS: i64 = MAX_EXPIRES_AFTER_SECS;
 
+/// Longest filename accepted at upload, in bytes (UTF-8): the common filesystem limit. The name
+/// is only shown back (the File object, `Content-Disposition`), never used as a path.
+pub const MAX_FILENAME_BYTES: usize = 255;
+
+/// Checks an uploaded file's name: at most [`MAX_FILENAME_BYTES`] bytes and no control
+/// characters (they would corrupt logs and headers). Path separators are allowed: the name is
+/// never used as a path. The 400 names `file`, code `invalid_filename`.
+pub fn check_filename(name: &str) -> Result<(), ApiError> {
+    let invalid = |message: String| {
+        ApiError::new(crate::ErrorKind::InvalidRequest, message)
+            .with_param("file")
+            .with_code("invalid_filename")
+    };
+    if name.len() > MAX_FILENAME_BYTES {
+        return Err(invalid(format!(
+            "The filename is {} bytes long; at most {MAX_FILENAME_BYTES} are allowed.",
+            name.len()
+        )));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(invalid(
+            "The filename contains a control character.".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
 /// What a file is for. Only `batch` inputs are read by nightshift; the other purposes are
 /// stored and served so that clients written for OpenAI keep working.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
@@ -250,6 +277,22 @@ pub struct FileDeleted {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn filenames_are_bounded() {
+        use super::{MAX_FILENAME_BYTES, check_filename};
+        assert!(check_filename("input.jsonl").is_ok());
+        assert!(check_filename("dir/sub\\ünïcode.jsonl").is_ok());
+        assert!(check_filename(&"é".repeat(MAX_FILENAME_BYTES / 2)).is_ok());
+        let e = check_filename(&"é".repeat(MAX_FILENAME_BYTES / 2 + 1)).unwrap_err();
+        assert_eq!(
+            (e.param.as_deref(), e.code.as_deref()),
+            (Some("file"), Some("invalid_filename"))
+        );
+        for bad in ["a\nb", "a\rb", "nul\0", "bell\u{7}", "del\u{7f}", "c1\u{85}"] {
+            assert!(check_filename(bad).is_err(), "{bad:?}");
+        }
+    }
+
     use super::*;
 
     #[test]

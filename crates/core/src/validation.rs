@@ -49,6 +49,19 @@ use crate::jsonl::{JsonlItem, Line};
 /// id at most 96 plus its owner, an OpenAI fine-tune id under 100.
 pub const MAX_MODEL_CHARS: usize = 256;
 
+/// Most characters in a `custom_id` (more is `invalid_value` naming `custom_id`, with OpenAI's
+/// "string too long" wording). OpenAI documents no maximum; nightshift chooses one because the
+/// id is copied into every result line and error message. UUIDs are 36, most ids far shorter.
+pub const MAX_CUSTOM_ID_CHARS: usize = 512;
+
+/// Most characters in one error's `message`: what a message quotes is already cut short, and
+/// this bounds the rest (a parser's text), so a failed batch's `errors` stays small.
+pub const MAX_ERROR_MESSAGE_CHARS: usize = 1024;
+
+/// The code of the last entry of a failed batch's `errors.data` when more errors were found
+/// than listed (see [`ValidationReport::listed_errors`]).
+pub const TOO_MANY_ERRORS: &str = "too_many_errors";
+
 /// Bounds on what one batch input may hold and on how much validation reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ValidationLimits {
@@ -191,6 +204,28 @@ impl ValidationReport {
     /// True when errors were found beyond those listed.
     pub fn is_truncated(&self) -> bool {
         self.error_count > self.errors.len() as u64
+    }
+
+    /// The errors as a failed batch lists them in `errors.data`: those kept (at most
+    /// `max_errors`), then — when more were found — one last entry, code
+    /// [`TOO_MANY_ERRORS`], saying how many more there were. A client thus always learns the
+    /// total, and the list (and the Batch object) stays bounded.
+    pub fn listed_errors(&self) -> Vec<BatchError> {
+        let mut listed = self.errors.clone();
+        if self.is_truncated() {
+            let more = self.error_count - self.errors.len() as u64;
+            listed.push(BatchError {
+                code: TOO_MANY_ERRORS.to_owned(),
+                line: None,
+                message: format!(
+                    "{more} more errors were found and are not listed; only the first {} are. \
+                     Fix these and validate again to see the rest.",
+                    self.errors.len()
+                ),
+                param: None,
+            });
+        }
+        listed
     }
 }
 
@@ -395,8 +430,12 @@ impl LineValidator {
     ) {
         self.error_count += 1;
         if self.errors.len() < self.limits.max_errors {
-            self.errors
-                .push(BatchError::new(code, line, message.into(), param));
+            let mut message: String = message.into();
+            if let Some((cut, _)) = message.char_indices().nth(MAX_ERROR_MESSAGE_CHARS) {
+                message.truncate(cut);
+                message.push('…');
+            }
+            self.errors.push(BatchError::new(code, line, message, param));
         }
     }
 
@@ -460,6 +499,14 @@ impl LineValidator {
         };
 
         match raw.custom_id {
+            Some(Field::Str(custom_id)) if custom_id.chars().nth(MAX_CUSTOM_ID_CHARS).is_some() => {
+                let message = format!(
+                    "Invalid 'custom_id': string too long. Expected a string with maximum \
+                     length {MAX_CUSTOM_ID_CHARS}, but got a string with length {} instead.",
+                    custom_id.chars().count()
+                );
+                self.record(ValidationCode::InvalidValue, line, message, Some("custom_id"));
+            }
             Some(Field::Str(custom_id)) => {
                 let hash = xxhash_rust::xxh3::xxh3_128(custom_id.as_bytes());
                 if !self.custom_ids.insert(hash) {
@@ -1436,6 +1483,49 @@ mod tests {
             "This line is longer than 200 bytes, the most a single request may take."
         );
         assert_eq!(report.total_lines, 3);
+    }
+
+    #[test]
+    fn listed_errors_end_with_how_many_more() {
+        let limits = ValidationLimits {
+            max_errors: 3,
+            ..ValidationLimits::default()
+        };
+        let report = validate_with(CHAT, "x\n".repeat(10).as_bytes(), limits, &[]);
+        let listed = report.listed_errors();
+        assert_eq!(listed.len(), 4);
+        assert_eq!(listed[..3], report.errors[..]);
+        assert_eq!(listed[3].code, TOO_MANY_ERRORS);
+        assert_eq!((listed[3].line, listed[3].param.as_deref()), (None, None));
+        assert!(listed[3].message.starts_with("7 more errors"), "{}", listed[3].message);
+        // nothing added when every error is listed
+        let report = validate_with(CHAT, b"x\n", limits, &[]);
+        assert_eq!(report.listed_errors(), report.errors);
+    }
+
+    #[test]
+    fn custom_ids_are_bounded_in_characters() {
+        let longest = "é".repeat(MAX_CUSTOM_ID_CHARS);
+        let over = "i".repeat(MAX_CUSTOM_ID_CHARS + 1);
+        let input = [
+            chat_line(&longest, "gpt-4o-mini"),
+            chat_line(&over, "gpt-4o-mini"),
+        ]
+        .join("\n");
+        let report = validate_with(
+            CHAT,
+            input.as_bytes(),
+            ValidationLimits::default(),
+            &["gpt-4o-mini"],
+        );
+        assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+        let e = &report.errors[0];
+        assert_eq!(
+            (e.code.as_str(), e.line, e.param.as_deref()),
+            ("invalid_value", Some(2), Some("custom_id"))
+        );
+        assert!(e.message.contains("maximum length 512"), "{}", e.message);
+        assert!(e.message.len() < 200, "the id is not echoed");
     }
 
     #[test]
