@@ -74,12 +74,14 @@ pub struct UpstreamConfig {
     /// [`DEFAULT_ROUTE`] for every model not listed by an earlier upstream. Not empty.
     pub models: Vec<String>,
 
-    /// Most requests in flight to this upstream at once, from all batches of one executor
-    /// process (the adaptive limit never grows past it). Default 64.
+    /// Most requests in flight to this upstream at once, from all batches and every executor
+    /// together: the executors share it through permit leases in the live state (the
+    /// adaptive limit of each never grows past its lease). Default 64.
     #[serde(default = "defaults::max_concurrency")]
     pub max_concurrency: u32,
 
-    /// Where the adaptive (AIMD) concurrency limit starts, 1..=`max_concurrency`. `None`
+    /// Where the adaptive concurrency limit starts its slow start (doubling every round trip
+    /// until the first 429 or timeout, then AIMD), 1..=`max_concurrency`. `None`
     /// (default): `min(8, max_concurrency)`. See [`initial_limit`](Self::initial_limit).
     #[serde(default)]
     pub initial_concurrency: Option<u32>,

@@ -31,8 +31,11 @@ pub const UPSTREAM_TIME_TO_FIRST_BYTE_SECONDS: &str =
 pub const UPSTREAM_RETRIES_TOTAL: &str = "nightshift_executor_upstream_retries_total";
 /// Gauge `{upstream}`: attempts in flight right now (holding a concurrency permit).
 pub const UPSTREAM_IN_FLIGHT: &str = "nightshift_executor_upstream_in_flight";
-/// Gauge `{upstream}`: the adaptive concurrency limit right now.
+/// Gauge `{upstream}`: the adaptive concurrency limit right now (under the lease's ceiling).
 pub const UPSTREAM_LIMIT: &str = "nightshift_executor_upstream_limit";
+/// Gauge `{upstream}`: permits of the upstream's shared `max_concurrency` this executor's
+/// lease holds (or its equal split while the live state is unavailable).
+pub const UPSTREAM_LEASE_PERMITS: &str = "nightshift_executor_upstream_lease_permits";
 
 /// Counter `{outcome}`: chunk runs (one per handling of a delivery; a delivery held through
 /// an outage runs several times), by how they ended: `completed` (`DONE` published, task
@@ -51,13 +54,16 @@ pub const CHUNKS_IN_PROGRESS: &str = "nightshift_executor_chunks_in_progress";
 /// `cancelled` (`batch_cancelled`), `expired` (`batch_expired`), `failed` (every other error
 /// line). A chunk that runs twice counts its lines twice.
 pub const LINES_TOTAL: &str = "nightshift_executor_lines_total";
-/// Counter `{operation}`: failed calls to the live state (`record`, `is_cancelled`). The chunk
-/// goes on regardless: live counts are a view, the parts are the record.
+/// Counter `{operation}`: failed calls to the live state (`record`, `is_cancelled`,
+/// `lease_permits`). The chunk goes on regardless: live counts are a view, the parts are the
+/// record; a lease that cannot be renewed falls back to an equal split of the cap.
 pub const STATE_ERRORS_TOTAL: &str = "nightshift_executor_state_errors_total";
 /// Label: which live-state call failed.
 pub const LABEL_OPERATION: &str = "operation";
+/// [`LABEL_OPERATION`] of a failed permit-lease call (the upstream's shared cap).
+pub const OPERATION_LEASE_PERMITS: &str = "lease_permits";
 /// Every value of [`LABEL_OPERATION`].
-pub const OPERATIONS: [&str; 2] = ["record", "is_cancelled"];
+pub const OPERATIONS: [&str; 3] = ["record", "is_cancelled", OPERATION_LEASE_PERMITS];
 
 /// Registers units and help texts with the installed recorder. Call once at start-up, after
 /// installing the recorder; recording works without it.
@@ -92,6 +98,11 @@ pub fn describe() {
         UPSTREAM_LIMIT,
         Unit::Count,
         "Adaptive (AIMD) concurrency limit of each upstream."
+    );
+    describe_gauge!(
+        UPSTREAM_LEASE_PERMITS,
+        Unit::Count,
+        "Permits of each upstream's shared max_concurrency held by this executor's lease."
     );
     describe_counter!(
         CHUNKS_TOTAL,

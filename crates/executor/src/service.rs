@@ -129,6 +129,11 @@ pub struct ExecutorConfig {
     /// held before it is requeued, doubled per earlier delivery (at most 32×). Default 1 s.
     #[serde(with = "humantime_serde")]
     pub requeue_delay: Duration,
+    /// How long this executor's lease of each upstream's shared `max_concurrency` lasts
+    /// without renewal (renewed every third of it): a dead executor's permits come back this
+    /// long after it died. At least 1 s. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub upstream_lease_ttl: Duration,
     /// Which upstream serves which model. Not a key of `[executor]`: the binary copies the
     /// top-level `[routing]` table here when it loads the configuration.
     #[serde(skip)]
@@ -149,6 +154,7 @@ impl Default for ExecutorConfig {
             heartbeat_interval: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(60),
             requeue_delay: Duration::from_secs(1),
+            upstream_lease_ttl: Duration::from_secs(10),
             routing: RoutingConfig::default(),
         }
     }
@@ -166,6 +172,9 @@ impl ExecutorConfig {
         }
         if self.heartbeat_interval.is_zero() {
             return Err("executor.heartbeat_interval must be more than 0".into());
+        }
+        if self.upstream_lease_ttl < Duration::from_secs(1) {
+            return Err("executor.upstream_lease_ttl must be at least 1s".into());
         }
         self.runner_settings()
             .validate()
@@ -366,6 +375,9 @@ pub async fn serve(
         .map_err(|e| ServeError::Config(format!("executor: {e}")))?;
     metrics::describe();
     register_metrics(&upstreams);
+    // From here on each upstream's max_concurrency is one cap across every executor.
+    let holder = crate::upstream::holder_id();
+    let leases = upstreams.share_caps(Arc::clone(&ports.state), &holder, config.upstream_lease_ttl);
 
     let readiness = {
         let (storage, queue, state) = (
@@ -438,6 +450,7 @@ pub async fn serve(
 
     // Every delivery is settled: no chunk is held any more.
     heartbeats.stop_all();
+    leases.release().await;
     stop_ops.cancel();
     let served = match ops.await {
         Ok(served) => served,
@@ -848,6 +861,10 @@ mod tests {
             },
             ExecutorConfig {
                 chunk_time_budget: Duration::ZERO,
+                ..ExecutorConfig::default()
+            },
+            ExecutorConfig {
+                upstream_lease_ttl: Duration::from_millis(999),
                 ..ExecutorConfig::default()
             },
         ] {

@@ -47,11 +47,15 @@
 //!
 //! # Concurrency
 //!
-//! An attempt holds a permit of its upstream's AIMD limiter while it is in flight, not while
-//! it backs off: a sleeping retry leaves its slot to another request. The limit starts at
-//! `initial_concurrency`, grows by one per full window of successes up to `max_concurrency`
-//! and halves on a 429 or a full-length timeout, once per overload; see the `limiter` module
-//! for the exact rules. The limit applies per executor process.
+//! An attempt holds a permit of its upstream's adaptive limiter while it is in flight, not
+//! while it backs off: a sleeping retry leaves its slot to another request. The limit starts
+//! at `initial_concurrency`, doubles every round trip (slow start) until the first 429 or
+//! full-length timeout, then grows by one per full window of successes up to
+//! `max_concurrency`; a 429 cuts it to 9/10, a full-length timeout halves it, once per
+//! overload; see the `limiter` module for the exact rules. Once the executor calls
+//! [`Upstreams::share_caps`], `max_concurrency` is one cap across every executor: each holds
+//! a lease of permits in the live state and starts no more than it holds (the `permits`
+//! module).
 //!
 //! # Cancellation
 //!
@@ -68,6 +72,7 @@
 mod cancel;
 mod limiter;
 mod outcome;
+mod permits;
 mod retry;
 
 use std::error::Error as _;
@@ -85,8 +90,9 @@ use tokio::time::Instant;
 use tracing::{Instrument, field};
 
 pub use cancel::CancelFlag;
-use limiter::Limiter;
+use limiter::{Limiter, Signal};
 pub use outcome::CallOutcome;
+pub use permits::{Leases, holder_id};
 pub use retry::AttemptKind;
 
 use crate::metrics;
@@ -278,6 +284,12 @@ impl Upstream {
         self.limiter.in_flight()
     }
 
+    /// The permits this executor may use right now: its lease of the shared cap once
+    /// [`Upstreams::share_caps`] runs, else `max_concurrency`.
+    pub fn ceiling(&self) -> u32 {
+        self.limiter.ceiling()
+    }
+
     /// Runs one batch request to completion and returns what its result line needs.
     ///
     /// `body` is the input line's `body`, as raw JSON bytes; it is POSTed verbatim to
@@ -430,7 +442,13 @@ impl Upstream {
             let attempt = self.attempt(&url, body.clone(), timeout).await;
             history.attempts += 1;
             let kind = attempt.kind;
-            permit.finish(kind.signal(timeout == self.config.timeout));
+            let full_timeout = timeout == self.config.timeout;
+            permit.finish(match kind.signal(full_timeout) {
+                // A server that stopped answering is overloaded, not just full: the limiter
+                // halves on it, where a 429 only steps back a tenth.
+                Signal::Congestion if kind == AttemptKind::Timeout => Signal::Overload,
+                signal => signal,
+            });
             ::metrics::counter!(
                 metrics::UPSTREAM_REQUESTS_TOTAL,
                 metrics::LABEL_UPSTREAM => Arc::clone(&self.name),
