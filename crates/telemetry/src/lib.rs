@@ -20,7 +20,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use futures::future::BoxFuture;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer;
@@ -109,15 +109,9 @@ pub fn init_with(config: &TelemetryConfig, otel: OtelSettings) -> TelemetryGuard
 pub fn metrics_handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        // Histograms render as summaries unless given buckets; those that dashboards
-        // aggregate across processes get buckets.
-        let builder = PrometheusBuilder::new()
-            .set_buckets_for_metric(
-                Matcher::Full(metrics::QUEUE_DELIVERY_LAG_SECONDS.to_owned()),
-                metrics::DELIVERY_LAG_BUCKETS,
-            )
-            .unwrap_or_else(|_| PrometheusBuilder::new());
-        let recorder = builder.build_recorder();
+        // Histograms render as summaries unless given buckets: every one gets buckets, so
+        // dashboards can aggregate them across processes.
+        let recorder = metrics::prometheus_builder().build_recorder();
         let handle = recorder.handle();
         // Another recorder may already be installed (a test harness); ours then renders
         // only what is recorded through it, which is nothing — acceptable outside services.
