@@ -25,8 +25,8 @@ use crate::{ApiError, ErrorKind};
 pub const SECRET_PREFIX: &str = "whsec_";
 /// Longest endpoint URL accepted.
 pub const MAX_URL_LEN: usize = 2048;
-/// Longest description accepted.
-pub const MAX_DESCRIPTION_LEN: usize = 512;
+/// Longest name accepted.
+pub const MAX_NAME_LEN: usize = 512;
 
 /// The events a batch emits when it ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -139,10 +139,34 @@ pub struct WebhookEndpointRecord {
     pub url: String,
     /// Subscribed events, in [`EventType::ALL`] order, never empty.
     pub events: Vec<EventType>,
-    pub description: Option<String>,
+    /// A name for people (OpenAI's `name`); may be empty.
+    pub name: String,
     /// The signing secret (`whsec_…`): stored as it is, since every delivery is signed with it.
     pub secret: String,
+    /// The secret before the last rotation, still signing (a second signature) until
+    /// `previous_secret_until` when the rotation asked to keep it active for 24 hours.
+    pub previous_secret: Option<String>,
+    pub previous_secret_until: Option<i64>,
     pub created_at_us: i64,
+    /// Last change of the configuration or the secret (unix seconds).
+    pub updated_at: i64,
+}
+
+/// How long a rotated-out secret keeps signing when asked to
+/// (`keep_old_secret_active_for_24_hours`).
+pub const KEEP_OLD_SECRET_SECS: i64 = 24 * 3600;
+
+/// A masked hint of a secret: its prefix and last four characters.
+pub fn secret_hint(secret: &str) -> String {
+    let tail: String = secret
+        .chars()
+        .rev()
+        .take(4)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    format!("{SECRET_PREFIX}****{tail}")
 }
 
 impl WebhookEndpointRecord {
@@ -152,11 +176,13 @@ impl WebhookEndpointRecord {
         WebhookEndpointObject {
             id: self.id.to_string(),
             object: "webhook_endpoint",
-            url: self.url.clone(),
-            events: self.events.iter().map(|e| e.as_str().to_owned()).collect(),
-            description: self.description.clone(),
             created_at: self.created_at_us.div_euclid(1_000_000),
-            secret: with_secret.then(|| self.secret.clone()),
+            event_types: self.events.iter().map(|e| e.as_str().to_owned()).collect(),
+            name: self.name.clone(),
+            url: self.url.clone(),
+            signing_secret_hint: Some(secret_hint(&self.secret)),
+            updated_at: Some(self.updated_at),
+            signing_secret: with_secret.then(|| self.secret.clone()),
         }
     }
 }
@@ -171,21 +197,26 @@ fn object_webhook_endpoint_deleted() -> utoipa::openapi::schema::ObjectBuilder {
     crate::schema::constant("webhook_endpoint.deleted")
 }
 
-/// A webhook endpoint (nightshift's extension API).
+/// A webhook endpoint: OpenAI's `WebhookEndpoint` (and `WebhookEndpointWithSecret` when
+/// `signing_secret` is present).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct WebhookEndpointObject {
     pub id: String,
     #[schema(schema_with = object_webhook_endpoint)]
     pub object: &'static str,
-    pub url: String,
-    /// `batch.completed`, `batch.failed`, `batch.expired`, `batch.cancelled`.
-    pub events: Vec<String>,
-    #[schema(required = true)]
-    pub description: Option<String>,
     pub created_at: i64,
+    /// `batch.completed`, `batch.failed`, `batch.expired`, `batch.cancelled`.
+    pub event_types: Vec<String>,
+    pub name: String,
+    pub url: String,
+    /// The secret's prefix and last four characters.
+    #[schema(required = true)]
+    pub signing_secret_hint: Option<String>,
+    #[schema(required = true)]
+    pub updated_at: Option<i64>,
     /// The signing secret (`whsec_…`): only in the answer of a create or a rotation.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub secret: Option<String>,
+    pub signing_secret: Option<String>,
 }
 
 /// The answer to a delete.
@@ -197,15 +228,25 @@ pub struct WebhookEndpointDeleted {
     pub deleted: bool,
 }
 
-/// The body of `POST /v1/webhook_endpoints`.
+/// The body of `POST /v1/webhook_endpoints` (OpenAI's fields).
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateWebhookEndpointBody {
     /// Where events are POSTed: an `http` or `https` URL.
     pub url: Option<String>,
-    /// Events to deliver; all four when absent.
-    pub events: Option<Vec<String>>,
-    pub description: Option<String>,
+    /// Events to deliver; every batch event when absent.
+    pub event_types: Option<Vec<String>>,
+    /// A name for people.
+    pub name: Option<String>,
+}
+
+/// The body of `POST /v1/webhook_endpoints/{id}/rotate_secret`.
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateSecretBody {
+    /// Keep signing with the previous secret too (a second signature) for 24 hours.
+    #[serde(default)]
+    pub keep_old_secret_active_for_24_hours: Option<bool>,
 }
 
 /// A checked create request.
@@ -213,32 +254,27 @@ pub struct CreateWebhookEndpointBody {
 pub struct CreateWebhookEndpoint {
     pub url: String,
     pub events: Vec<EventType>,
-    pub description: Option<String>,
+    pub name: String,
 }
 
 impl CreateWebhookEndpoint {
-    /// Checks a create request: a usable URL, known events (all four when absent, at least
-    /// one), a description of bounded length.
+    /// Checks a create request: a usable URL, known events (every batch event when absent,
+    /// at least one), a name of bounded length.
     ///
     /// # Errors
     /// A 400 naming the field.
     pub fn check(body: CreateWebhookEndpointBody) -> Result<Self, ApiError> {
         let url = body.url.ok_or_else(|| ApiError::missing("url"))?;
         let url = check_url(&url)?.to_string();
-        let events = parse_events(body.events.as_deref())?;
-        if let Some(d) = &body.description
-            && d.chars().count() > MAX_DESCRIPTION_LEN
-        {
+        let events = parse_events(body.event_types.as_deref())?;
+        let name = body.name.unwrap_or_default();
+        if name.chars().count() > MAX_NAME_LEN {
             return Err(ApiError::invalid_value(
-                "description",
-                format!("description is longer than {MAX_DESCRIPTION_LEN} characters"),
+                "name",
+                format!("name is longer than {MAX_NAME_LEN} characters"),
             ));
         }
-        Ok(Self {
-            url,
-            events,
-            description: body.description,
-        })
+        Ok(Self { url, events, name })
     }
 }
 
@@ -255,10 +291,10 @@ pub fn parse_events<S: AsRef<str>>(raw: Option<&[S]>) -> Result<Vec<EventType>, 
     for r in raw {
         let e = EventType::parse(r.as_ref()).ok_or_else(|| {
             ApiError::invalid_value(
-                "events",
+                "event_types",
                 format!(
-                    "Unknown event '{}': expected one of batch.completed, batch.failed, \
-                     batch.expired, batch.cancelled",
+                    "Unsupported event type '{}': expected one of batch.completed, \
+                     batch.failed, batch.expired, batch.cancelled",
                     r.as_ref()
                 ),
             )
@@ -267,8 +303,8 @@ pub fn parse_events<S: AsRef<str>>(raw: Option<&[S]>) -> Result<Vec<EventType>, 
     }
     if events.is_empty() {
         return Err(ApiError::invalid_value(
-            "events",
-            "events must name at least one event",
+            "event_types",
+            "event_types must name at least one event type",
         ));
     }
     events.sort();
@@ -360,6 +396,12 @@ mod tests {
     }
 
     #[test]
+    fn hints_show_only_the_end_of_a_secret() {
+        assert_eq!(secret_hint("whsec_abcdefgh1234"), "whsec_****1234");
+        assert_eq!(secret_hint("ab"), "whsec_****ab");
+    }
+
+    #[test]
     fn generated_secrets_sign() {
         let s = generate_secret();
         assert!(s.starts_with(SECRET_PREFIX));
@@ -372,11 +414,14 @@ mod tests {
     fn events_default_to_all_and_refuse_unknown_ones() {
         assert_eq!(parse_events::<&str>(None).unwrap(), EventType::ALL.to_vec());
         assert_eq!(
-            parse_events(Some(&["batch.failed", "batch.completed", "batch.failed"][..])).unwrap(),
+            parse_events(Some(
+                &["batch.failed", "batch.completed", "batch.failed"][..]
+            ))
+            .unwrap(),
             vec![EventType::BatchCompleted, EventType::BatchFailed]
         );
         let e = parse_events(Some(&["batch.done"][..])).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("events"));
+        assert_eq!(e.param.as_deref(), Some("event_types"));
         assert!(parse_events::<&str>(Some(&[])).is_err());
         let col = events_column(&EventType::ALL);
         assert_eq!(

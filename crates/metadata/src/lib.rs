@@ -49,6 +49,7 @@ mod postgres;
 mod rows;
 mod sql;
 mod sqlite;
+mod webhooks;
 
 pub use postgres::{PgConfig, PgStore};
 pub use sql::SqlStore;
@@ -235,6 +236,51 @@ pub struct BatchCommit {
     pub completed: u64,
     pub failed: u64,
     pub usage: nightshift_core::results::Usage,
+}
+
+/// A webhook delivery claimed for one attempt: where it goes, how to sign it, what to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookDelivery {
+    /// The event's id: the `webhook-id` of every attempt, so receivers can deduplicate.
+    pub event_id: nightshift_core::EventId,
+    pub endpoint_id: nightshift_core::WebhookEndpointId,
+    /// `batch.completed`, ...
+    pub event_type: String,
+    pub url: String,
+    /// The endpoint's current signing secret (`whsec_…`).
+    pub secret: String,
+    /// The secret before a rotation that kept it active, while it is: the delivery carries a
+    /// second signature made with it.
+    pub previous_secret: Option<String>,
+    /// The exact bytes to send.
+    pub body: String,
+    /// When the event happened (unix seconds): retries stop at the configured max age.
+    pub event_created_at: i64,
+    /// Attempts so far, this one included.
+    pub attempts: u32,
+}
+
+/// Where one delivery of a batch's event stands (operators' view, tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookDeliveryState {
+    pub event_id: nightshift_core::EventId,
+    pub endpoint_id: nightshift_core::WebhookEndpointId,
+    pub event_type: String,
+    /// `pending`, `delivered` or `failed` (given up).
+    pub state: String,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
+/// How a webhook delivery attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    /// The receiver answered 2xx.
+    Delivered,
+    /// It failed (`error`); try again at `at` (unix seconds).
+    Retry { at: i64, error: String },
+    /// It failed and the event is too old to try again: recorded as `failed`.
+    GaveUp { error: String },
 }
 
 /// The metadata port.
@@ -471,4 +517,70 @@ pub trait MetadataStore: Send + Sync + fmt::Debug + 'static {
     /// Compare-and-set on `finalizing`/`cancelling`: a batch already terminal is returned
     /// unchanged (a redelivered finalize job).
     async fn commit_batch(&self, commit: &BatchCommit, now: i64) -> Result<Option<BatchRecord>>;
+
+    /// Records a webhook endpoint. `Conflict` if the id exists.
+    async fn create_webhook_endpoint(
+        &self,
+        endpoint: &nightshift_core::webhook::WebhookEndpointRecord,
+    ) -> Result<()>;
+
+    /// The tenant's webhook endpoints, oldest first.
+    async fn list_webhook_endpoints(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<Vec<nightshift_core::webhook::WebhookEndpointRecord>>;
+
+    /// A webhook endpoint of the tenant.
+    async fn webhook_endpoint(
+        &self,
+        tenant: &TenantId,
+        id: &nightshift_core::WebhookEndpointId,
+    ) -> Result<Option<nightshift_core::webhook::WebhookEndpointRecord>>;
+
+    /// Deletes a webhook endpoint of the tenant, and its deliveries; returns what it was.
+    async fn delete_webhook_endpoint(
+        &self,
+        tenant: &TenantId,
+        id: &nightshift_core::WebhookEndpointId,
+    ) -> Result<Option<nightshift_core::webhook::WebhookEndpointRecord>>;
+
+    /// Replaces the signing secret of a webhook endpoint of the tenant at `now`; the old one
+    /// keeps signing (a second signature) until `keep_old_until` if given.
+    async fn rotate_webhook_secret(
+        &self,
+        tenant: &TenantId,
+        id: &nightshift_core::WebhookEndpointId,
+        secret: &str,
+        keep_old_until: Option<i64>,
+        now: i64,
+    ) -> Result<Option<nightshift_core::webhook::WebhookEndpointRecord>>;
+
+    /// Claims up to `limit` webhook deliveries due at `now` (pending, not leased or lease
+    /// expired): each gets an attempt counted and a lease until `now + lease_secs`, so a
+    /// delivery whose worker died is claimed again once its lease expires (at-least-once).
+    async fn claim_webhook_deliveries(
+        &self,
+        now: i64,
+        lease_secs: i64,
+        limit: u32,
+    ) -> Result<Vec<WebhookDelivery>>;
+
+    /// Records how a claimed delivery's attempt ended at `now`. Only a pending delivery
+    /// changes.
+    async fn finish_webhook_delivery(
+        &self,
+        delivery: &WebhookDelivery,
+        outcome: &DeliveryOutcome,
+        now: i64,
+    ) -> Result<()>;
+
+    /// Every webhook delivery of a batch's events, oldest event first.
+    async fn webhook_deliveries_of(&self, batch: &BatchId) -> Result<Vec<WebhookDeliveryState>>;
+
+    /// Webhook deliveries still pending (the outbox backlog).
+    async fn pending_webhook_deliveries(&self) -> Result<u64>;
+
+    /// Forgets webhook deliveries that ended before `before` and events left without any;
+    /// returns the deliveries removed.
+    async fn purge_webhook_history(&self, before: i64) -> Result<u64>;
 }

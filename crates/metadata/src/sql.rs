@@ -572,6 +572,8 @@ where
             }
         }
         let batch = batch_from_row(row)?;
+        // A failed validation is terminal: its webhook event commits with it.
+        crate::webhooks::enqueue_event(&mut tx, &batch, now).await?;
         tx.commit().await.map_err(backend)?;
         Ok(Some(batch))
     }
@@ -857,13 +859,16 @@ where
             "UPDATE batches SET status = 'expired', expired_at = $1 WHERE status = 'validating' \
              AND expires_at <= $1 RETURNING {BATCH_COLUMNS}"
         );
-        rows.extend(
-            sqlx::query(AssertSqlSafe(sql))
-                .bind(now)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(backend)?,
-        );
+        let expired = sqlx::query(AssertSqlSafe(sql))
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(backend)?;
+        // Validating batches expire here for good: their webhook events commit with them.
+        for row in &expired {
+            crate::webhooks::enqueue_event(&mut tx, &batch_from_row(row)?, now).await?;
+        }
+        rows.extend(expired);
         tx.commit().await.map_err(backend)?;
         rows.iter().map(batch_from_row).collect()
     }
@@ -1093,7 +1098,83 @@ where
             .first()
             .ok_or_else(|| MetadataError::Backend(format!("batch {} vanished", c.batch)))?;
         let done = batch_from_row(row)?;
+        // The terminal state and its webhook event commit together.
+        crate::webhooks::enqueue_event(&mut tx, &done, now).await?;
         tx.commit().await.map_err(backend)?;
         Ok(Some(done))
+    }
+
+    async fn create_webhook_endpoint(
+        &self,
+        endpoint: &nightshift_core::webhook::WebhookEndpointRecord,
+    ) -> Result<()> {
+        crate::webhooks::insert_endpoint(&self.writer, endpoint).await
+    }
+
+    async fn list_webhook_endpoints(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<Vec<nightshift_core::webhook::WebhookEndpointRecord>> {
+        crate::webhooks::list_endpoints(&self.reader, tenant).await
+    }
+
+    async fn webhook_endpoint(
+        &self,
+        tenant: &TenantId,
+        id: &nightshift_core::WebhookEndpointId,
+    ) -> Result<Option<nightshift_core::webhook::WebhookEndpointRecord>> {
+        crate::webhooks::get_endpoint(&self.reader, tenant, id).await
+    }
+
+    async fn delete_webhook_endpoint(
+        &self,
+        tenant: &TenantId,
+        id: &nightshift_core::WebhookEndpointId,
+    ) -> Result<Option<nightshift_core::webhook::WebhookEndpointRecord>> {
+        crate::webhooks::delete_endpoint(&self.writer, tenant, id).await
+    }
+
+    async fn rotate_webhook_secret(
+        &self,
+        tenant: &TenantId,
+        id: &nightshift_core::WebhookEndpointId,
+        secret: &str,
+        keep_old_until: Option<i64>,
+        now: i64,
+    ) -> Result<Option<nightshift_core::webhook::WebhookEndpointRecord>> {
+        crate::webhooks::rotate_secret(&self.writer, tenant, id, secret, keep_old_until, now).await
+    }
+
+    async fn claim_webhook_deliveries(
+        &self,
+        now: i64,
+        lease_secs: i64,
+        limit: u32,
+    ) -> Result<Vec<crate::WebhookDelivery>> {
+        crate::webhooks::claim_deliveries(&self.writer, now, lease_secs, limit).await
+    }
+
+    async fn finish_webhook_delivery(
+        &self,
+        delivery: &crate::WebhookDelivery,
+        outcome: &crate::DeliveryOutcome,
+        now: i64,
+    ) -> Result<()> {
+        crate::webhooks::finish_delivery(&self.writer, delivery, outcome, now).await
+    }
+
+    async fn webhook_deliveries_of(
+        &self,
+        batch: &BatchId,
+    ) -> Result<Vec<crate::WebhookDeliveryState>> {
+        crate::webhooks::deliveries_of(&self.reader, batch).await
+    }
+
+    async fn pending_webhook_deliveries(&self) -> Result<u64> {
+        crate::webhooks::pending_deliveries(&self.reader).await
+    }
+
+    async fn purge_webhook_history(&self, before: i64) -> Result<u64> {
+        crate::webhooks::purge_history(&self.writer, before).await
     }
 }
