@@ -17,6 +17,7 @@ use crate::v1::batches_client::BatchesClient;
 use crate::v1::files_client::FilesClient;
 use crate::v1::pipeline_client::PipelineClient;
 use crate::v1::tenants_client::TenantsClient;
+use crate::v1::webhooks_client::WebhooksClient;
 
 /// A channel to the scheduler whose calls carry the caller's trace context.
 pub type TracedChannel = InterceptedService<Channel, TraceContextInterceptor>;
@@ -69,6 +70,10 @@ impl SchedulerClient {
 
     pub fn pipeline(&self) -> PipelineClient<TracedChannel> {
         PipelineClient::with_interceptor(self.channel.clone(), TraceContextInterceptor)
+    }
+
+    pub fn webhooks(&self) -> WebhooksClient<TracedChannel> {
+        WebhooksClient::with_interceptor(self.channel.clone(), TraceContextInterceptor)
     }
 
     /// Whether the scheduler answers the standard gRPC health check (tonic-health).

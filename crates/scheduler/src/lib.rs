@@ -28,6 +28,7 @@ use nightshift_proto::v1::batches_server::BatchesServer;
 use nightshift_proto::v1::files_server::FilesServer;
 use nightshift_proto::v1::pipeline_server::PipelineServer;
 use nightshift_proto::v1::tenants_server::TenantsServer;
+use nightshift_proto::v1::webhooks_server::WebhooksServer;
 use nightshift_queue::WorkQueue;
 use nightshift_state::LiveState;
 use nightshift_storage::ObjectStore;
@@ -46,6 +47,7 @@ pub mod pipeline;
 mod sampler;
 mod sweeper;
 mod tenants;
+pub mod webhooks;
 
 pub use error::SchedulerError;
 pub use sampler::sample_once;
@@ -73,6 +75,8 @@ pub struct SchedulerConfig {
     /// `nightshift_queue_ready_messages`, ...) are sampled.
     #[serde(with = "humantime_serde")]
     pub metrics_interval: Duration,
+    /// Webhook delivery: timeouts, retries, and whether private addresses may be reached.
+    pub webhooks: webhooks::WebhookSettings,
     /// Which upstream serves which model: a batch asking for another model fails validation.
     /// Not a key of `[scheduler]`: the binary copies the top-level `[routing]` table here when
     /// it loads the configuration.
@@ -91,6 +95,7 @@ impl Default for SchedulerConfig {
             batches: batches::BatchSettings::default(),
             pipeline: pipeline::PipelineSettings::default(),
             metrics_interval: Duration::from_secs(15),
+            webhooks: webhooks::WebhookSettings::default(),
             routing: RoutingConfig::default(),
         }
     }
@@ -234,6 +239,10 @@ async fn grpc_router(
         .add_service(PipelineServer::new(pipeline::PipelineService::new(
             ports.clone(),
         )))
+        .add_service(WebhooksServer::new(webhooks::WebhooksService::new(
+            ports.clone(),
+            config.webhooks.clone(),
+        )))
         .prepare()
         .into_axum_router()
         // every call joins its caller's trace
@@ -271,7 +280,7 @@ fn spawn_background(
     ports: &SchedulerPorts,
     wake: &Arc<tokio::sync::Notify>,
     stop: &CancellationToken,
-) -> [tokio::task::JoinHandle<()>; 5] {
+) -> [tokio::task::JoinHandle<()>; 6] {
     let dispatcher = pipeline::Dispatcher::new(ports.clone(), config.pipeline.clone());
     [
         tokio::spawn(sweeper::run(
@@ -296,6 +305,11 @@ fn spawn_background(
             ports.clone(),
             config.pipeline.clone(),
             wake.clone(),
+            stop.clone(),
+        )),
+        tokio::spawn(webhooks::run(
+            ports.clone(),
+            config.webhooks.clone(),
             stop.clone(),
         )),
     ]

@@ -130,6 +130,38 @@ pub fn register() {
     );
 }
 
+/// Webhook delivery attempts, by `result`: `delivered`, `http_error` (a non-2xx answer,
+/// redirects included), `timeout`, `network_error`, `refused` (a non-public address).
+pub const WEBHOOK_ATTEMPTS: &str = "nightshift_scheduler_webhook_attempts_total";
+/// Webhook deliveries that ended, by `outcome`: `delivered`, or `gave_up` (still failing at
+/// `scheduler.webhooks.max_age`).
+pub const WEBHOOK_DELIVERIES: &str = "nightshift_scheduler_webhook_deliveries_total";
+/// Gauge: webhook deliveries pending in the outbox (due now or waiting for a retry).
+pub const WEBHOOK_BACKLOG: &str = "nightshift_scheduler_webhook_backlog_deliveries";
+
+/// The webhook families at zero, with their label values.
+pub fn register_webhooks() {
+    use metrics::{Unit, counter, describe_gauge, gauge};
+    for result in [
+        "delivered",
+        "http_error",
+        "timeout",
+        "network_error",
+        "refused",
+    ] {
+        counter!(WEBHOOK_ATTEMPTS, "result" => result).increment(0);
+    }
+    for outcome in ["delivered", "gave_up"] {
+        counter!(WEBHOOK_DELIVERIES, "outcome" => outcome).increment(0);
+    }
+    gauge!(WEBHOOK_BACKLOG).set(0.0);
+    describe_gauge!(
+        WEBHOOK_BACKLOG,
+        Unit::Count,
+        "Webhook deliveries pending in the outbox."
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
