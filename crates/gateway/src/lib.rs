@@ -41,6 +41,7 @@ pub mod error;
 pub mod files;
 mod metrics;
 pub mod openapi;
+pub mod webhooks;
 
 use error::HttpError;
 
@@ -286,6 +287,18 @@ fn api_routes() -> Router<AppState> {
         .route("/batches", get(batches::list).post(batches::create))
         .route("/batches/{id}", get(batches::retrieve))
         .route("/batches/{id}/cancel", axum::routing::post(batches::cancel))
+        .route(
+            "/webhook_endpoints",
+            get(webhooks::list).post(webhooks::create),
+        )
+        .route(
+            "/webhook_endpoints/{id}",
+            get(webhooks::retrieve).delete(webhooks::delete),
+        )
+        .route(
+            "/webhook_endpoints/{id}/rotate_secret",
+            axum::routing::post(webhooks::rotate_secret),
+        )
         .route(openapi::PATH, get(openapi::document))
 }
 

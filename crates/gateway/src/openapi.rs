@@ -27,7 +27,7 @@ use utoipa::openapi::server::Server;
 use utoipa::openapi::{Content, OpenApi as Document, Ref, RefOr};
 use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
 
-use crate::{AppState, batches, files};
+use crate::{AppState, batches, files, webhooks};
 
 /// Where the document is served, under each prefix the API answers on.
 pub const PATH: &str = "/openapi.json";
@@ -51,6 +51,11 @@ pub const PATH: &str = "/openapi.json";
         batches::list,
         batches::retrieve,
         batches::cancel,
+        webhooks::create,
+        webhooks::list,
+        webhooks::retrieve,
+        webhooks::delete,
+        webhooks::rotate_secret,
         document,
     ),
     // Query parameters' schemas are not collected on their own.
@@ -60,6 +65,7 @@ pub const PATH: &str = "/openapi.json";
     tags(
         (name = "Files", description = "Upload, list, read, download and delete files."),
         (name = "Batches", description = "Create, list, read and cancel batches."),
+        (name = "Webhooks", description = "nightshift's extension: endpoints that receive the caller's batch events, signed as Standard Webhooks says."),
         (name = "Meta", description = "This document."),
     ),
 )]
