@@ -110,6 +110,7 @@ impl Config {
         self.gateway.validate()?;
         self.executor.validate()?;
         self.finalizer.validate()?;
+        self.scheduler.webhooks.validate()?;
         self.queue.validate().map_err(|e| e.to_string())?;
         self.state.validate().map_err(|e| e.to_string())?;
         Ok(())

@@ -307,6 +307,9 @@ pub enum Admin {
         #[arg(long)]
         api_key: Option<String>,
     },
+    /// A tenant's webhook endpoints: list, create, delete.
+    #[command(subcommand)]
+    Webhooks(crate::admin_webhooks::WebhooksCmd),
 }
 
 pub async fn admin(config: Config, cmd: Admin) -> anyhow::Result<()> {
@@ -324,6 +327,7 @@ pub async fn admin(config: Config, cmd: Admin) -> anyhow::Result<()> {
                 .into_inner();
             println!("tenant_id={}\napi_key={}", resp.tenant_id, resp.api_key);
         }
+        Admin::Webhooks(cmd) => crate::admin_webhooks::run(&control, cmd).await?,
     }
     Ok(())
 }
