@@ -139,16 +139,16 @@ async fn random_methods_mint_no_series(deployment: Deployment) {
     let client = Client::new();
     // The first scrape creates the scrape's own series; the warm-up sends every path a few
     // random methods, so each (route, status) pair has been seen as `other`.
-    scrape(&client, &stack.origin).await;
+    scrape(&client, &stack.ops_origin).await;
     send_random_methods(&client, &stack.origin, 4 * PATHS.len()).await;
-    let warm = http_series(&scrape(&client, &stack.origin).await);
+    let warm = http_series(&scrape(&client, &stack.ops_origin).await);
     assert!(
         warm.iter().any(|s| s.contains(r#"method="other""#)),
         "unknown methods are counted as `other`: {warm:#?}"
     );
 
     send_random_methods(&client, &stack.origin, HOSTILE_REQUESTS).await;
-    let after = http_series(&scrape(&client, &stack.origin).await);
+    let after = http_series(&scrape(&client, &stack.ops_origin).await);
     assert_eq!(
         after.difference(&warm).collect::<Vec<_>>(),
         Vec::<&String>::new(),

@@ -342,7 +342,7 @@ async fn a_batch_is_one_connected_trace_across_every_service() {
     assert_eq!(attr_int(flaky, "attempts"), Some(2));
 
     // Every consumer measured how long its messages waited.
-    let metrics = reqwest::get(format!("{}/metrics", stack.origin))
+    let metrics = reqwest::get(format!("{}/metrics", stack.ops_origin))
         .await
         .expect("scrape")
         .text()
@@ -387,7 +387,7 @@ fn series(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
 async fn dashboard_families_are_exported_from_the_start() {
     let stack = Stack::start(StackOptions::default()).await.expect("stack");
     // Every service of the in-process stack records into the one process-wide registry.
-    let url = format!("{}/metrics", stack.origin);
+    let url = format!("{}/metrics", stack.ops_origin);
     let metrics = eventually("the queue gauges", Duration::from_secs(30), || async {
         let text = reqwest::get(&url)
             .await

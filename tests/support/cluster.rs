@@ -138,9 +138,12 @@ pub struct Cluster {
     schema: String,
     config: PathBuf,
     _dir: tempfile::TempDir,
-    /// Ops port of each service instance (executors get one each).
+    /// Ops port of each service instance (executors get one each; the gateway's API is on
+    /// `origin`).
     ports: HashMap<String, u16>,
     scheduler_url: String,
+    /// What the scheduler's gRPC calls carry (`[internal] token`).
+    internal_token: Secret,
     children: HashMap<String, Child>,
     settings: Vec<(String, String)>,
     log_dir: Option<PathBuf>,
@@ -236,7 +239,9 @@ impl Cluster {
         }
         let s3 = endpoints.s3_config(&prefix);
         let pg = endpoints.pg_config(&schema);
+        let api_port = free_port().await?;
         let scheduler_url = format!("http://127.0.0.1:{}", ports["scheduler"]);
+        let internal_token = nightshift_proto::auth::generate_token();
         let toml = format!(
             r#"
 [telemetry]
@@ -264,8 +269,12 @@ url = "{redis_url}"
 key_prefix = "{key_prefix}"
 ttl = "1h"
 
+[internal]
+token = "{token}"
+
 [gateway]
-listen = "127.0.0.1:{gw}"
+listen = "127.0.0.1:{api_port}"
+ops_listen = "127.0.0.1:{gw}"
 scheduler_url = "{scheduler_url}"
 
 [scheduler]
@@ -308,6 +317,7 @@ backoff_max = "50ms"
             upstream_timeout = upstream_timeout
                 .map(|t| format!("timeout = \"{}ms\"", t.as_millis()))
                 .unwrap_or_default(),
+            token = internal_token.expose(),
             gw = ports["gateway"],
             sched = ports["scheduler"],
             fin = ports["finalizer"],
@@ -338,7 +348,7 @@ backoff_max = "50ms"
             std::fs::create_dir_all(dir)?;
         }
         let mut cluster = Self {
-            origin: format!("http://127.0.0.1:{}", ports["gateway"]),
+            origin: format!("http://127.0.0.1:{api_port}"),
             sim_origin,
             storage,
             metadata,
@@ -349,6 +359,7 @@ backoff_max = "50ms"
             _dir: dir,
             ports,
             scheduler_url,
+            internal_token,
             children: HashMap::new(),
             settings,
             log_dir,
@@ -526,7 +537,8 @@ backoff_max = "50ms"
 
     /// A fresh tenant: its API key.
     pub async fn tenant(&self, name: &str) -> anyhow::Result<String> {
-        let control = SchedulerClient::connect_lazy(&self.scheduler_url, Duration::from_secs(10))?;
+        let control = SchedulerClient::connect_lazy(&self.scheduler_url, Duration::from_secs(10))?
+            .with_token(Some(&self.internal_token))?;
         Ok(control
             .tenants()
             .create_tenant(CreateTenantRequest {

@@ -146,6 +146,11 @@ pub struct StackOptions {
     pub finalizer: bool,
     /// The scheduler's grace period before re-publishing an unfinished finalize job.
     pub finalize_retry_after: Duration,
+    /// The gateway's HTTP/1 header-read (and keep-alive idle) timeout.
+    pub header_read_timeout: Duration,
+    /// Distributed only: Redis at this URL instead of the shared one (a private instance a
+    /// test stops).
+    pub state_url: Option<String>,
 }
 
 impl StackOptions {
@@ -176,6 +181,8 @@ impl Default for StackOptions {
             upstream_max_concurrency: 64,
             finalizer: true,
             finalize_retry_after: Duration::from_secs(300),
+            header_read_timeout: GatewayConfig::default().header_read_timeout,
+            state_url: None,
         }
     }
 }
@@ -211,7 +218,13 @@ pub struct Stack {
     pub ports: SchedulerPorts,
     /// The simulator's base URL (`http://127.0.0.1:<port>`).
     pub sim_origin: String,
+    /// `http://127.0.0.1:<port>` of the gateway's ops endpoints (`/livez`, `/readyz`,
+    /// `/metrics` — of the whole process: every service of the stack shares its registry).
+    pub ops_origin: String,
     pub scheduler_url: String,
+    /// The token the scheduler's gRPC calls must carry ([`Stack::control`] sends it).
+    pub internal_token: Secret,
+
     /// Unique per test: object-storage prefix and tenant names.
     pub prefix: String,
     backend: Backend,
@@ -240,6 +253,7 @@ fn gateway_config(opts: &StackOptions) -> GatewayConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         max_upload_bytes: opts.max_upload_bytes,
         completion_windows: opts.completion_windows.clone(),
+        header_read_timeout: opts.header_read_timeout,
         ..GatewayConfig::default()
     }
 }
@@ -323,7 +337,9 @@ impl Stack {
             state: ports.state.clone(),
             ports: ports.scheduler(),
             sim_origin,
+            ops_origin: running.ops_origin.clone(),
             scheduler_url: running.scheduler_url.clone(),
+            internal_token: running.internal_token.clone(),
             prefix: format!("e2e/{}", uuid::Uuid::new_v4()),
             backend: Backend::Standalone {
                 running: Box::new(running),
@@ -358,6 +374,10 @@ impl Stack {
             state: StateConfig {
                 key_prefix: format!("e2e:{id}:"),
                 ttl: Duration::from_secs(3600),
+                url: opts
+                    .state_url
+                    .clone()
+                    .map_or_else(|| StateConfig::default().url, Secret::new),
                 ..StateConfig::default()
             },
             gateway: gateway_config(opts),
@@ -409,7 +429,9 @@ impl Stack {
             state: scheduler.state.clone(),
             ports: scheduler,
             sim_origin,
+            ops_origin: format!("http://{}", services.gateway_ops_addr),
             scheduler_url: services.scheduler_url.clone(),
+            internal_token: services.internal_token.clone(),
             prefix,
             backend: Backend::Distributed {
                 services: Box::new(services),
@@ -431,11 +453,12 @@ impl Stack {
         Ok(())
     }
 
+    /// A client of the scheduler, with the internal token.
     pub fn control(&self) -> anyhow::Result<SchedulerClient> {
-        Ok(SchedulerClient::connect_lazy(
-            &self.scheduler_url,
-            Duration::from_secs(10),
-        )?)
+        Ok(
+            SchedulerClient::connect_lazy(&self.scheduler_url, Duration::from_secs(10))?
+                .with_token(Some(&self.internal_token))?,
+        )
     }
 
     /// A fresh tenant of this test: `(tenant id, api key)`.

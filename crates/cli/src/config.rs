@@ -43,6 +43,21 @@ pub struct Config {
     /// `nightshift standalone` (everything in one process; ignores `storage`, `metadata`,
     /// `queue` and `state`).
     pub standalone: StandaloneSection,
+    /// What nightshift's own processes share: the token of the scheduler's gRPC API.
+    /// [`Config::load`] copies it into `gateway`, `scheduler` and `finalizer`; change it with
+    /// [`Config::set_internal_token`].
+    pub internal: InternalSection,
+}
+
+/// The `[internal]` section.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InternalSection {
+    /// The shared secret every call to the scheduler carries (`authorization: Bearer
+    /// <token>`), at least 16 printable characters. Required by `nightshift scheduler`,
+    /// `gateway`, `finalizer` and `admin`; `nightshift standalone` generates one per run
+    /// (its gRPC is on loopback, inside the process).
+    pub token: Option<Secret>,
 }
 
 /// The settings only `nightshift standalone` reads.
@@ -85,7 +100,17 @@ impl Config {
             .extract()
             .map_err(Box::new)?;
         config.set_routing(config.routing.clone());
+        config.set_internal_token(config.internal.token.clone());
         Ok(config)
+    }
+
+    /// Sets the internal token: `[internal]`, and the copies the scheduler (which requires
+    /// it) and its clients, the gateway and the finalizer, read from their own sections.
+    pub fn set_internal_token(&mut self, token: Option<Secret>) {
+        self.gateway.internal_token = token.clone();
+        self.scheduler.internal_token = token.clone();
+        self.finalizer.internal_token = token.clone();
+        self.internal.token = token;
     }
 
     /// Sets the routing table: `[routing]`, and the copies the scheduler and the executors
@@ -183,6 +208,32 @@ mod tests {
             );
             assert_eq!(c.state.url.expose(), "redis://127.0.0.1:6379");
             assert!(c.metadata.url.expose().starts_with("postgres://"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_internal_token_reaches_the_scheduler_and_its_clients_and_is_never_dumped() {
+        Jail::expect_with(|jail| {
+            jail.set_env("NIGHTSHIFT_INTERNAL__TOKEN", "tok-0123456789abcdef");
+            let c = Config::load(None, process_env()).map_err(|e| *e)?;
+            for copy in [
+                &c.internal.token,
+                &c.gateway.internal_token,
+                &c.scheduler.internal_token,
+                &c.finalizer.internal_token,
+            ] {
+                assert_eq!(
+                    copy.as_ref().map(Secret::expose),
+                    Some("tok-0123456789abcdef")
+                );
+            }
+            let dump = c.dump();
+            assert!(!dump.contains("tok-0123456789abcdef"), "{dump}");
+            assert!(dump.contains("[internal]"), "{dump}");
+            // not a key of the services' own sections
+            jail.create_file("bad.toml", "[gateway]\ninternal_token = \"x\"\n")?;
+            assert!(Config::load(Some(Path::new("bad.toml")), Env::prefixed("NONE_")).is_err());
             Ok(())
         });
     }

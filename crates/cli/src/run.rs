@@ -115,6 +115,14 @@ fn standalone_drain(config: &Config) -> Duration {
         .saturating_add(config.finalizer.shutdown_grace)
 }
 
+/// The internal token a distributed service needs: the scheduler refuses every call without
+/// it, so a process without one (or with a weak one) stops at once, naming the setting.
+fn internal_token(config: &Config) -> anyhow::Result<Secret> {
+    nightshift_proto::auth::check_token(config.internal.token.as_ref())
+        .cloned()
+        .map_err(|e| anyhow::anyhow!("{e}: set it to the same random value for every service"))
+}
+
 async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
@@ -126,10 +134,18 @@ pub async fn gateway(config: Config) -> anyhow::Result<()> {
         &config.telemetry,
         nightshift_telemetry::OtelSettings::from_env("nightshift-gateway"),
     );
+    internal_token(&config)?;
     let ports = ports::gateway(&config).await?;
     let listener = bind(config.gateway.listen).await?;
+    let ops_listener = bind(
+        config
+            .gateway
+            .ops_listen
+            .unwrap_or(nightshift_gateway::DEFAULT_OPS_LISTEN),
+    )
+    .await?;
     let shutdown = shutdown_on_signal(DRAIN_GRACE);
-    nightshift_gateway::serve(config.gateway, ports, listener, shutdown).await?;
+    nightshift_gateway::serve(config.gateway, ports, listener, ops_listener, shutdown).await?;
     Ok(())
 }
 
@@ -138,6 +154,7 @@ pub async fn scheduler(config: Config) -> anyhow::Result<()> {
         &config.telemetry,
         nightshift_telemetry::OtelSettings::from_env("nightshift-scheduler"),
     );
+    internal_token(&config)?;
     let ports = ports::scheduler(&config).await?;
     let listener = bind(config.scheduler.listen).await?;
     let shutdown = shutdown_on_signal(DRAIN_GRACE);
@@ -162,6 +179,7 @@ pub async fn finalizer(config: Config) -> anyhow::Result<()> {
         &config.telemetry,
         nightshift_telemetry::OtelSettings::from_env("nightshift-finalizer"),
     );
+    internal_token(&config)?;
     let ports = ports::finalizer(&config).await?;
     let listener = bind(config.finalizer.listen).await?;
     let shutdown = shutdown_on_signal(config.finalizer.shutdown_grace);
@@ -178,6 +196,10 @@ pub struct StandaloneArgs {
     /// The HTTP API's address (default 127.0.0.1:8080).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Where `/livez`, `/readyz` and `/metrics` listen (default: a free loopback port,
+    /// printed at start).
+    #[arg(long)]
+    ops_listen: Option<SocketAddr>,
     /// An OpenAI-compatible server that serves every model, e.g. http://127.0.0.1:8000/v1
     /// (vLLM, SGLang, llama.cpp, Ollama, a hosted API). Without it, `[[routing.upstreams]]`.
     #[arg(long, conflicts_with = "simulate")]
@@ -205,6 +227,9 @@ impl StandaloneArgs {
         }
         if let Some(listen) = self.listen {
             config.gateway.listen = listen;
+        }
+        if let Some(ops_listen) = self.ops_listen {
+            config.gateway.ops_listen = Some(ops_listen);
         }
         if let Some(key) = &self.api_key {
             config.standalone.api_key = Some(Secret::new(key.clone()));
@@ -274,7 +299,7 @@ pub async fn standalone(config: Config, args: StandaloneArgs) -> anyhow::Result<
         data_dir.display(),
         running.base_url(),
         running.api_key,
-        running.origin,
+        running.ops_origin,
         running.base_url(),
         running.api_key,
     );
@@ -313,10 +338,12 @@ pub enum Admin {
 }
 
 pub async fn admin(config: Config, cmd: Admin) -> anyhow::Result<()> {
+    let token = internal_token(&config)?;
     let control = SchedulerClient::connect_lazy(
         &config.gateway.scheduler_url,
         config.gateway.control_timeout,
-    )?;
+    )?
+    .with_token(Some(&token))?;
     match cmd {
         Admin::CreateTenant { name, api_key } => {
             let resp = control

@@ -131,6 +131,10 @@ pub struct FinalizerConfig {
     /// again for at most this long (whole seconds, at least 3 s).
     #[serde(with = "humantime_serde")]
     pub lease_ttl: Duration,
+    /// The secret sent with every call to the scheduler. Not a key of `[finalizer]`: the
+    /// binary copies `[internal] token` here ([`nightshift_proto::auth`]).
+    #[serde(skip)]
+    pub internal_token: Option<nightshift_core::secret::Secret>,
 }
 
 impl Default for FinalizerConfig {
@@ -147,6 +151,7 @@ impl Default for FinalizerConfig {
             outage_backoff_max: Duration::from_secs(30),
             max_hold: DEFAULT_MAX_HOLD,
             lease_ttl: Duration::from_secs(60),
+            internal_token: None,
         }
     }
 }
@@ -239,7 +244,9 @@ pub async fn serve(
         .validate(consumer_timeout)
         .map_err(|e| ServeError::Config(format!("finalizer: {e}")))?;
     let scheduler = SchedulerClient::connect_lazy(&config.scheduler_url, config.control_timeout)
-        .map_err(|e| ServeError::Config(format!("finalizer.scheduler_url: {e}")))?;
+        .map_err(|e| ServeError::Config(format!("finalizer.scheduler_url: {e}")))?
+        .with_token(config.internal_token.as_ref())
+        .map_err(|e| ServeError::Config(e.to_string()))?;
     metrics::describe();
     metrics::register();
 

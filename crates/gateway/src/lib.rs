@@ -6,7 +6,8 @@
 //!
 //! [`serve`] runs it on a bound listener over the adapters the binary picked
 //! ([`GatewayPorts`]) until its shutdown token is cancelled, then finishes the requests in
-//! flight.
+//! flight. The ops endpoints (`/livez`, `/readyz`, `/metrics`) are served on a second
+//! listener of their own (`ops_listen`), never on the public API port.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use axum::http::{HeaderValue, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use nightshift_core::secret::Secret;
 use nightshift_core::{ApiError, ErrorKind};
 use nightshift_proto::client::SchedulerClient;
 use nightshift_state::LiveState;
@@ -41,6 +43,7 @@ pub mod error;
 pub mod files;
 mod metrics;
 pub mod openapi;
+pub mod serve;
 pub mod webhooks;
 
 use error::HttpError;
@@ -49,7 +52,12 @@ use error::HttpError;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GatewayConfig {
+    /// The public HTTP API.
     pub listen: SocketAddr,
+    /// The ops endpoints (`/livez`, `/readyz`, `/metrics`): for probes and Prometheus only,
+    /// so bind it where only they reach. Unset: [`DEFAULT_OPS_LISTEN`] for `nightshift
+    /// gateway`, any free loopback port for `nightshift standalone` (printed at start).
+    pub ops_listen: Option<SocketAddr>,
     /// The scheduler's gRPC endpoint.
     pub scheduler_url: String,
     /// Largest accepted upload, in bytes. Enforced while streaming: a larger body is cut off
@@ -62,14 +70,27 @@ pub struct GatewayConfig {
     /// Deadline of each control-plane call.
     #[serde(with = "humantime_serde")]
     pub control_timeout: Duration,
+    /// The longest a request head may take to arrive, and the longest an idle keep-alive
+    /// connection stays open (slowloris; [`serve`](mod@serve)). Behind a load balancer that
+    /// keeps idle connections to the gateway open, keep it above the balancer's idle timeout
+    /// (60 s for AWS ALB and ingress-nginx).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// The secret sent with every call to the scheduler. Not a key of `[gateway]`: the binary
+    /// copies `[internal] token` here ([`nightshift_proto::auth`]).
+    #[serde(skip)]
+    pub internal_token: Option<Secret>,
 }
 
 impl GatewayConfig {
-    /// Checks what serde cannot: a usable `scheduler_url`.
+    /// Checks what serde cannot: a usable `scheduler_url`, a non-zero header-read timeout.
     ///
     /// # Errors
     /// A message naming the bad setting.
     pub fn validate(&self) -> Result<(), String> {
+        if self.header_read_timeout.is_zero() {
+            return Err("gateway.header_read_timeout must be more than 0s".into());
+        }
         SchedulerClient::check_url(&self.scheduler_url)
             .map_err(|e| format!("gateway.scheduler_url: {e}"))
     }
@@ -79,14 +100,21 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            ops_listen: None,
             scheduler_url: "http://127.0.0.1:50051".into(),
             max_upload_bytes: 2 * 1024 * 1024 * 1024,
             max_json_body_bytes: 1024 * 1024,
             completion_windows: vec!["24h".into()],
             control_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(65),
+            internal_token: None,
         }
     }
 }
+
+/// Where `nightshift gateway` serves its ops endpoints unless `ops_listen` says otherwise.
+pub const DEFAULT_OPS_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9091);
 
 /// The infrastructure the gateway runs on; the binary picks the adapters.
 #[derive(Debug, Clone)]
@@ -302,8 +330,9 @@ fn api_routes() -> Router<AppState> {
         .route(openapi::PATH, get(openapi::document))
 }
 
-/// The whole HTTP application (without the listener), for in-process tests.
-pub fn app(state: AppState, readiness: Readiness) -> Router {
+/// The public HTTP application (without the listener), for in-process tests. The ops
+/// endpoints are not part of it: [`ops_app`].
+pub fn app(state: AppState) -> Router {
     let api = api_routes();
     let routes = Router::new()
         .nest("/v1/openai", api.clone())
@@ -315,7 +344,6 @@ pub fn app(state: AppState, readiness: Readiness) -> Router {
         .with_state(state);
     routes
         .merge(console::router())
-        .merge(nightshift_telemetry::ops_router(readiness))
         .route_layer(middleware::from_fn(track))
         .layer(middleware::from_fn(json_errors))
         .layer(CatchPanicLayer::custom(panic_response))
@@ -329,52 +357,72 @@ pub fn app(state: AppState, readiness: Readiness) -> Router {
         .layer(SetRequestIdLayer::x_request_id(MakeReqId))
 }
 
-/// Runs the gateway on `listener` until `shutdown` is cancelled, then finishes the requests
-/// in flight. `config` was validated when it was loaded ([`GatewayConfig::validate`]); the
-/// scheduler may be down at start or at any time (`/readyz` says so).
+/// The ops endpoints (`/livez`, `/readyz`, `/metrics`), served on `ops_listen`.
+pub fn ops_app(readiness: Readiness) -> Router {
+    nightshift_telemetry::ops_router(readiness)
+}
+
+/// Runs the gateway — the API on `listener`, the ops endpoints on `ops_listener` — until
+/// `shutdown` is cancelled, then finishes the requests in flight. `config` was validated when
+/// it was loaded ([`GatewayConfig::validate`]); the scheduler may be down at start or at any
+/// time (`/readyz` says so).
 ///
 /// # Errors
-/// An unusable `scheduler_url`, or the listener's I/O error.
+/// An unusable `scheduler_url` or internal token, or a listener's I/O error.
 pub async fn serve(
     config: GatewayConfig,
     ports: GatewayPorts,
     listener: TcpListener,
+    ops_listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let control = SchedulerClient::connect_lazy(&config.scheduler_url, config.control_timeout)
-        .map_err(|e| ServeError::Config(format!("gateway.scheduler_url: {e}")))?;
-    let readiness = readiness(&ports, &control);
+        .map_err(|e| ServeError::Config(format!("gateway.scheduler_url: {e}")))?
+        .with_token(config.internal_token.as_ref())
+        .map_err(|e| ServeError::Config(e.to_string()))?;
+    let readiness = readiness(&control);
     metrics::register();
+    let limits = serve::ConnectionLimits {
+        header_read_timeout: config.header_read_timeout,
+    };
     let state = AppState {
         config: Arc::new(config),
         control,
         storage: ports.storage,
         live: ports.state,
     };
-    tracing::info!(addr = %listener.local_addr()?, "gateway listening");
-    axum::serve(listener, app(state, readiness))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        ops = %ops_listener.local_addr()?,
+        "gateway listening"
+    );
+    // The ops endpoints stay up while the API drains, so probes see it until the end.
+    let stop_ops = CancellationToken::new();
+    let ops = tokio::spawn(serve::serve_http(
+        ops_listener,
+        ops_app(readiness),
+        limits,
+        stop_ops.clone(),
+    ));
+    let served = serve::serve_http(listener, app(state), limits, shutdown).await;
+    stop_ops.cancel();
+    let ops_served = ops.await.map_err(std::io::Error::other)?;
+    served?;
+    ops_served?;
     tracing::info!("gateway stopped");
     Ok(())
 }
 
-/// `/readyz`: live state, the scheduler and object storage answer.
-fn readiness(ports: &GatewayPorts, control: &SchedulerClient) -> Readiness {
-    let (c, s, l) = (control.clone(), ports.storage.clone(), ports.state.clone());
-    Readiness::new()
-        .check("live_state", move || {
-            let l = l.clone();
-            async move { l.ping().await.map_err(|e| e.to_string()) }
-        })
-        .check("scheduler", move || {
-            let c = c.clone();
-            async move { c.ping().await }
-        })
-        .check("object_storage", move || {
-            let s = s.clone();
-            async move { s.ping().await.map_err(|e| e.to_string()) }
-        })
+/// `/readyz`: whether this gateway can do its job — the scheduler answers (every request but
+/// a download needs it). Redis is a view (live counts degrade to the scheduler's) and object
+/// storage is shared by every replica: neither outage is helped by taking this pod out of its
+/// Service, so neither is checked.
+fn readiness(control: &SchedulerClient) -> Readiness {
+    let c = control.clone();
+    Readiness::new().check("scheduler", move || {
+        let c = c.clone();
+        async move { c.ping().await }
+    })
 }
 
 #[cfg(test)]

@@ -460,7 +460,6 @@ mod tests {
     use nightshift_proto::client::SchedulerClient;
     use nightshift_state::MemoryState;
     use nightshift_storage::LocalStore;
-    use nightshift_telemetry::Readiness;
     use serde_json::Value;
     use tower::ServiceExt;
 
@@ -543,7 +542,7 @@ mod tests {
             storage: Arc::new(LocalStore::open(dir.path()).await.unwrap()),
             live: Arc::new(MemoryState::new()),
         };
-        (crate::app(state, Readiness::new()), dir)
+        (crate::app(state), dir)
     }
 
     async fn call(app: &axum::Router, method: &str, path: &str) -> (StatusCode, Value) {

@@ -2,25 +2,28 @@
 //! files, batches), the finalizer (the pipeline), the `nightshift admin` commands and the
 //! end-to-end tests.
 //!
-//! Every call carries the trace context of the span it is made in
-//! ([`TraceContextInterceptor`]), so the scheduler's work joins the caller's trace.
+//! Every call carries the trace context of the span it is made in, so the scheduler's work
+//! joins the caller's trace, and the internal token ([`SchedulerClient::with_token`]), without
+//! which the scheduler refuses it ([`crate::auth`]).
 
 use std::time::Duration;
 
-use nightshift_telemetry::propagation::TraceContextInterceptor;
+use nightshift_core::secret::Secret;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
+use crate::auth::{ClientInterceptor, TokenError};
 use crate::v1::batches_client::BatchesClient;
 use crate::v1::files_client::FilesClient;
 use crate::v1::pipeline_client::PipelineClient;
 use crate::v1::tenants_client::TenantsClient;
 use crate::v1::webhooks_client::WebhooksClient;
 
-/// A channel to the scheduler whose calls carry the caller's trace context.
-pub type TracedChannel = InterceptedService<Channel, TraceContextInterceptor>;
+/// A channel to the scheduler whose calls carry the caller's trace context and the internal
+/// token.
+pub type TracedChannel = InterceptedService<Channel, ClientInterceptor>;
 
 /// How long a connection attempt to the scheduler may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -29,6 +32,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug)]
 pub struct SchedulerClient {
     channel: Channel,
+    interceptor: ClientInterceptor,
 }
 
 impl SchedulerClient {
@@ -43,7 +47,20 @@ impl SchedulerClient {
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(timeout)
             .connect_lazy();
-        Ok(Self { channel })
+        Ok(Self {
+            channel,
+            interceptor: ClientInterceptor::default(),
+        })
+    }
+
+    /// Sends the internal token with every call (`None`: none is sent, and the scheduler
+    /// refuses the calls).
+    ///
+    /// # Errors
+    /// The token is unusable ([`crate::auth::check_token`]).
+    pub fn with_token(mut self, token: Option<&Secret>) -> Result<Self, TokenError> {
+        self.interceptor = ClientInterceptor::new(token)?;
+        Ok(self)
     }
 
     /// Checks a scheduler URL without connecting (configuration validation).
@@ -57,23 +74,23 @@ impl SchedulerClient {
     }
 
     pub fn tenants(&self) -> TenantsClient<TracedChannel> {
-        TenantsClient::with_interceptor(self.channel.clone(), TraceContextInterceptor)
+        TenantsClient::with_interceptor(self.channel.clone(), self.interceptor.clone())
     }
 
     pub fn files(&self) -> FilesClient<TracedChannel> {
-        FilesClient::with_interceptor(self.channel.clone(), TraceContextInterceptor)
+        FilesClient::with_interceptor(self.channel.clone(), self.interceptor.clone())
     }
 
     pub fn batches(&self) -> BatchesClient<TracedChannel> {
-        BatchesClient::with_interceptor(self.channel.clone(), TraceContextInterceptor)
+        BatchesClient::with_interceptor(self.channel.clone(), self.interceptor.clone())
     }
 
     pub fn pipeline(&self) -> PipelineClient<TracedChannel> {
-        PipelineClient::with_interceptor(self.channel.clone(), TraceContextInterceptor)
+        PipelineClient::with_interceptor(self.channel.clone(), self.interceptor.clone())
     }
 
     pub fn webhooks(&self) -> WebhooksClient<TracedChannel> {
-        WebhooksClient::with_interceptor(self.channel.clone(), TraceContextInterceptor)
+        WebhooksClient::with_interceptor(self.channel.clone(), self.interceptor.clone())
     }
 
     /// Whether the scheduler answers the standard gRPC health check (tonic-health).
@@ -81,7 +98,7 @@ impl SchedulerClient {
     /// # Errors
     /// The check failed: `scheduler: <reason>`, for a `/readyz` answer.
     pub async fn ping(&self) -> Result<(), String> {
-        HealthClient::new(self.channel.clone())
+        HealthClient::with_interceptor(self.channel.clone(), self.interceptor.clone())
             .check(HealthCheckRequest {
                 service: String::new(),
             })

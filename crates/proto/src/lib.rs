@@ -10,6 +10,7 @@ pub mod v1 {
     tonic::include_proto!("nightshift.v1");
 }
 
+pub mod auth;
 pub mod client;
 pub mod convert;
 pub mod status;

@@ -82,6 +82,11 @@ pub struct SchedulerConfig {
     /// it loads the configuration.
     #[serde(skip)]
     pub routing: RoutingConfig,
+    /// The secret every gRPC call must carry (`authorization: Bearer <token>`); `serve`
+    /// refuses to start without one. Not a key of `[scheduler]`: the binary copies
+    /// `[internal] token` here ([`nightshift_proto::auth`]).
+    #[serde(skip)]
+    pub internal_token: Option<Secret>,
 }
 
 impl Default for SchedulerConfig {
@@ -97,6 +102,7 @@ impl Default for SchedulerConfig {
             metrics_interval: Duration::from_secs(15),
             webhooks: webhooks::WebhookSettings::default(),
             routing: RoutingConfig::default(),
+            internal_token: None,
         }
     }
 }
@@ -119,6 +125,9 @@ pub enum ServeError {
     Bootstrap(#[from] nightshift_metadata::MetadataError),
     #[error("serve: {0}")]
     Io(#[from] std::io::Error),
+    /// No usable internal token: the gRPC API would be open to anyone who reaches the port.
+    #[error("{0}")]
+    Token(#[from] nightshift_proto::auth::TokenError),
 }
 
 /// Runs the scheduler on `listener` until `shutdown` is cancelled, then drains in-flight calls
@@ -139,6 +148,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     metrics::register();
+    let require_token = nightshift_proto::auth::server_layer(config.internal_token.as_ref())?;
     bootstrap_tenant(&config, &ports).await?;
 
     let wake = Arc::new(tokio::sync::Notify::new());
@@ -156,6 +166,9 @@ pub async fn serve(
 
     let app = grpc_router(&config, &ports, validator)
         .await
+        // every gRPC call, to any service registered above, carries the internal token; the
+        // ops endpoints merged below are plain HTTP and need none
+        .layer(require_token)
         .merge(nightshift_telemetry::ops_router(readiness(&ports)));
     let background = spawn_background(&config, &ports, &wake, &stop);
 
@@ -249,26 +262,21 @@ async fn grpc_router(
         .layer(GrpcServerTraceLayer)
 }
 
-/// `/readyz`: the queue, live state, the metadata store and object storage answer.
+/// `/readyz`: whether this scheduler can do its main job — the metadata store (every call
+/// and transition) and the queue (dispatch, results, finalize jobs) answer. Redis is a view
+/// (live counts, cancel flags re-raised at recovery) and object storage is shared by every
+/// replica: an outage of either degrades the work but taking this pod out of its Service
+/// would not help, so neither is checked here.
 fn readiness(ports: &SchedulerPorts) -> Readiness {
-    let (m, s) = (ports.metadata.clone(), ports.storage.clone());
-    let (q, st) = (ports.queue.clone(), ports.state.clone());
+    let (m, q) = (ports.metadata.clone(), ports.queue.clone());
     Readiness::new()
         .check("queue", move || {
             let q = q.clone();
             async move { q.ping().await.map_err(|e| e.to_string()) }
         })
-        .check("live_state", move || {
-            let st = st.clone();
-            async move { st.ping().await.map_err(|e| e.to_string()) }
-        })
         .check("metadata", move || {
             let m = m.clone();
             async move { m.ping().await.map_err(|e| e.to_string()) }
-        })
-        .check("object_storage", move || {
-            let s = s.clone();
-            async move { s.ping().await.map_err(|e| e.to_string()) }
         })
 }
 

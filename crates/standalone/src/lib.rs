@@ -213,6 +213,11 @@ pub struct Standalone {
     pub api_key: String,
     /// The scheduler's gRPC endpoint (loopback).
     pub scheduler_url: String,
+    /// The token its calls must carry (generated for this run unless configured).
+    pub internal_token: Secret,
+    /// `http://<gateway ops address>`: `/livez`, `/readyz`, `/metrics` (of the whole
+    /// process).
+    pub ops_origin: String,
     /// The simulator's origin, with [`StandaloneConfig::simulate`].
     pub sim_origin: Option<String>,
     pub ports: EmbeddedPorts,
@@ -289,6 +294,8 @@ impl Standalone {
             origin: format!("http://{}", services.gateway_addr),
             api_key,
             scheduler_url: services.scheduler_url.clone(),
+            internal_token: services.internal_token.clone(),
+            ops_origin: format!("http://{}", services.gateway_ops_addr),
             sim_origin,
             ports,
             data_dir,

@@ -8,7 +8,10 @@
 //!
 //! - The scheduler listens on an ephemeral loopback port; the gateway and the finalizers call
 //!   it there over gRPC, as in the distributed deployment.
-//! - The gateway listens where its configuration says (port 0: any free port).
+//! - The gateway listens where its configuration says (port 0: any free port), its API on
+//!   `listen` and its ops endpoints on `ops_listen`.
+//! - Every gRPC call carries the internal token: the configured one, else one generated for
+//!   this run (nothing outside the process needs it).
 //! - Each executor and finalizer serves its ops endpoints on an ephemeral loopback port.
 //!
 //! One [`CancellationToken`] stops everything, in order: the gateway and the executors (their
@@ -22,6 +25,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use nightshift_core::routing::RoutingConfig;
+use nightshift_core::secret::Secret;
 use nightshift_executor::{ExecutorConfig, ExecutorPorts};
 use nightshift_finalizer::{FinalizerConfig, FinalizerPorts};
 use nightshift_gateway::{GatewayConfig, GatewayPorts};
@@ -41,7 +45,7 @@ const READY_WITHIN: Duration = Duration::from_secs(60);
 
 /// The services' settings. The wiring sets the loopback addresses: the scheduler's `listen`,
 /// the gateway's and the finalizers' `scheduler_url`, the executors' and the finalizers'
-/// `listen`.
+/// `listen`; and the internal token of all three, the scheduler's if set, else a fresh one.
 #[derive(Debug, Clone)]
 pub struct ServiceConfigs {
     pub gateway: GatewayConfig,
@@ -203,6 +207,10 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Services {
     /// Where the gateway listens.
     pub gateway_addr: SocketAddr,
+    /// Where the gateway serves its ops endpoints (`/livez`, `/readyz`, `/metrics`).
+    pub gateway_ops_addr: SocketAddr,
+    /// The token the scheduler's gRPC calls carry ([`SchedulerClient::with_token`]).
+    pub internal_token: Secret,
     /// `http://<scheduler address>` (loopback): its gRPC services and ops endpoints.
     pub scheduler_url: String,
     supervisor: Arc<Supervisor>,
@@ -229,8 +237,16 @@ impl Services {
             let supervisor = Arc::clone(&supervisor);
             async move { supervisor.stop_in_order().await }
         });
+        let internal_token = configs
+            .scheduler
+            .internal_token
+            .clone()
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(nightshift_proto::auth::generate_token);
         let mut services = Self {
             gateway_addr: loopback(),
+            gateway_ops_addr: loopback(),
+            internal_token,
             scheduler_url: String::new(),
             supervisor,
             conductor,
@@ -249,8 +265,10 @@ impl Services {
         let listener = bind(loopback()).await?;
         let scheduler_addr = local_addr(&listener)?;
         self.scheduler_url = format!("http://{scheduler_addr}");
+        let token = Some(self.internal_token.clone());
         let config = SchedulerConfig {
             listen: scheduler_addr,
+            internal_token: token.clone(),
             ..configs.scheduler
         };
         self.supervisor
@@ -260,13 +278,17 @@ impl Services {
 
         let listener = bind(configs.gateway.listen).await?;
         self.gateway_addr = local_addr(&listener)?;
+        let ops_listener = bind(configs.gateway.ops_listen.unwrap_or_else(loopback)).await?;
+        self.gateway_ops_addr = local_addr(&ops_listener)?;
         let config = GatewayConfig {
             listen: self.gateway_addr,
+            ops_listen: Some(self.gateway_ops_addr),
             scheduler_url: self.scheduler_url.clone(),
+            internal_token: token.clone(),
             ..configs.gateway
         };
         self.supervisor.spawn(Stage::Front, "gateway", |stop| {
-            nightshift_gateway::serve(config, ports.gateway, listener, stop)
+            nightshift_gateway::serve(config, ports.gateway, listener, ops_listener, stop)
         });
 
         for _ in 0..configs.executors.max(1) {
@@ -282,6 +304,7 @@ impl Services {
         }
 
         self.finalizer.0.scheduler_url = self.scheduler_url.clone();
+        self.finalizer.0.internal_token = token;
         if configs.finalizer_enabled {
             self.start_finalizer().await?;
         }
@@ -323,7 +346,9 @@ impl Services {
     /// the services are asked to stop.
     async fn wait_ready(&self) -> Result<()> {
         let scheduler = SchedulerClient::connect_lazy(&self.scheduler_url, Duration::from_secs(5))
-            .map_err(|e| StandaloneError::Config(format!("scheduler url: {e}")))?;
+            .map_err(|e| StandaloneError::Config(format!("scheduler url: {e}")))?
+            .with_token(Some(&self.internal_token))
+            .map_err(|e| StandaloneError::Config(e.to_string()))?;
         let deadline = tokio::time::Instant::now() + READY_WITHIN;
         loop {
             if scheduler.ping().await.is_ok() {
