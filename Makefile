@@ -135,9 +135,9 @@ bench-standalone: ## A 1M-line batch through one release `nightshift standalone`
 	rm -rf $(ROOT)/target/bench-standalone
 	INFERENCE_SIM_BASE_LATENCY_MS=0 INFERENCE_SIM_PER_TOKEN_LATENCY_MS=0 \
 	  $(ROOT)/target/release/nightshift standalone --simulate --quiet --listen 127.0.0.1:18080 \
-	  --data-dir $(ROOT)/target/bench-standalone & pid=$$!; \
+	  --ops-listen 127.0.0.1:18091 --data-dir $(ROOT)/target/bench-standalone & pid=$$!; \
 	trap "kill $$pid" EXIT; \
-	for i in $$(seq 1 600); do curl -sf http://127.0.0.1:18080/readyz >/dev/null && break; sleep 0.1; done; \
+	for i in $$(seq 1 600); do curl -sf http://127.0.0.1:18091/readyz >/dev/null && break; sleep 0.1; done; \
 	python3 $(ROOT)/bench/pipeline.py scale --lines $${LINES:-1000000} --base-url http://127.0.0.1:18080/v1 \
 	  --key "$$(cat $(ROOT)/target/bench-standalone/api-key)" --pid $$pid
 

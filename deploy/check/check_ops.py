@@ -17,7 +17,11 @@
   see: probes on /livez and /readyz, non-root and read-only root filesystems, selectors that
   select, references (Secrets, ConfigMaps, scale targets, ServiceMonitor ports) that resolve,
   executors' grace periods longer than their shutdown grace, the PrometheusRule and dashboards
-  ConfigMap carrying exactly the committed files.
+  ConfigMap carrying exactly the committed files. Security: the internal token reaches exactly
+  the scheduler and its clients (gateway, finalizer) from a Secret that holds it; the gateway's
+  ops port is on no public Service; unless a values file turns them off, one NetworkPolicy per
+  component, the scheduler's gRPC port open only to the gateway and the finalizer (and the
+  configured extra clients and monitoring), every ops port only to monitoring.
 - The effective configuration of every service, compose's and each rendered Deployment's
   (nightshift.toml + NIGHTSHIFT_* variables), loaded by the real binary (`--dump-config`) when
   it is built (NIGHTSHIFT_BIN or target/debug/nightshift).
@@ -341,9 +345,12 @@ def check_chart_semantics(p: Problems, rendered: dict) -> None:
                         p.check(ref.get("optional") or ref["key"] in data,
                                 f"{where}: {e['name']} needs key {ref['key']} the chart's Secret lacks")
                     elif ref:
-                        # a Secret the chart did not render is the user's (existingSecret)
-                        p.check(not secrets, f"{where}: {e['name']} refers to Secret {ref['name']}, "
-                                             f"but the chart rendered {sorted(secrets)}")
+                        # a Secret the chart did not render is the user's (existingSecret, or
+                        # internal.existingSecret for the internal token)
+                        theirs = (e["name"] == "NIGHTSHIFT_INTERNAL__TOKEN"
+                                  or not [s for s in secrets if not s.endswith("-internal")])
+                        p.check(theirs, f"{where}: {e['name']} refers to Secret {ref['name']}, "
+                                        f"but the chart rendered {sorted(secrets)}")
                 if c["name"] in ("executor", "finalizer"):
                     grace = env.get(f"NIGHTSHIFT_{c['name'].upper()}__SHUTDOWN_GRACE", {}).get("value", "0s")
                     p.check(spec.get("terminationGracePeriodSeconds", 30) > int(grace.rstrip("s")),
@@ -381,8 +388,12 @@ def check_chart_semantics(p: Problems, rendered: dict) -> None:
                 p.check(trig["metadata"].get("queueName", "").endswith(".chunk-tasks"),
                         f"{name}: ScaledObject {oname} does not watch the chunk-tasks queue")
         for oname, sm in by_kind(docs, "ServiceMonitor").items():
-            selected = [s for s in services.values() if matches(sm["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])]
-            p.check(len(selected) == 4, f"{name}: ServiceMonitor {oname} selects {len(selected)} Services, expected 4")
+            scraped = {ep["port"] for ep in sm["spec"]["endpoints"]}
+            selected = [s for s in services.values() if matches(sm["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
+                        and {pt["name"] for pt in s["spec"]["ports"]} & scraped]
+            components = sorted(s["metadata"]["labels"].get("app.kubernetes.io/component", "") for s in selected)
+            p.check(components == sorted(SERVICES),
+                    f"{name}: ServiceMonitor {oname} scrapes Services of {components}, expected one per service")
             ports = {pt["name"] for s in selected for pt in s["spec"]["ports"]}
             for ep in sm["spec"]["endpoints"]:
                 p.check(ep["port"] in ports, f"{name}: ServiceMonitor endpoint port {ep['port']} is on no Service")
@@ -406,6 +417,72 @@ def check_chart_semantics(p: Problems, rendered: dict) -> None:
                     tomllib.loads(cm["data"]["nightshift.toml"])
                 except tomllib.TOMLDecodeError as e:
                     p.add(f"{name}: ConfigMap {oname}: nightshift.toml: {e}")
+
+
+def values_of(name: str) -> dict:
+    """The values file a rendering used ({} for the chart's defaults)."""
+    return {} if name == "defaults" else (yaml.safe_load((VALUES_DIR / name).read_text()) or {})
+
+
+def check_chart_security(p: Problems, rendered: dict) -> None:
+    for name, docs in rendered.items():
+        values = values_of(name)
+        deployments = by_kind(docs, "Deployment")
+        secrets = by_kind(docs, "Secret")
+        services = by_kind(docs, "Service")
+        internal = values.get("internal", {})
+        for dname, dep in deployments.items():
+            component = dep["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component")
+            c = dep["spec"]["template"]["spec"]["containers"][0]
+            env = {e["name"]: e for e in c.get("env", [])}
+            token = env.get("NIGHTSHIFT_INTERNAL__TOKEN", {}).get("valueFrom", {}).get("secretKeyRef")
+            if component == "executor":
+                p.check(token is None, f"{name}: {dname}: executors call no scheduler, yet get the internal token")
+                continue
+            if not p.check(token is not None and token.get("optional") is False,
+                           f"{name}: {dname}: no (required) NIGHTSHIFT_INTERNAL__TOKEN from a Secret"):
+                continue
+            if internal.get("existingSecret"):
+                p.check(token["name"] == internal["existingSecret"] and token["key"] == internal.get("existingSecretKey"),
+                        f"{name}: {dname}: the internal token is not taken from internal.existingSecret")
+            else:
+                secret = secrets.get(token["name"], {})
+                p.check(token["key"] in secret.get("data", {}),
+                        f"{name}: {dname}: the chart renders no Secret {token['name']} holding {token['key']}")
+        for sname, svc in services.items():
+            if svc["spec"].get("clusterIP") != "None":
+                p.check(all(pt.get("targetPort") != "ops" for pt in svc["spec"]["ports"]),
+                        f"{name}: Service {sname} exposes an ops port (only headless Services may)")
+        policies = by_kind(docs, "NetworkPolicy")
+        enabled = values.get("networkPolicy", {}).get("enabled", True)
+        if not enabled:
+            p.check(not policies, f"{name}: networkPolicy.enabled is false, yet {sorted(policies)} render")
+            continue
+        for dname, dep in deployments.items():
+            pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+            mine = [pol for pol in policies.values() if matches(pol["spec"]["podSelector"]["matchLabels"], pod_labels)]
+            if not p.check(len(mine) == 1, f"{name}: {dname} is selected by {len(mine)} NetworkPolicies, expected 1"):
+                continue
+            pol = mine[0]["spec"]
+            p.check(pol.get("policyTypes") == ["Ingress"], f"{name}: {dname}'s NetworkPolicy is not ingress-only")
+            component = pod_labels.get("app.kubernetes.io/component")
+            ports = {pt["name"] for pt in dep["spec"]["template"]["spec"]["containers"][0]["ports"]}
+            for rule in pol.get("ingress") or []:
+                for port in rule.get("ports", []):
+                    p.check(port["port"] in ports, f"{name}: {dname}'s NetworkPolicy opens {port['port']}, not a container port")
+                opened = {pt["port"] for pt in rule.get("ports", [])}
+                p.check(bool(opened), f"{name}: {dname}'s NetworkPolicy has a rule for every port")
+                if opened & {"ops", "grpc"}:
+                    peers = rule.get("from") or []
+                    p.check(bool(peers), f"{name}: {dname}'s NetworkPolicy opens {sorted(opened)} to everyone")
+                if component == "scheduler" and "grpc" in opened:
+                    comps = {peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component")
+                             for peer in rule.get("from") or [] if "namespaceSelector" not in peer}
+                    p.check({"gateway", "finalizer"} <= comps,
+                            f"{name}: the scheduler's gRPC port does not admit the gateway and the finalizer")
+                    extra = values.get("networkPolicy", {}).get("schedulerClients", [])
+                    for peer in extra:
+                        p.check(peer in (rule.get("from") or []), f"{name}: schedulerClients peer {peer} not admitted")
 
 
 # --- the services' effective configuration -----------------------------------------------------
@@ -525,6 +602,7 @@ def main() -> int:
         p.section(f"rendered objects vs Kubernetes {', '.join(K8S_VERSIONS)} schemas and the CRD validators",
                   check_k8s_schemas, args.tools, rendered)
         p.section("chart semantics: probes, security, selectors, references, grace periods", check_chart_semantics, rendered)
+        p.section("chart security: the internal token, ops ports, NetworkPolicies", check_chart_security, rendered)
     if args.nightshift_bin.is_file():
         p.section(f"effective configurations loaded by {args.nightshift_bin.name} --dump-config",
                   check_configs, args.nightshift_bin, rendered)

@@ -82,12 +82,27 @@ nightshift.io/job: nightshift-{{ $component }}
 {{- default (include "nightshift.fullname" .) .Values.existingSecret }}
 {{- end }}
 
+{{/* The Secret holding the internal token: the user's, or the one this chart generates. */}}
+{{- define "nightshift.internalSecretName" -}}
+{{- default (printf "%s-internal" (include "nightshift.fullname" .)) .Values.internal.existingSecret }}
+{{- end }}
+
 {{/* The scheduler's gRPC endpoint, for the gateway and the finalizer. */}}
 {{- define "nightshift.schedulerUrl" -}}
 {{- printf "http://%s-scheduler:%d" (include "nightshift.fullname" .) (int .Values.scheduler.service.port) }}
 {{- end }}
 
-{{/* The ops/listen port of a component. */}}
+{{/* The port of a component's ops endpoints (/livez, /readyz, /metrics): the gateway's own
+ops listener; the scheduler serves them on its gRPC port; the others on their listen port. */}}
+{{- define "nightshift.opsPort" -}}
+{{- $component := index . 0 -}}
+{{- $ := index . 1 -}}
+{{- if eq $component "gateway" }}{{ int $.Values.gateway.opsPort }}
+{{- else }}{{ include "nightshift.port" (list $component $) }}
+{{- end }}
+{{- end }}
+
+{{/* The listen port of a component (the gateway's API). */}}
 {{- define "nightshift.port" -}}
 {{- $component := index . 0 -}}
 {{- $ := index . 1 -}}
@@ -153,6 +168,20 @@ NIGHTSHIFT_<SECTION>__<KEY> variables override nightshift.toml.
 - name: NIGHTSHIFT_{{ upper $component }}__SCHEDULER_URL
   value: {{ include "nightshift.schedulerUrl" $ | quote }}
 {{- end }}
+{{- if has $component (list "gateway" "scheduler" "finalizer") }}
+- name: NIGHTSHIFT_INTERNAL__TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "nightshift.internalSecretName" $ }}
+      key: {{ $v.internal.existingSecretKey }}
+      optional: false
+{{- end }}
+{{- if eq $component "gateway" }}
+- name: NIGHTSHIFT_GATEWAY__OPS_LISTEN
+  value: "0.0.0.0:{{ int $v.gateway.opsPort }}"
+- name: NIGHTSHIFT_GATEWAY__HEADER_READ_TIMEOUT
+  value: "{{ int $v.gateway.headerReadTimeoutSeconds }}s"
+{{- end }}
 {{- if eq $component "scheduler" }}
 {{- with $v.metadata.schema }}
 - name: NIGHTSHIFT_METADATA__SCHEMA
@@ -204,6 +233,10 @@ metadata:
     {{- if not $.Values.existingSecret }}
     checksum/secret: {{ include (print $.Template.BasePath "/secret.yaml") $ | sha256sum }}
     {{- end }}
+    {{- if and (has $component (list "gateway" "scheduler" "finalizer")) (not $.Values.internal.existingSecret) }}
+    {{- /* a rotated token (the Secret deleted, then an upgrade) restarts its users together */}}
+    checksum/internal: {{ include (print $.Template.BasePath "/secret-internal.yaml") $ | sha256sum }}
+    {{- end }}
     {{- with $c.podAnnotations }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -225,23 +258,36 @@ spec:
       env:
         {{- include "nightshift.env" (list $component $) | nindent 8 }}
       ports:
-        - name: {{ if eq $component "scheduler" }}grpc{{ else }}http{{ end }}
+        {{- if eq $component "scheduler" }}
+        - name: grpc
           containerPort: {{ include "nightshift.port" (list $component $) }}
           protocol: TCP
+        {{- else if eq $component "gateway" }}
+        - name: http
+          containerPort: {{ include "nightshift.port" (list $component $) }}
+          protocol: TCP
+        - name: ops
+          containerPort: {{ include "nightshift.opsPort" (list $component $) }}
+          protocol: TCP
+        {{- else }}
+        - name: ops
+          containerPort: {{ include "nightshift.port" (list $component $) }}
+          protocol: TCP
+        {{- end }}
       startupProbe:
         httpGet:
           path: /livez
-          port: {{ include "nightshift.port" (list $component $) }}
+          port: {{ include "nightshift.opsPort" (list $component $) }}
         {{- toYaml $.Values.probes.startup | nindent 8 }}
       livenessProbe:
         httpGet:
           path: /livez
-          port: {{ include "nightshift.port" (list $component $) }}
+          port: {{ include "nightshift.opsPort" (list $component $) }}
         {{- toYaml $.Values.probes.liveness | nindent 8 }}
       readinessProbe:
         httpGet:
           path: /readyz
-          port: {{ include "nightshift.port" (list $component $) }}
+          port: {{ include "nightshift.opsPort" (list $component $) }}
         {{- toYaml $.Values.probes.readiness | nindent 8 }}
       {{- if and (eq $component "gateway") (gt (int $c.preStopSleepSeconds) 0) }}
       lifecycle:
