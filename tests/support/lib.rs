@@ -140,7 +140,8 @@ pub struct StackOptions {
     pub sim: SimConfig,
     /// Executors sharing the chunk queue.
     pub executors: usize,
-    /// Ceiling of requests in flight to the simulator, per executor.
+    /// Ceiling of requests in flight to the simulator (`max_concurrency`: one cap shared by
+    /// every executor).
     pub upstream_max_concurrency: u32,
     /// Start the finalizer with the stack (else [`Stack::start_finalizer`] does later).
     pub finalizer: bool,
