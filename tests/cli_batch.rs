@@ -326,6 +326,20 @@ async fn retry_reruns_only_the_failed_lines(deployment: Deployment) {
     assert_eq!(retry["metadata"], json!({"retry_of": first_id}));
     assert_eq!(retry["endpoint"], "/v1/chat/completions");
     let retry_id = retry["id"].as_str().expect("id");
+    // The server made it (`POST /batches/{id}/retry`): the original lists it as its retry,
+    // which a client-side retry (a plain new batch) would not be.
+    let listed: Value = reqwest::Client::new()
+        .get(format!("{}/batches", cli.base_url))
+        .query(&[("retry_of", first_id)])
+        .bearer_auth(&cli.key)
+        .send()
+        .await
+        .expect("list retries")
+        .json()
+        .await
+        .expect("a page");
+    assert_eq!(listed["data"][0]["id"], retry_id, "{listed}");
+    assert_eq!(listed["data"].as_array().map(Vec::len), Some(1), "{listed}");
     let done = cli.json(&["watch", retry_id, "--interval", "0.1"]).await;
     assert_eq!(
         done["request_counts"],

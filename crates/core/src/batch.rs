@@ -216,7 +216,12 @@ impl CreateBatch {
     }
 }
 
-fn check_metadata(
+/// Checks a `metadata` object against OpenAI's limits (16 keys, 64-character keys,
+/// 512-character string values).
+///
+/// # Errors
+/// A 400 naming the offending key.
+pub fn check_metadata(
     map: serde_json::Map<String, serde_json::Value>,
 ) -> Result<BTreeMap<String, String>, ApiError> {
     if map.len() > METADATA_MAX_KEYS {

@@ -9,6 +9,7 @@ pub mod batch;
 pub mod chunking;
 pub mod error;
 pub mod file;
+pub mod idempotency;
 pub mod ids;
 pub mod jsonl;
 pub mod page;

@@ -41,6 +41,7 @@ pub mod batches;
 pub mod console;
 pub mod error;
 pub mod files;
+pub mod idempotency;
 mod metrics;
 pub mod openapi;
 pub mod serve;
@@ -315,6 +316,7 @@ fn api_routes() -> Router<AppState> {
         .route("/batches", get(batches::list).post(batches::create))
         .route("/batches/{id}", get(batches::retrieve))
         .route("/batches/{id}/cancel", axum::routing::post(batches::cancel))
+        .route("/batches/{id}/retry", axum::routing::post(batches::retry))
         .route(
             "/webhook_endpoints",
             get(webhooks::list).post(webhooks::create),

@@ -51,6 +51,7 @@ pub const PATH: &str = "/openapi.json";
         batches::list,
         batches::retrieve,
         batches::cancel,
+        batches::retry,
         webhooks::create,
         webhooks::list,
         webhooks::retrieve,
@@ -107,6 +108,22 @@ pub fn build(prefix: &str, completion_windows: &[String]) -> Value {
 pub async fn document(State(state): State<AppState>, OriginalUri(uri): OriginalUri) -> Json<Value> {
     let prefix = uri.path().strip_suffix(PATH).unwrap_or("/v1");
     Json(build(prefix, &state.config.completion_windows))
+}
+
+/// The `Idempotency-Key` request header of the creating routes (docs/api.md).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct IdempotencyKeyHeader {
+    /// Extension: up to 255 printable ASCII characters. The same key from the same tenant
+    /// within 24 hours returns the first request's object without creating anything; with a
+    /// different request it is a 409 `idempotency_key_reused`.
+    #[param(
+        rename = "Idempotency-Key",
+        max_length = 255,
+        min_length = 1,
+        pattern = "^[ -~]+$"
+    )]
+    pub idempotency_key: Option<String>,
 }
 
 /// OpenAI's error envelope: the body of every 4xx and 5xx the gateway answers, axum's own

@@ -18,9 +18,10 @@ use nightshift_core::chunking::ChunkSpan;
 use nightshift_core::validation::BatchError;
 
 use crate::{
-    CancelOutcome, Ending, FileQuery, LeasePolicy, MetadataError, MetadataStore, Tenant,
-    ValidationOutcome,
+    CancelOutcome, Ending, FileQuery, IdempotencyClaim, Inserted, LeasePolicy, MetadataError,
+    MetadataStore, RetryFilter, RetrySource, Tenant, ValidationOutcome,
 };
+use nightshift_core::idempotency::IdempotentKind;
 
 /// Every check of the suite, named once: calls `$then!` with `$args` followed by the checks'
 /// names. Both [`run`] and each adapter's tests ([`conformance_tests!`](crate::conformance_tests))
@@ -49,6 +50,9 @@ macro_rules! __metadata_conformance_checks {
             inputs_outlive_their_batches,
             one_finalizer_holds_the_lease,
             a_cancel_while_finalizing_keeps_the_ending,
+            idempotency_keys_name_one_object_for_a_day,
+            idempotency_key_races_make_one_object,
+            retries_are_linked_to_their_parent,
         }
     };
 }
@@ -1509,6 +1513,266 @@ async fn a_cancel_while_finalizing_keeps_the_ending(store: &dyn MetadataStore) {
         store.cancel_batch(&t.id, &b.id, t0 + 4).await.expect("cancel"),
         Some(CancelOutcome::Terminal(x)) if x.status == BatchStatus::Completed
     ));
+}
+
+fn key_claim(key: &str, kind: IdempotentKind, hash: &str, at: i64) -> IdempotencyClaim {
+    IdempotencyClaim {
+        key: key.into(),
+        kind,
+        request_hash: hash.into(),
+        created_at: at,
+    }
+}
+
+/// A key claimed with a file or a batch names it for 24 hours, per tenant: a second insert
+/// with the live key records nothing and returns the first claim; an expired key is claimed
+/// anew and swept.
+async fn idempotency_keys_name_one_object_for_a_day(store: &dyn MetadataStore) {
+    let t = new_tenant(store).await;
+    let other = new_tenant(store).await;
+    let now = NOW;
+    let first = file(&t.id, now * 1_000_000, Purpose::Batch, None);
+    let c = key_claim("k-1", IdempotentKind::File, "h1", now);
+    assert_eq!(
+        store
+            .insert_file_once(&first, Some(&c))
+            .await
+            .expect("insert"),
+        Inserted::Created
+    );
+    let record = store
+        .idempotency_record(&t.id, "k-1", now + 10)
+        .await
+        .expect("lookup")
+        .expect("live");
+    assert_eq!(record.object_id, first.id.as_str());
+    assert_eq!(record.kind, IdempotentKind::File);
+    assert_eq!(record.request_hash, "h1");
+    // the same key again, whatever the request: nothing recorded, the first claim returned
+    let second = file(&t.id, now * 1_000_000 + 1, Purpose::Batch, None);
+    let again = key_claim("k-1", IdempotentKind::File, "h2", now + 10);
+    assert_eq!(
+        store
+            .insert_file_once(&second, Some(&again))
+            .await
+            .expect("insert"),
+        Inserted::Replayed(record.clone())
+    );
+    assert_eq!(
+        store
+            .get_file(&t.id, &second.id, now + 10)
+            .await
+            .expect("get"),
+        None
+    );
+    // a batch with the tenant's live key records nothing either
+    let b = batch(&t.id, now * 1_000_000);
+    assert_eq!(
+        store
+            .insert_batch_once(
+                &b,
+                None,
+                Some(&key_claim("k-1", IdempotentKind::Batch, "h3", now))
+            )
+            .await
+            .expect("insert"),
+        Inserted::Replayed(record.clone())
+    );
+    assert_eq!(store.get_batch(&t.id, &b.id).await.expect("get"), None);
+    // keys are per tenant
+    assert_eq!(
+        store
+            .idempotency_record(&other.id, "k-1", now)
+            .await
+            .expect("lookup"),
+        None
+    );
+    let theirs = batch(&other.id, now * 1_000_000);
+    assert_eq!(
+        store
+            .insert_batch_once(
+                &theirs,
+                None,
+                Some(&key_claim("k-1", IdempotentKind::Batch, "h", now))
+            )
+            .await
+            .expect("insert"),
+        Inserted::Created
+    );
+    assert!(
+        store
+            .get_batch(&other.id, &theirs.id)
+            .await
+            .expect("get")
+            .is_some()
+    );
+    // without a key, inserts are plain
+    let plain = file(&t.id, now * 1_000_000 + 2, Purpose::Batch, None);
+    assert_eq!(
+        store.insert_file_once(&plain, None).await.expect("insert"),
+        Inserted::Created
+    );
+    // 24 hours later the key is no longer live: ignored, then claimed anew
+    let day = nightshift_core::idempotency::IDEMPOTENCY_TTL_SECS;
+    assert_eq!(
+        store
+            .idempotency_record(&t.id, "k-1", now + day)
+            .await
+            .expect("lookup"),
+        None
+    );
+    let later = batch(&t.id, (now + day) * 1_000_000);
+    assert_eq!(
+        store
+            .insert_batch_once(
+                &later,
+                None,
+                Some(&key_claim("k-1", IdempotentKind::Batch, "h4", now + day))
+            )
+            .await
+            .expect("insert"),
+        Inserted::Created
+    );
+    let renewed = store
+        .idempotency_record(&t.id, "k-1", now + day)
+        .await
+        .expect("lookup")
+        .expect("live again");
+    assert_eq!(renewed.object_id, later.id.as_str());
+    assert_eq!(renewed.kind, IdempotentKind::Batch);
+    // the sweep removes keys past their day, and only those
+    assert!(
+        store
+            .sweep_idempotency_keys(now + day, 100)
+            .await
+            .expect("sweep")
+            >= 1,
+        "the other tenant's key of NOW is past its day"
+    );
+    assert!(
+        store
+            .idempotency_record(&t.id, "k-1", now + day)
+            .await
+            .expect("lookup")
+            .is_some()
+    );
+    assert_eq!(
+        store
+            .idempotency_record(&other.id, "k-1", now + day - 1)
+            .await
+            .expect("lookup"),
+        None,
+        "swept"
+    );
+}
+
+/// Concurrent inserts claiming one key record one object; every other one gets the winner's
+/// claim.
+async fn idempotency_key_races_make_one_object(store: &dyn MetadataStore) {
+    let t = new_tenant(store).await;
+    let now = NOW;
+    let attempts = (0..8).map(|i| {
+        let f = file(&t.id, now * 1_000_000 + i, Purpose::Batch, None);
+        let c = key_claim("race", IdempotentKind::File, "same", now);
+        async move {
+            let outcome = store.insert_file_once(&f, Some(&c)).await.expect("insert");
+            (f.id, outcome)
+        }
+    });
+    let outcomes = futures::future::join_all(attempts).await;
+    let created: Vec<&FileId> = outcomes
+        .iter()
+        .filter(|(_, o)| *o == Inserted::Created)
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(created.len(), 1, "{outcomes:?}");
+    for (_, outcome) in &outcomes {
+        if let Inserted::Replayed(r) = outcome {
+            assert_eq!(r.object_id, created[0].as_str());
+        }
+    }
+    let page = store
+        .list_files(
+            &t.id,
+            &FileQuery {
+                purpose: None,
+                limit: 100,
+                order: Order::Asc,
+                after: None,
+            },
+            now,
+        )
+        .await
+        .expect("list");
+    assert_eq!(page.files.len(), 1);
+}
+
+/// A retry batch records where its input comes from, and its parent lists it.
+async fn retries_are_linked_to_their_parent(store: &dyn MetadataStore) {
+    let t = new_tenant(store).await;
+    let other = new_tenant(store).await;
+    let parent = batch(&t.id, NOW * 1_000_000);
+    store.insert_batch(&parent).await.expect("parent");
+    let plain = batch(&t.id, NOW * 1_000_000 + 1);
+    store.insert_batch(&plain).await.expect("plain");
+    assert_eq!(store.retry_source(&plain.id).await.expect("source"), None);
+    let mut children = Vec::new();
+    for i in 0..3 {
+        let child = batch(&t.id, NOW * 1_000_000 + 10 + i);
+        let source = RetrySource {
+            batch: child.id.clone(),
+            tenant: t.id.clone(),
+            retry_of: parent.id.clone(),
+            filter: RetryFilter {
+                error_codes: vec!["batch_expired".into()],
+                status_codes: vec![429],
+                status_classes: vec![5],
+            },
+        };
+        assert_eq!(
+            store
+                .insert_batch_once(&child, Some(&source), None)
+                .await
+                .expect("child"),
+            Inserted::Created
+        );
+        assert_eq!(
+            store.retry_source(&child.id).await.expect("source"),
+            Some(source)
+        );
+        children.push(child.id);
+    }
+    let page = store
+        .list_retries(&t.id, &parent.id, 2, None)
+        .await
+        .expect("list");
+    let ids: Vec<&BatchId> = page.batches.iter().map(|b| &b.id).collect();
+    assert_eq!(ids, [&children[2], &children[1]], "newest first");
+    assert!(page.has_more);
+    let rest = store
+        .list_retries(&t.id, &parent.id, 2, Some(&children[1]))
+        .await
+        .expect("list");
+    let ids: Vec<&BatchId> = rest.batches.iter().map(|b| &b.id).collect();
+    assert_eq!(ids, [&children[0]]);
+    assert!(!rest.has_more);
+    // another tenant sees none; a batch with no retries has none
+    assert!(
+        store
+            .list_retries(&other.id, &parent.id, 10, None)
+            .await
+            .expect("list")
+            .batches
+            .is_empty()
+    );
+    assert!(
+        store
+            .list_retries(&t.id, &plain.id, 10, None)
+            .await
+            .expect("list")
+            .batches
+            .is_empty()
+    );
 }
 
 /// Declares the suite in an adapter's integration tests: one `#[tokio::test]` per check, each

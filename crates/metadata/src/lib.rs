@@ -39,6 +39,7 @@ use async_trait::async_trait;
 use nightshift_core::batch::{BatchRecord, BatchStatus};
 use nightshift_core::chunking::ChunkSpan;
 use nightshift_core::file::{FileRecord, Purpose};
+use nightshift_core::idempotency::IdempotentKind;
 use nightshift_core::page::Order;
 use nightshift_core::validation::BatchError;
 use nightshift_core::{BatchId, FileId, TenantId};
@@ -281,6 +282,76 @@ pub enum DeliveryOutcome {
     Retry { at: i64, error: String },
     /// It failed and the event is too old to try again: recorded as `failed`.
     GaveUp { error: String },
+}
+
+/// An `Idempotency-Key` claimed by a create (`POST /v1/files`, `POST /v1/batches`, a retry):
+/// recorded with the object, in the same transaction, for
+/// [`IDEMPOTENCY_TTL_SECS`](nightshift_core::idempotency::IDEMPOTENCY_TTL_SECS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyClaim {
+    pub key: String,
+    pub kind: IdempotentKind,
+    /// The request's fingerprint ([`RequestHash`](nightshift_core::idempotency::RequestHash)).
+    pub request_hash: String,
+    /// When the key is claimed (unix seconds): it is live until `created_at + TTL`.
+    pub created_at: i64,
+}
+
+/// A live `Idempotency-Key` of a tenant: what its first request created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyRecord {
+    pub key: String,
+    pub kind: IdempotentKind,
+    pub request_hash: String,
+    /// The file or batch id.
+    pub object_id: String,
+    pub created_at: i64,
+}
+
+/// What an insert with an optional [`IdempotencyClaim`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inserted {
+    /// The object was recorded (and the key, if any, claimed for it).
+    Created,
+    /// The key is live and names an earlier request: nothing was recorded. The caller answers
+    /// with that request's object if the request is the same (kind and hash), else refuses.
+    Replayed(IdempotencyRecord),
+}
+
+/// Which failed lines a retry runs: every failed line when all lists are empty, else each
+/// failed line that matches any entry of any list.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RetryFilter {
+    /// `error.code` of an error line (`batch_expired`, `request_timeout`...), or the `code` of
+    /// the upstream's error object in a non-2xx response body (`rate_limit_exceeded`...).
+    #[serde(default)]
+    pub error_codes: Vec<String>,
+    /// Exact HTTP statuses of non-2xx responses (429, 500...).
+    #[serde(default)]
+    pub status_codes: Vec<u16>,
+    /// Status classes of non-2xx responses: 4 for `4xx`, 5 for `5xx`.
+    #[serde(default)]
+    pub status_classes: Vec<u8>,
+}
+
+impl RetryFilter {
+    /// No list has an entry: every failed line is retried.
+    pub fn is_empty(&self) -> bool {
+        self.error_codes.is_empty()
+            && self.status_codes.is_empty()
+            && self.status_classes.is_empty()
+    }
+}
+
+/// Where a retry batch's input comes from: the failed lines of `retry_of`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetrySource {
+    /// The retry batch.
+    pub batch: BatchId,
+    pub tenant: TenantId,
+    /// The ended batch whose failed lines it runs.
+    pub retry_of: BatchId,
+    pub filter: RetryFilter,
 }
 
 /// The metadata port.
@@ -583,4 +654,47 @@ pub trait MetadataStore: Send + Sync + fmt::Debug + 'static {
     /// Forgets webhook deliveries that ended before `before` and events left without any;
     /// returns the deliveries removed.
     async fn purge_webhook_history(&self, before: i64) -> Result<u64>;
+
+    /// Records a file, and claims `idempotency` for it in the same transaction if given:
+    /// [`Inserted::Replayed`] (nothing recorded) when that key is live for the tenant.
+    /// `Conflict` if the file id exists.
+    async fn insert_file_once(
+        &self,
+        file: &FileRecord,
+        idempotency: Option<&IdempotencyClaim>,
+    ) -> Result<Inserted>;
+
+    /// Records a new batch (in `validating`) like [`insert_batch`](Self::insert_batch), with
+    /// the source of its input if it is a retry, and claims `idempotency` for it, all in one
+    /// transaction: [`Inserted::Replayed`] (nothing recorded) when that key is live.
+    async fn insert_batch_once(
+        &self,
+        batch: &BatchRecord,
+        retry: Option<&RetrySource>,
+        idempotency: Option<&IdempotencyClaim>,
+    ) -> Result<Inserted>;
+
+    /// The tenant's `key` if it is live at `now` (claimed less than 24 h before).
+    async fn idempotency_record(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+        now: i64,
+    ) -> Result<Option<IdempotencyRecord>>;
+
+    /// Deletes keys no longer live at `now`, at most `limit`; returns how many.
+    async fn sweep_idempotency_keys(&self, now: i64, limit: u32) -> Result<u64>;
+
+    /// Where a retry batch's input comes from; `None` for a batch that is not a retry.
+    async fn retry_source(&self, batch: &BatchId) -> Result<Option<RetrySource>>;
+
+    /// A page of the tenant's retries of `parent`, newest first, like
+    /// [`list_batches`](Self::list_batches).
+    async fn list_retries(
+        &self,
+        tenant: &TenantId,
+        parent: &BatchId,
+        limit: u32,
+        after: Option<&BatchId>,
+    ) -> Result<BatchPage>;
 }

@@ -14,7 +14,9 @@ use nightshift_core::validation::BatchError;
 use nightshift_core::{BatchId, FileId, TenantId};
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
-use crate::{LeasedChunk, MetadataError, Result, Tenant};
+use nightshift_core::idempotency::IdempotentKind;
+
+use crate::{IdempotencyRecord, LeasedChunk, MetadataError, Result, RetrySource, Tenant};
 
 /// Columns of a batch, as [`batch_from_row`] reads them.
 pub(crate) const BATCH_COLUMNS: &str = "id, tenant_id, endpoint, input_file_id, \
@@ -200,6 +202,29 @@ pub(crate) fn tenant_from_row(row: &impl Columns) -> Result<Tenant> {
     Ok(Tenant {
         id: TenantId::parse(&id).map_err(|_| corrupt("tenant id", &id))?,
         name: row.text("name")?,
+    })
+}
+
+pub(crate) fn idempotency_from_row(row: &impl Columns) -> Result<IdempotencyRecord> {
+    let kind = row.text("kind")?;
+    Ok(IdempotencyRecord {
+        key: row.text("idem_key")?,
+        kind: IdempotentKind::parse(&kind).ok_or_else(|| corrupt("idempotency kind", &kind))?,
+        request_hash: row.text("request_hash")?,
+        object_id: row.text("object_id")?,
+        created_at: row.int("created_at")?,
+    })
+}
+
+pub(crate) fn retry_from_row(row: &impl Columns) -> Result<RetrySource> {
+    let id = row.text("batch_id")?;
+    let tenant = row.text("tenant_id")?;
+    let parent = row.text("retry_of")?;
+    Ok(RetrySource {
+        batch: BatchId::parse(&id).map_err(|_| corrupt("batch id", &id))?,
+        tenant: TenantId::parse(&tenant).map_err(|_| corrupt("tenant id", &tenant))?,
+        retry_of: BatchId::parse(&parent).map_err(|_| corrupt("batch id", &parent))?,
+        filter: json_col(row, "filter")?,
     })
 }
 

@@ -34,14 +34,16 @@ use tokio::sync::mpsc;
 
 use crate::rows::{
     BATCH_COLUMNS, Columns, Cursor, FILE_COLUMNS, LEASED_COLUMNS, SPAN_COLUMNS, backend,
-    batch_from_row, file_from_row, leased_from_row, span_from_row, split_page, tenant_from_row,
-    to_i64,
+    batch_from_row, file_from_row, idempotency_from_row, leased_from_row, retry_from_row,
+    span_from_row, split_page, tenant_from_row, to_i64,
 };
 use crate::{
     BatchCommit, BatchPage, CancelOutcome, ChunkState, DispatchCandidate, Ending, FilePage,
-    FileQuery, FinalizationLease, LeasePolicy, LeaseSweep, LeasedChunk, MetadataError,
-    MetadataStore, Result, Tenant, ValidationOutcome,
+    FileQuery, FinalizationLease, IdempotencyClaim, IdempotencyRecord, Inserted, LeasePolicy,
+    LeaseSweep, LeasedChunk, MetadataError, MetadataStore, Result, RetrySource, Tenant,
+    ValidationOutcome,
 };
+use nightshift_core::idempotency::IDEMPOTENCY_TTL_SECS;
 
 /// How a database keeps concurrent writers apart: the only SQL that differs between them.
 pub(crate) trait Backend: Database<Row: Columns, Arguments: IntoArguments<Self>> {
@@ -183,6 +185,56 @@ where
         None => Cursor::Unknown,
         Some(r) => Cursor::After(r.int("created_at_us")?, r.text("id")?),
     })
+}
+
+/// Claims `claim` for `object_id` in `tx`: `None` when claimed (the key was free, or held by a
+/// request more than 24 h old, which it replaces), else the live key's record — the caller
+/// then records nothing. In Postgres a concurrent claim of the same key waits here for this
+/// transaction to end (the primary key's row lock), then sees its row.
+async fn claim_key<DB>(
+    tx: &mut Transaction<'static, DB>,
+    tenant: &TenantId,
+    claim: &IdempotencyClaim,
+    object_id: &str,
+) -> Result<Option<IdempotencyRecord>>
+where
+    DB: Backend,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'a> &'a str: Encode<'a, DB> + Type<DB>,
+    for<'a> i64: Encode<'a, DB> + Type<DB>,
+{
+    let claimed = sqlx::query(
+        "INSERT INTO idempotency_keys (tenant_id, idem_key, kind, request_hash, object_id, \
+           created_at) VALUES ($1, $2, $3, $4, $5, $6) \
+         ON CONFLICT (tenant_id, idem_key) DO UPDATE SET kind = excluded.kind, \
+           request_hash = excluded.request_hash, object_id = excluded.object_id, \
+           created_at = excluded.created_at \
+         WHERE idempotency_keys.created_at <= $7 \
+         RETURNING object_id",
+    )
+    .bind(tenant.as_str())
+    .bind(claim.key.as_str())
+    .bind(claim.kind.as_str())
+    .bind(claim.request_hash.as_str())
+    .bind(object_id)
+    .bind(claim.created_at)
+    .bind(claim.created_at - IDEMPOTENCY_TTL_SECS)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(backend)?;
+    if !claimed.is_empty() {
+        return Ok(None);
+    }
+    let row = sqlx::query(
+        "SELECT idem_key, kind, request_hash, object_id, created_at FROM idempotency_keys \
+         WHERE tenant_id = $1 AND idem_key = $2",
+    )
+    .bind(tenant.as_str())
+    .bind(claim.key.as_str())
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(backend)?;
+    idempotency_from_row(&row).map(Some)
 }
 
 // Besides `Backend`: transactions run statements, and the driver encodes every type the
@@ -1176,5 +1228,174 @@ where
 
     async fn purge_webhook_history(&self, before: i64) -> Result<u64> {
         crate::webhooks::purge_history(&self.writer, before).await
+    }
+
+    async fn insert_file_once(
+        &self,
+        f: &FileRecord,
+        idempotency: Option<&IdempotencyClaim>,
+    ) -> Result<Inserted> {
+        let mut tx = begin_write(&self.writer).await?;
+        if let Some(claim) = idempotency
+            && let Some(earlier) = claim_key(&mut tx, &f.tenant_id, claim, f.id.as_str()).await?
+        {
+            tx.rollback().await.map_err(backend)?;
+            return Ok(Inserted::Replayed(earlier));
+        }
+        let sql =
+            format!("INSERT INTO files ({FILE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)");
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(f.id.as_str())
+            .bind(f.tenant_id.as_str())
+            .bind(to_i64(f.bytes, "file size")?)
+            .bind(f.created_at_us)
+            .bind(f.expires_at)
+            .bind(f.filename.as_str())
+            .bind(f.purpose.as_str())
+            .bind(f.storage_key.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        tx.commit().await.map_err(backend)?;
+        Ok(Inserted::Created)
+    }
+
+    async fn insert_batch_once(
+        &self,
+        b: &BatchRecord,
+        retry: Option<&RetrySource>,
+        idempotency: Option<&IdempotencyClaim>,
+    ) -> Result<Inserted> {
+        let mut tx = begin_write(&self.writer).await?;
+        if let Some(claim) = idempotency
+            && let Some(earlier) = claim_key(&mut tx, &b.tenant_id, claim, b.id.as_str()).await?
+        {
+            tx.rollback().await.map_err(backend)?;
+            return Ok(Inserted::Replayed(earlier));
+        }
+        sqlx::query(
+            "INSERT INTO batches (id, tenant_id, endpoint, input_file_id, completion_window, \
+             status, metadata, output_expires_after, created_at_us, expires_at, traceparent) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(b.id.as_str())
+        .bind(b.tenant_id.as_str())
+        .bind(b.endpoint.as_str())
+        .bind(b.input_file_id.as_str())
+        .bind(b.completion_window.as_str())
+        .bind(b.status.as_str())
+        .bind(to_json(&b.metadata)?)
+        .bind(b.output_expires_after_secs)
+        .bind(b.created_at_us)
+        .bind(b.expires_at)
+        .bind(b.traceparent.as_deref())
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        if let Some(r) = retry {
+            sqlx::query(
+                "INSERT INTO batch_retries (batch_id, tenant_id, retry_of, filter, created_at_us) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(b.id.as_str())
+            .bind(b.tenant_id.as_str())
+            .bind(r.retry_of.as_str())
+            .bind(to_json(&r.filter)?)
+            .bind(b.created_at_us)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)?;
+        self.announce_created(&b.id);
+        Ok(Inserted::Created)
+    }
+
+    async fn idempotency_record(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+        now: i64,
+    ) -> Result<Option<IdempotencyRecord>> {
+        let row = sqlx::query(
+            "SELECT idem_key, kind, request_hash, object_id, created_at FROM idempotency_keys \
+             WHERE tenant_id = $1 AND idem_key = $2 AND created_at > $3",
+        )
+        .bind(tenant.as_str())
+        .bind(key)
+        .bind(now - IDEMPOTENCY_TTL_SECS)
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(backend)?;
+        row.as_ref().map(idempotency_from_row).transpose()
+    }
+
+    async fn sweep_idempotency_keys(&self, now: i64, limit: u32) -> Result<u64> {
+        let swept = sqlx::query(
+            "DELETE FROM idempotency_keys WHERE (tenant_id, idem_key) IN \
+             (SELECT tenant_id, idem_key FROM idempotency_keys WHERE created_at <= $1 \
+              ORDER BY created_at LIMIT $2)",
+        )
+        .bind(now - IDEMPOTENCY_TTL_SECS)
+        .bind(i64::from(limit))
+        .execute(&self.writer)
+        .await
+        .map_err(backend)?;
+        Ok(DB::rows_affected(&swept))
+    }
+
+    async fn retry_source(&self, batch: &BatchId) -> Result<Option<RetrySource>> {
+        let row = sqlx::query(
+            "SELECT batch_id, tenant_id, retry_of, filter FROM batch_retries WHERE batch_id = $1",
+        )
+        .bind(batch.as_str())
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(backend)?;
+        row.as_ref().map(retry_from_row).transpose()
+    }
+
+    async fn list_retries(
+        &self,
+        tenant: &TenantId,
+        parent: &BatchId,
+        limit: u32,
+        after: Option<&BatchId>,
+    ) -> Result<BatchPage> {
+        let after = after.map(BatchId::as_str);
+        let cursor = cursor(&self.reader, ListTable::Batches, tenant, after).await?;
+        if matches!(cursor, Cursor::Unknown) {
+            return Ok(BatchPage {
+                batches: vec![],
+                has_more: false,
+            });
+        }
+        let (cursor_us, cursor_id) = cursor.bounds();
+        let columns = BATCH_COLUMNS
+            .split(", ")
+            .map(|c| format!("b.{}", c.trim()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT {columns} FROM batches b JOIN batch_retries r ON r.batch_id = b.id \
+             WHERE r.tenant_id = $1 AND r.retry_of = $2 AND b.tenant_id = $1 \
+             AND ($3 IS NULL OR (b.created_at_us, b.id) < ($3, $4)) \
+             ORDER BY b.created_at_us DESC, b.id DESC LIMIT $5"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(tenant.as_str())
+            .bind(parent.as_str())
+            .bind(cursor_us)
+            .bind(cursor_id.as_deref())
+            .bind(i64::from(limit) + 1)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(backend)?;
+        let batches = rows
+            .iter()
+            .map(batch_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        let (batches, has_more) = split_page(batches, limit);
+        Ok(BatchPage { batches, has_more })
     }
 }

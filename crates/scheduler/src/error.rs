@@ -51,6 +51,10 @@ pub enum SchedulerError {
     /// id, an unknown chunk report. The sender has a bug; asking again cannot help.
     #[error("{0}")]
     Malformed(String),
+    /// A client mistake already in the shared vocabulary, with its own status and `code` (an
+    /// `Idempotency-Key` reused with another request, a retry with nothing to retry).
+    #[error("{}", .0.message)]
+    Refused(ApiError),
 }
 
 impl SchedulerError {
@@ -70,7 +74,8 @@ impl SchedulerError {
             | Self::InvalidValue { .. }
             | Self::Missing(_)
             | Self::Unauthenticated
-            | Self::Malformed(_) => None,
+            | Self::Malformed(_)
+            | Self::Refused(_) => None,
         }
     }
 }
@@ -105,6 +110,7 @@ impl From<&SchedulerError> for ApiError {
                 ApiError::unauthenticated("Incorrect API key provided.")
             }
             SchedulerError::Malformed(message) => ApiError::internal(message.clone()),
+            SchedulerError::Refused(api) => api.clone(),
         }
     }
 }

@@ -3,19 +3,21 @@
 //! file disappears from the API at once; its bytes go at once too, unless an unfinished batch
 //! reads it (they then stay until every such batch is terminal: the sweeper reclaims them).
 
-use nightshift_core::FileId;
 use nightshift_core::file::{FileRecord, Purpose};
+use nightshift_core::idempotency::IdempotentKind;
 use nightshift_core::page::Order;
 use nightshift_core::time::{now_unix, now_unix_micros};
-use nightshift_metadata::FileQuery;
+use nightshift_core::{FileId, TenantId};
+use nightshift_metadata::{FileQuery, Inserted};
 use nightshift_proto::v1::{
-    self, DeleteFileRequest, DeleteFileResponse, GetFileRequest, ListFilesRequest,
-    ListFilesResponse, RegisterFileRequest, files_server::Files,
+    self, DeleteFileRequest, DeleteFileResponse, GetFileRequest, IdempotencyKeyRecord,
+    ListFilesRequest, ListFilesResponse, LookupIdempotencyKeyRequest, RegisterFileOnceRequest,
+    RegisterFileRequest, files_server::Files,
 };
 use tonic::{Request, Response, Status};
 
 use crate::ids::{caller_tenant, file_id, no_such};
-use crate::{SchedulerError, SchedulerPorts, metrics};
+use crate::{SchedulerError, SchedulerPorts, idempotency, metrics};
 
 pub struct FilesService {
     ports: SchedulerPorts,
@@ -40,7 +42,9 @@ impl Files for FilesService {
         &self,
         request: Request<RegisterFileRequest>,
     ) -> Result<Response<v1::File>, Status> {
-        Ok(Response::new(self.register(request.into_inner()).await?))
+        Ok(Response::new(
+            self.register(request.into_inner(), None).await?,
+        ))
     }
 
     async fn get_file(
@@ -66,10 +70,34 @@ impl Files for FilesService {
         self.delete(&req.tenant_id, &req.id).await?;
         Ok(Response::new(DeleteFileResponse { id: req.id }))
     }
+
+    async fn register_file_once(
+        &self,
+        request: Request<RegisterFileOnceRequest>,
+    ) -> Result<Response<v1::File>, Status> {
+        let req = request.into_inner();
+        let file = req
+            .file
+            .ok_or_else(|| SchedulerError::Malformed("RegisterFileOnce without a file".into()))?;
+        Ok(Response::new(
+            self.register(file, req.idempotency.as_ref()).await?,
+        ))
+    }
+
+    async fn lookup_idempotency_key(
+        &self,
+        request: Request<LookupIdempotencyKeyRequest>,
+    ) -> Result<Response<IdempotencyKeyRecord>, Status> {
+        Ok(Response::new(self.lookup_key(request.into_inner()).await?))
+    }
 }
 
 impl FilesService {
-    async fn register(&self, req: RegisterFileRequest) -> Result<v1::File, SchedulerError> {
+    async fn register(
+        &self,
+        req: RegisterFileRequest,
+        idempotency: Option<&v1::Idempotency>,
+    ) -> Result<v1::File, SchedulerError> {
         let purpose = purpose(&req.purpose)?;
         let created_at_us = now_unix_micros();
         let created_at = created_at_us.div_euclid(1_000_000);
@@ -86,13 +114,76 @@ impl FilesService {
             purpose,
             storage_key: req.storage_key,
         };
-        self.ports.metadata.insert_file(&record).await?;
+        let claim = idempotency::claim(idempotency, IdempotentKind::File, created_at);
+        let inserted = self
+            .ports
+            .metadata
+            .insert_file_once(&record, claim.as_ref())
+            .await?;
+        if let (Inserted::Replayed(earlier), Some(claim)) = (&inserted, &claim) {
+            // Another request with this key (a retry, or a racing twin) made the file first.
+            let id = idempotency::replayed(earlier, claim)?;
+            return self
+                .created_earlier(&record.tenant_id, id, earlier.created_at)
+                .await;
+        }
         ::metrics::counter!(metrics::FILES_REGISTERED, "purpose" => purpose.as_str()).increment(1);
         tracing::info!(
             file_id = %record.id, tenant_id = %record.tenant_id, bytes = record.bytes,
             purpose = %purpose, "file registered"
         );
         Ok(v1::File::from(&record))
+    }
+
+    /// The file an earlier request with an `Idempotency-Key` created at `at`, as it was then
+    /// (deleted or expired since or not); not found once its record is purged.
+    async fn created_earlier(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        at: i64,
+    ) -> Result<v1::File, SchedulerError> {
+        let file = self
+            .ports
+            .metadata
+            .file_as_of(tenant, &file_id(id)?, at)
+            .await?
+            .ok_or_else(|| no_such("File", id))?;
+        Ok(v1::File::from(&file))
+    }
+
+    /// `LookupIdempotencyKey`: the tenant's live key and, for an upload, its file.
+    async fn lookup_key(
+        &self,
+        req: LookupIdempotencyKeyRequest,
+    ) -> Result<IdempotencyKeyRecord, SchedulerError> {
+        let tenant = caller_tenant(&req.tenant_id)?;
+        let Some(rec) = self
+            .ports
+            .metadata
+            .idempotency_record(&tenant, &req.key, now_unix())
+            .await?
+        else {
+            return Ok(IdempotencyKeyRecord::default());
+        };
+        let file = match rec.kind {
+            IdempotentKind::File => match self
+                .created_earlier(&tenant, &rec.object_id, rec.created_at)
+                .await
+            {
+                Ok(f) => Some(f),
+                Err(SchedulerError::NotFound { .. }) => None,
+                Err(e) => return Err(e),
+            },
+            IdempotentKind::Batch => None,
+        };
+        Ok(IdempotencyKeyRecord {
+            found: true,
+            kind: rec.kind.as_str().to_owned(),
+            request_hash: rec.request_hash,
+            object_id: rec.object_id,
+            file,
+        })
     }
 
     async fn get(&self, tenant_id: &str, id: &str) -> Result<v1::File, SchedulerError> {

@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 pub mod batches;
 mod error;
 mod files;
+mod idempotency;
 mod ids;
 mod metrics;
 pub mod pipeline;
@@ -208,7 +209,10 @@ async fn recover(
     ports: &SchedulerPorts,
     validator: &batches::Validator,
 ) -> Result<(), ServeError> {
-    let recovered = validator.recover().await.map_err(ServeError::Bootstrap)?;
+    // Retries whose input is not built yet are built first (`batches::recover`).
+    let recovered = batches::recover(ports, validator)
+        .await
+        .map_err(ServeError::Bootstrap)?;
     if recovered > 0 {
         tracing::info!(
             batches = recovered,

@@ -34,6 +34,18 @@ pub async fn run(ports: SchedulerPorts, interval: Duration, batch: u32, stop: Ca
                 tracing::warn!(error = %e, "file sweep failed; retrying next round");
             }
         }
+        // Idempotency-Keys past their 24 hours are already ignored; this reclaims their rows.
+        match ports
+            .metadata
+            .sweep_idempotency_keys(now_unix(), batch)
+            .await
+        {
+            Ok(n) if n > 0 => tracing::info!(keys = n, "swept expired idempotency keys"),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "idempotency key sweep failed; retrying next round")
+            }
+        }
     }
 }
 

@@ -249,15 +249,16 @@ impl Client {
         Batch::from_value(raw)
     }
 
-    /// `POST /batches/{id}/retry`, the server-side retry some servers have: `None` when this
-    /// server has no such route (404 or 405 naming the route, not the batch).
-    pub async fn retry_on_server(&self, id: &str) -> anyhow::Result<Option<Batch>> {
+    /// `POST /batches/{id}/retry` with `body`, the server-side retry some servers have (see
+    /// nightshift's docs/api.md): `None` when this server has no such route (404 or 405 naming
+    /// the route, not the batch).
+    pub async fn retry_on_server(&self, id: &str, body: &Value) -> anyhow::Result<Option<Batch>> {
         let req = self
             .request(
                 Method::POST,
                 &format!("/batches/{}/retry", path_segment(id)),
             )
-            .json(&serde_json::json!({}));
+            .json(body);
         match self.json(req).await {
             Ok(raw) => Ok(Some(Batch::from_value(raw)?)),
             Err(e) => match e.downcast_ref::<ApiError>() {

@@ -9,7 +9,7 @@ use clap::Args;
 use serde_json::{Map, Value, json};
 use tokio::io::AsyncWriteExt;
 
-use super::client::Batch;
+use super::client::{ApiError, Batch};
 use super::submit::upload_and_create;
 use super::{Ctx, exit, join};
 
@@ -329,15 +329,36 @@ async fn in_input_order(
 }
 
 pub async fn retry(ctx: &Ctx, args: RetryArgs) -> anyhow::Result<u8> {
-    if let Some(batch) = ctx
+    let mut body = Map::new();
+    if let Some(window) = &args.completion_window {
+        body.insert("completion_window".into(), Value::String(window.clone()));
+    }
+    match ctx
         .client
-        .retry_on_server(&args.id)
+        .retry_on_server(&args.id, &Value::Object(body))
         .await
-        .context("retry on the server")?
     {
-        ctx.note(format!("the server retried {} as {}", args.id, batch.id));
-        print_new(ctx, &batch);
-        return Ok(exit::OK);
+        Ok(Some(batch)) => {
+            ctx.note(format!("the server retried {} as {}", args.id, batch.id));
+            print_new(ctx, &batch);
+            return Ok(exit::OK);
+        }
+        Ok(None) => {}
+        // The server read the batch's results and found no failed request: as below.
+        Err(e)
+            if e.downcast_ref::<ApiError>()
+                .is_some_and(|api| api.code.as_deref() == Some("nothing_to_retry")) =>
+        {
+            ctx.note(format!(
+                "batch {} has no failed request: nothing to retry",
+                args.id
+            ));
+            if ctx.json {
+                ctx.print_json(&Value::Null);
+            }
+            return Ok(exit::OK);
+        }
+        Err(e) => return Err(e.context("retry on the server")),
     }
     let batch = ctx.client.batch(&args.id).await?;
     if !batch.is_terminal() {

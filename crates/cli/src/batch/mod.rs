@@ -88,7 +88,9 @@ enum BatchCommand {
 const RETRY_HELP: &str = "\
 Re-run a finished batch's failed requests as a new batch.
 
-If the server has a retry route (POST /batches/{id}/retry) it is used. Otherwise the client does
+If the server has a retry route (POST /batches/{id}/retry: nightshift does, see its docs/api.md)
+it is used: the server builds the new batch's input from the failed lines, and lists the new
+batch under GET /batches?retry_of=<id>; --completion-window is passed on. Otherwise the client does
 it: it collects the custom_ids that failed (every line of the error file, and output lines
 whose response.status_code is 400 or more), takes those lines from the input (the --input file,
 else the batch's input file downloaded from the server), uploads them as a new file and creates

@@ -10,6 +10,7 @@ use axum::extract::multipart::{Field, MultipartError, MultipartRejection};
 use axum::extract::{Multipart, State};
 use axum::http::{HeaderMap, header};
 use nightshift_core::file::{ExpiresAfter, FileObject, FileRecord, Purpose};
+use nightshift_core::idempotency::{IdempotentKind, RequestHash, key_reused};
 use nightshift_core::sniff::{SniffError, Sniffer};
 use nightshift_core::{ApiError, ErrorKind, FileId};
 use nightshift_proto::v1;
@@ -18,6 +19,7 @@ use nightshift_storage::{ObjectStore, ObjectUpload};
 use crate::AppState;
 use crate::auth::Tenant;
 use crate::error::{HttpError, HttpResult};
+use crate::idempotency;
 use crate::metrics;
 
 /// Largest accepted non-file form field (`purpose`, `expires_after[...]`).
@@ -100,26 +102,40 @@ struct Stored {
     guard: ObjectGuard,
     /// The JSONL check's verdict, when it ran (purpose not known to be other than `batch`).
     sniff: Option<Result<(), SniffError>>,
+    /// SHA-256 of the bytes (an `Idempotency-Key` request's fingerprint covers them).
+    content_hash: String,
 }
 
+/// Streams the file part to storage, checking and hashing it; with `hash_only` (a request
+/// whose `Idempotency-Key` is already live) nothing is stored: the bytes are only hashed, to
+/// compare the request with the earlier one.
 async fn stream_file_part(
     state: &AppState,
     mut field: Field<'_>,
     known_purpose: Option<Purpose>,
+    hash_only: bool,
 ) -> HttpResult<Stored> {
     let filename = field
         .file_name()
         .filter(|n| !n.is_empty())
         .unwrap_or("file")
         .to_owned();
+    // Bounded before a byte is stored: the name is kept, logged and sent back in headers.
+    nightshift_core::file::check_filename(&filename)?;
     let id = FileId::generate();
     let key = FileRecord::storage_key_for(&id);
     let max = state.config.max_upload_bytes;
     // When the purpose came first and is not `batch`, there is nothing to sniff.
-    let mut sniffer =
-        (known_purpose.is_none() || known_purpose == Some(Purpose::Batch)).then(Sniffer::new);
+    let mut sniffer = (!hash_only
+        && (known_purpose.is_none() || known_purpose == Some(Purpose::Batch)))
+    .then(Sniffer::new);
     let mut verdict: Option<Result<(), SniffError>> = None;
-    let mut upload: Box<dyn ObjectUpload> = state.storage.upload(&key).await?;
+    let mut upload: Option<Box<dyn ObjectUpload>> = if hash_only {
+        None
+    } else {
+        Some(state.storage.upload(&key).await?)
+    };
+    let mut content = RequestHash::new("file");
     let mut size: u64 = 0;
 
     let streamed: HttpResult<()> = async {
@@ -144,13 +160,18 @@ async fn stream_file_part(
                     break;
                 }
             }
-            upload.write(chunk).await?;
+            content.stream(&chunk);
+            if let Some(upload) = upload.as_mut() {
+                upload.write(chunk).await?;
+            }
         }
         Ok(())
     }
     .await;
     if let Err(e) = streamed {
-        if let Err(abort) = upload.abort().await {
+        if let Some(upload) = upload
+            && let Err(abort) = upload.abort().await
+        {
             tracing::warn!(key = %key, error = %abort, "could not abort upload");
         }
         return Err(e);
@@ -159,14 +180,19 @@ async fn stream_file_part(
         verdict = Some(s.finish());
     }
     if size == 0 {
-        let _ = upload.abort().await;
+        if let Some(upload) = upload {
+            let _ = upload.abort().await;
+        }
         return Err(reject("empty", file_error("File is empty.", "empty_file")));
     }
+    content.end_stream(size);
     let guard = ObjectGuard {
         storage: state.storage.clone(),
-        key: Some(key.clone()),
+        key: upload.is_some().then(|| key.clone()),
     };
-    upload.finish().await?;
+    if let Some(upload) = upload {
+        upload.finish().await?;
+    }
     Ok(Stored {
         id,
         key,
@@ -174,6 +200,7 @@ async fn stream_file_part(
         bytes: size,
         guard,
         sniff: verdict,
+        content_hash: content.finish(),
     })
 }
 
@@ -189,12 +216,16 @@ async fn stream_file_part(
     request_body(content = crate::openapi::FileUpload, content_type = "multipart/form-data"),
     responses(
         (status = 200, description = "The stored file.", body = FileObject),
-        (status = 400, description = "A missing or bad field; a file that is empty, too large or (for `batch`) not JSONL.", body = crate::openapi::ErrorResponse),
+        (status = 400, description = "A missing or bad field; a file that is empty, too large or (for `batch`) not JSONL; a malformed `Idempotency-Key`.", body = crate::openapi::ErrorResponse),
+        (status = 429, description = "The tenant has too many uploads (or bytes) in progress; `retry-after` says when to retry.", body = crate::openapi::ErrorResponse),
+        (status = 409, description = "The `Idempotency-Key` was used in the last 24 hours with another request (code `idempotency_key_reused`).", body = crate::openapi::ErrorResponse),
     ),
+    params(crate::openapi::IdempotencyKeyHeader),
 )]
 pub async fn create(
     State(state): State<AppState>,
     tenant: Tenant,
+    axum::Extension(limits): axum::Extension<Arc<crate::limits::UploadLimits>>,
     headers: HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> HttpResult<Json<FileObject>> {
@@ -215,6 +246,32 @@ pub async fn create(
             ),
         ));
     }
+    let idempotency_key = idempotency::key(&headers)?;
+    // A live key: the earlier request's file, if this request is the same one. Its bytes are
+    // hashed to compare, never stored again.
+    let earlier = match &idempotency_key {
+        Some(key) => {
+            let found = state
+                .control
+                .files()
+                .lookup_idempotency_key(v1::LookupIdempotencyKeyRequest {
+                    tenant_id: tenant.id.to_string(),
+                    key: key.clone(),
+                })
+                .await?
+                .into_inner();
+            if found.found && found.kind != IdempotentKind::File.as_str() {
+                return Err(key_reused().into());
+            }
+            found.found.then_some(found)
+        }
+        None => None,
+    };
+    // Per-tenant bound on uploads in progress, before a byte of the body is read.
+    let _slot = limits.admit(
+        &tenant.id,
+        declared.unwrap_or(state.config.max_upload_bytes),
+    )?;
     let mut multipart = multipart.map_err(|e| {
         HttpError(ApiError::new(
             ErrorKind::InvalidRequest,
@@ -245,7 +302,7 @@ pub async fn create(
                         Some(p) => Some(Purpose::parse_uploadable(p)?),
                         None => None,
                     };
-                    stored = Some(stream_file_part(&state, field, known).await?);
+                    stored = Some(stream_file_part(&state, field, known, earlier.is_some()).await?);
                 }
                 "purpose" => purpose_raw = Some(small_field(field).await?),
                 "expires_after[anchor]" => anchor = Some(small_field(field).await?),
@@ -294,19 +351,46 @@ pub async fn create(
     let Some(file) = stored else {
         return Err(ApiError::missing("file").into());
     };
-    let registered = state
-        .control
-        .files()
-        .register_file(v1::RegisterFileRequest {
-            tenant_id: tenant.id.to_string(),
-            id: file.id.to_string(),
-            bytes: file.bytes,
-            filename: file.filename.clone(),
-            purpose: purpose.as_str().to_owned(),
-            storage_key: file.key.clone(),
-            expires_after_seconds: expires.map(|e| e.seconds),
-        })
-        .await;
+    let fingerprint = idempotency_key.as_ref().map(|_| {
+        let mut hash = RequestHash::new("POST /v1/files");
+        hash.field(purpose.as_str().as_bytes());
+        hash.field(file.filename.as_bytes());
+        hash.field(anchor.as_deref().unwrap_or_default().as_bytes());
+        hash.field(seconds.as_deref().unwrap_or_default().as_bytes());
+        hash.field(file.content_hash.as_bytes());
+        hash.finish()
+    });
+    if let (Some(earlier), Some(fingerprint)) = (earlier, &fingerprint) {
+        if &earlier.request_hash != fingerprint {
+            return Err(key_reused().into());
+        }
+        let replayed = earlier
+            .file
+            .ok_or_else(|| ApiError::no_such("File", &earlier.object_id))?;
+        return Ok(Json(FileRecord::try_from(replayed)?.to_object()));
+    }
+    let register = v1::RegisterFileRequest {
+        tenant_id: tenant.id.to_string(),
+        id: file.id.to_string(),
+        bytes: file.bytes,
+        filename: file.filename.clone(),
+        purpose: purpose.as_str().to_owned(),
+        storage_key: file.key.clone(),
+        expires_after_seconds: expires.map(|e| e.seconds),
+    };
+    let registered = match (idempotency_key, fingerprint) {
+        (Some(key), Some(fingerprint)) => {
+            state
+                .control
+                .files()
+                .register_file_once(v1::RegisterFileOnceRequest {
+                    file: Some(register),
+                    idempotency: Some(idempotency::claim(key, fingerprint)),
+                })
+                .await
+        }
+        _ => state.control.files().register_file(register).await,
+    };
     let registered = match registered {
         Ok(r) => r.into_inner(),
         Err(status) => {
@@ -314,6 +398,12 @@ pub async fn create(
             return Err(status.into());
         }
     };
+    if registered.id != file.id.as_str() {
+        // A twin request with the same key recorded its file first: that one is the answer,
+        // and these bytes go.
+        file.guard.delete_now().await;
+        return Ok(Json(FileRecord::try_from(registered)?.to_object()));
+    }
     file.guard.disarm();
     ::metrics::counter!(metrics::UPLOAD_BYTES).increment(file.bytes);
     let record = FileRecord::try_from(registered)?;

@@ -1,6 +1,7 @@
 //! Batches: the gRPC service and the asynchronous validation that turns an input file into
 //! chunks of work.
 
+mod retry;
 mod service;
 mod validate;
 
@@ -8,6 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use retry::{NOTHING_TO_RETRY, RETRY_OF, SOURCE_UNAVAILABLE, recover};
 pub use service::BatchesService;
 pub use validate::{Validator, validate_input};
 

@@ -2,11 +2,13 @@
 
 use nightshift_core::BatchId;
 use nightshift_core::batch::{BatchRecord, BatchStatus, RequestCounts};
+use nightshift_core::idempotency::IdempotentKind;
 use nightshift_core::time::{now_unix, now_unix_micros};
-use nightshift_metadata::CancelOutcome;
+use nightshift_metadata::{CancelOutcome, Inserted};
 use nightshift_proto::v1::{
-    self, CancelBatchRequest, CreateBatchRequest, GetBatchRequest, ListBatchesRequest,
-    ListBatchesResponse, batches_server::Batches,
+    self, CancelBatchRequest, CreateBatchOnceRequest, CreateBatchRequest, GetBatchRequest,
+    ListBatchesRequest, ListBatchesResponse, ListRetriesRequest, RetryBatchRequest,
+    batches_server::Batches,
 };
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -14,7 +16,7 @@ use tracing::Instrument;
 use super::Validator;
 use crate::ids::{batch_id, caller_tenant, no_such};
 use crate::pipeline::PipelineSettings;
-use crate::{SchedulerError, SchedulerPorts, metrics};
+use crate::{SchedulerError, SchedulerPorts, idempotency, metrics};
 
 pub struct BatchesService {
     ports: SchedulerPorts,
@@ -38,7 +40,9 @@ impl Batches for BatchesService {
         &self,
         request: Request<CreateBatchRequest>,
     ) -> Result<Response<v1::Batch>, Status> {
-        Ok(Response::new(self.create(request.into_inner()).await?))
+        Ok(Response::new(
+            self.create(request.into_inner(), None).await?,
+        ))
     }
 
     async fn get_batch(
@@ -53,7 +57,7 @@ impl Batches for BatchesService {
         &self,
         request: Request<ListBatchesRequest>,
     ) -> Result<Response<ListBatchesResponse>, Status> {
-        Ok(Response::new(self.list(request.into_inner()).await?))
+        Ok(Response::new(self.list(request.into_inner(), None).await?))
     }
 
     async fn cancel_batch(
@@ -63,11 +67,56 @@ impl Batches for BatchesService {
         let req = request.into_inner();
         Ok(Response::new(self.cancel(&req.tenant_id, &req.id).await?))
     }
+
+    async fn retry_batch(
+        &self,
+        request: Request<RetryBatchRequest>,
+    ) -> Result<Response<v1::Batch>, Status> {
+        let batch =
+            super::retry::create(&self.ports, &self.validator, request.into_inner()).await?;
+        Ok(Response::new(batch))
+    }
+
+    async fn create_batch_once(
+        &self,
+        request: Request<CreateBatchOnceRequest>,
+    ) -> Result<Response<v1::Batch>, Status> {
+        let req = request.into_inner();
+        let batch = req
+            .batch
+            .ok_or_else(|| SchedulerError::Malformed("CreateBatchOnce without a batch".into()))?;
+        Ok(Response::new(
+            self.create(batch, req.idempotency.as_ref()).await?,
+        ))
+    }
+
+    async fn list_retries(
+        &self,
+        request: Request<ListRetriesRequest>,
+    ) -> Result<Response<ListBatchesResponse>, Status> {
+        let req = request.into_inner();
+        let page = self
+            .list(
+                ListBatchesRequest {
+                    tenant_id: req.tenant_id,
+                    limit: req.limit,
+                    after: req.after,
+                },
+                Some(&req.retry_of),
+            )
+            .await?;
+        Ok(Response::new(page))
+    }
 }
 
 impl BatchesService {
     /// Stores the batch `validating` and spawns its validation.
-    async fn create(&self, req: CreateBatchRequest) -> Result<v1::Batch, SchedulerError> {
+    async fn create(
+        &self,
+        req: CreateBatchRequest,
+        idempotency: Option<&v1::Idempotency>,
+    ) -> Result<v1::Batch, SchedulerError> {
+        self.validator.check_endpoint(&req.endpoint)?;
         let id = BatchId::generate();
         // The batch's trace: every later step of its life (validation, chunks, results,
         // finalization) is parented on this span, remembered in the record.
@@ -102,7 +151,21 @@ impl BatchesService {
                     &tracing::Span::current(),
                 ),
             };
-            self.ports.metadata.insert_batch(&batch).await?;
+            let claim = idempotency::claim(
+                idempotency,
+                IdempotentKind::Batch,
+                batch.created_at(),
+            );
+            let inserted = self
+                .ports
+                .metadata
+                .insert_batch_once(&batch, None, claim.as_ref())
+                .await?;
+            if let (Inserted::Replayed(earlier), Some(claim)) = (&inserted, &claim) {
+                // Another request with this key (a retry, or a racing twin) made the batch.
+                let id = idempotency::replayed(earlier, claim)?;
+                return self.get(batch.tenant_id.as_str(), id).await;
+            }
             ::metrics::counter!(metrics::BATCH_TRANSITIONS, "to" => "validating").increment(1);
             tracing::info!(
                 batch_id = %batch.id, tenant_id = %batch.tenant_id, input_file_id = %batch.input_file_id,
@@ -125,7 +188,12 @@ impl BatchesService {
         Ok(v1::Batch::from(&batch))
     }
 
-    async fn list(&self, req: ListBatchesRequest) -> Result<ListBatchesResponse, SchedulerError> {
+    /// A page of the tenant's batches, or of the retries of `retry_of`.
+    async fn list(
+        &self,
+        req: ListBatchesRequest,
+        retry_of: Option<&str>,
+    ) -> Result<ListBatchesResponse, SchedulerError> {
         let tenant = caller_tenant(&req.tenant_id)?;
         // An `after` that cannot be one of our ids names no batch: an empty page.
         let after = match req.after.as_deref().map(BatchId::parse).transpose() {
@@ -137,11 +205,28 @@ impl BatchesService {
                 });
             }
         };
-        let page = self
-            .ports
-            .metadata
-            .list_batches(&tenant, req.limit.clamp(1, 100), after.as_ref())
-            .await?;
+        let limit = req.limit.clamp(1, 100);
+        let page = match retry_of {
+            // `?retry_of=`: the retries of one batch (one that cannot be ours has none)
+            Some(parent) => match BatchId::parse(parent) {
+                Ok(parent) => {
+                    self.ports
+                        .metadata
+                        .list_retries(&tenant, &parent, limit, after.as_ref())
+                        .await?
+                }
+                Err(_) => nightshift_metadata::BatchPage {
+                    batches: vec![],
+                    has_more: false,
+                },
+            },
+            None => {
+                self.ports
+                    .metadata
+                    .list_batches(&tenant, limit, after.as_ref())
+                    .await?
+            }
+        };
         Ok(ListBatchesResponse {
             batches: page.batches.iter().map(v1::Batch::from).collect(),
             has_more: page.has_more,
