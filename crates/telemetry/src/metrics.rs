@@ -120,13 +120,13 @@ mod tests {
             for (family, _) in HISTOGRAM_BUCKETS {
                 ::metrics::histogram!(*family).record(0.3);
             }
-            ::metrics::histogram!("nightshift_test_unlisted_seconds").record(0.3);
+            ::metrics::histogram!("test_unlisted_seconds").record(0.3);
         });
         let text = handle.render();
         for family in HISTOGRAM_BUCKETS
             .iter()
             .map(|(family, _)| *family)
-            .chain(["nightshift_test_unlisted_seconds"])
+            .chain(["test_unlisted_seconds"])
         {
             assert!(
                 text.contains(&format!("# TYPE {family} histogram")),
