@@ -158,6 +158,13 @@ async fn ops_endpoints_are_not_on_the_api_port(deployment: Deployment) {
             .expect("ops port");
         assert_eq!(resp.status().as_u16(), 200, "{path} on the ops port");
     }
+    // a request to a route (a 401 without a key) is counted, and shows on the ops port
+    let unauthenticated = client
+        .get(format!("{}/v1/batches", stack.origin))
+        .send()
+        .await
+        .expect("api port");
+    assert_eq!(unauthenticated.status().as_u16(), 401);
     let metrics = client
         .get(format!("{}/metrics", stack.ops_origin))
         .send()
