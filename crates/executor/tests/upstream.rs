@@ -258,8 +258,9 @@ async fn rate_limits_with_retry_after_are_retried() {
     let (status, _, _, attempts) = response(&outcome);
     assert_eq!((status, attempts), (200, 3));
     assert_eq!(sim.stats().await.responses.get(&429), Some(&2));
-    // Each 429 answered an attempt sent after the previous decrease: 8 → 4 → 2.
-    assert_eq!(upstream.limit(), 2);
+    // Each 429 answered an attempt sent after the previous decrease, and a 429 steps back a
+    // tenth (at least one): 8 → 7 → 6.
+    assert_eq!(upstream.limit(), 6);
 }
 
 #[tokio::test]
