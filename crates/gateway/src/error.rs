@@ -48,6 +48,12 @@ impl IntoResponse for HttpError {
             }
         });
         let mut resp = (status, Json(body)).into_response();
+        // A 429 that can pass (a limit of work in progress) says when to come back; the SDKs
+        // wait that long before their retry.
+        if e.kind == nightshift_core::ErrorKind::RateLimited && e.retryable != Some(false) {
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         // The SDKs retry 408/409/429/5xx; tell them when a retry cannot help.
         if let Some(retry) = e.retryable {
             resp.headers_mut().insert(

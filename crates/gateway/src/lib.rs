@@ -41,6 +41,7 @@ pub mod batches;
 pub mod console;
 pub mod error;
 pub mod files;
+pub mod limits;
 pub mod idempotency;
 mod metrics;
 pub mod openapi;
@@ -71,6 +72,13 @@ pub struct GatewayConfig {
     /// Deadline of each control-plane call.
     #[serde(with = "humantime_serde")]
     pub control_timeout: Duration,
+    /// Most uploads one tenant may have in progress at once on this gateway; one more is a
+    /// 429 (`too_many_concurrent_uploads`) with `retry-after` ([`limits`]).
+    pub max_concurrent_uploads_per_tenant: usize,
+    /// Most bytes one tenant's uploads in progress may declare between them (an upload
+    /// without `Content-Length` counts as `max_upload_bytes`); more is a 429
+    /// (`upload_bytes_in_flight_exceeded`).
+    pub max_upload_bytes_in_flight_per_tenant: u64,
     /// The longest a request head may take to arrive, and the longest an idle keep-alive
     /// connection stays open (slowloris; [`serve`](mod@serve)). Behind a load balancer that
     /// keeps idle connections to the gateway open, keep it above the balancer's idle timeout
@@ -92,6 +100,15 @@ impl GatewayConfig {
         if self.header_read_timeout.is_zero() {
             return Err("gateway.header_read_timeout must be more than 0s".into());
         }
+        if self.max_concurrent_uploads_per_tenant == 0 {
+            return Err("gateway.max_concurrent_uploads_per_tenant must be at least 1".into());
+        }
+        if self.max_upload_bytes_in_flight_per_tenant < self.max_upload_bytes {
+            return Err(
+                "gateway.max_upload_bytes_in_flight_per_tenant must be at least max_upload_bytes"
+                    .into(),
+            );
+        }
         SchedulerClient::check_url(&self.scheduler_url)
             .map_err(|e| format!("gateway.scheduler_url: {e}"))
     }
@@ -107,6 +124,8 @@ impl Default for GatewayConfig {
             max_json_body_bytes: 1024 * 1024,
             completion_windows: vec!["24h".into()],
             control_timeout: Duration::from_secs(30),
+            max_concurrent_uploads_per_tenant: 8,
+            max_upload_bytes_in_flight_per_tenant: 8 * 1024 * 1024 * 1024,
             header_read_timeout: Duration::from_secs(65),
             internal_token: None,
         }
@@ -343,6 +362,11 @@ pub fn app(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.max_json_body_bytes))
+        // one set of per-tenant upload counts per application
+        .layer(axum::Extension(Arc::new(limits::UploadLimits::new(
+            state.config.max_concurrent_uploads_per_tenant,
+            state.config.max_upload_bytes_in_flight_per_tenant,
+        ))))
         .with_state(state);
     routes
         .merge(console::router())

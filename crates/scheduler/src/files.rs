@@ -220,10 +220,13 @@ impl FilesService {
             .metadata
             .list_files(&tenant, &query, now_unix())
             .await?;
-        Ok(ListFilesResponse {
-            files: page.files.iter().map(v1::File::from).collect(),
-            has_more: page.has_more,
-        })
+        // Cut to fit one gRPC message: 10,000 files with long names do not.
+        let (files, has_more) = crate::page::fit(
+            page.files.iter().map(v1::File::from).collect(),
+            page.has_more,
+            crate::page::LIST_BUDGET_BYTES,
+        );
+        Ok(ListFilesResponse { files, has_more })
     }
 
     /// Hides the file at once; its bytes go now, or at the next sweep if storage fails —

@@ -44,6 +44,7 @@ mod files;
 mod idempotency;
 mod ids;
 mod metrics;
+mod page;
 pub mod pipeline;
 mod sampler;
 mod sweeper;

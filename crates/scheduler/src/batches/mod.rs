@@ -32,6 +32,10 @@ pub struct BatchSettings {
     pub chunk_max_bytes: u64,
     /// Inputs validated at the same time; more wait their turn.
     pub validation_concurrency: usize,
+    /// Most of those one tenant holds at once. The slots are shared fairly (each freed slot
+    /// goes to the waiting tenant running the fewest); below `validation_concurrency`, a
+    /// slot stays free for other tenants even while one tenant has a long queue of inputs.
+    pub validation_concurrency_per_tenant: usize,
     /// A validation that cannot read its input or record its outcome (S3 or the metadata
     /// store unreachable) is retried after 1 s, doubling up to this, until the batch's
     /// deadline (then it expires).
@@ -50,6 +54,7 @@ impl Default for BatchSettings {
             chunk_max_lines: 500,
             chunk_max_bytes: 4 * 1024 * 1024,
             validation_concurrency: 4,
+            validation_concurrency_per_tenant: 3,
             validation_retry_max: Duration::from_secs(30),
         }
     }

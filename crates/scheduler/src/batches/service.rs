@@ -227,10 +227,13 @@ impl BatchesService {
                     .await?
             }
         };
-        Ok(ListBatchesResponse {
-            batches: page.batches.iter().map(v1::Batch::from).collect(),
-            has_more: page.has_more,
-        })
+        // Cut to fit one gRPC message: 100 failed batches with 1,000 errors each do not.
+        let (batches, has_more) = crate::page::fit(
+            page.batches.iter().map(v1::Batch::from).collect(),
+            page.has_more,
+            crate::page::LIST_BUDGET_BYTES,
+        );
+        Ok(ListBatchesResponse { batches, has_more })
     }
 
     /// Cancels a `validating` or `in_progress` batch (it becomes `cancelling`, executors are

@@ -2,11 +2,11 @@
 //! and cuts the file into chunks — in memory bounded by configuration (the longest line, a
 //! 16-byte hash per `custom_id`, and the chunk list), never by the file's size.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::StreamExt;
-use nightshift_core::FileId;
 use nightshift_core::batch::{BatchRecord, BatchStatus};
 use nightshift_core::chunking::ChunkPlanner;
 use nightshift_core::file::Purpose;
@@ -14,27 +14,32 @@ use nightshift_core::jsonl::{JsonlItem, JsonlSplitter};
 use nightshift_core::routing::RoutingConfig;
 use nightshift_core::time::now_unix;
 use nightshift_core::validation::{BatchError, LineValidator, ValidationLimits};
+use nightshift_core::{FileId, TenantId};
 use nightshift_metadata::ValidationOutcome;
 use nightshift_storage::StorageError;
-use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::BatchSettings;
 use crate::{SchedulerError, SchedulerPorts, metrics};
 
-/// Validates batches in the background, a bounded number at a time.
+/// Validates batches in the background, a bounded number at a time, shared fairly between
+/// tenants ([`FairSlots`]).
 #[derive(Clone)]
 pub struct Validator {
     ports: SchedulerPorts,
     settings: Arc<BatchSettings>,
     routing: Arc<RoutingConfig>,
-    permits: Arc<Semaphore>,
+    slots: Arc<FairSlots>,
     /// Wakes the dispatcher when a batch becomes runnable.
     wake: Arc<tokio::sync::Notify>,
     /// Cancelled when the scheduler stops: validations waiting to retry give up.
     stop: CancellationToken,
 }
+
+/// Input bytes checked between two yields to the runtime.
+const YIELD_EVERY_BYTES: u64 = 256 * 1024;
 
 /// The first wait before a validation that hit an infrastructure fault is retried.
 pub const VALIDATION_RETRY_BASE: Duration = Duration::from_secs(1);
@@ -47,12 +52,15 @@ impl Validator {
         wake: Arc<tokio::sync::Notify>,
         stop: CancellationToken,
     ) -> Self {
-        let permits = Arc::new(Semaphore::new(settings.validation_concurrency.max(1)));
+        let slots = Arc::new(FairSlots::new(
+            settings.validation_concurrency,
+            settings.validation_concurrency_per_tenant,
+        ));
         Self {
             ports,
             settings: Arc::new(settings),
             routing: Arc::new(routing),
-            permits,
+            slots,
             wake,
             stop,
         }
@@ -77,8 +85,8 @@ impl Validator {
         let mut backoff = VALIDATION_RETRY_BASE;
         let outcome = loop {
             let attempt = {
-                // The permit is held while reading only, not while waiting to retry.
-                let Ok(_permit) = self.permits.clone().acquire_owned().await else {
+                // The slot is held while reading only, not while waiting to retry.
+                let Some(_slot) = self.slots.acquire(&batch.tenant_id).await else {
                     return;
                 };
                 validate_input(&self.ports, &self.settings, &self.routing, &batch).await
@@ -249,8 +257,17 @@ pub async fn validate_input(
         };
         let items = JsonlSplitter::new(settings.max_line_bytes).split_stream(body.stream);
         futures::pin_mut!(items);
+        // Checking lines is CPU work between awaits that rarely wait (the bytes are buffered):
+        // yield every so often, so a huge input does not hold a runtime thread from the other
+        // tenants' requests and validations.
+        let mut since_yield = 0u64;
         while let Some(item) = items.next().await {
             let item = item?;
+            since_yield += item.end() - item.offset() + 1;
+            if since_yield >= YIELD_EVERY_BYTES {
+                since_yield = 0;
+                tokio::task::yield_now().await;
+            }
             validator.push_item(&item);
             // Chunks are only kept while the input still looks valid; a failing batch
             // needs none, and this bounds their memory to valid inputs' (≤ max_lines).
@@ -267,8 +284,10 @@ pub async fn validate_input(
     }
     let report = validator.finish(file.bytes, |model| routing.serves(model));
     if !report.ok() {
+        // The first `max_errors` errors, and one saying how many more: bounded, so a failed
+        // batch (and a page of them) always fits a gRPC message.
         return Ok(ValidationOutcome::Failed {
-            errors: report.errors,
+            errors: report.listed_errors(),
         });
     }
     let Some(model) = report.model else {
@@ -280,4 +299,224 @@ pub async fn validate_input(
         total: report.total_lines,
         chunks,
     })
+}
+
+/// The validation slots, shared fairly between tenants: one FIFO queue per tenant, and each
+/// slot that frees goes to the waiting tenant running the fewest validations (the longest
+/// unserved first among equals), never past `per_tenant` at once. So a tenant with 50 huge
+/// inputs queued delays another's one-line batch by at most one validation — by none while
+/// `per_tenant` is below `total`, which keeps a slot for the others.
+#[derive(Debug)]
+pub(crate) struct FairSlots {
+    state: Mutex<SlotState>,
+    per_tenant: usize,
+}
+
+#[derive(Debug)]
+struct SlotState {
+    free: usize,
+    running: HashMap<TenantId, usize>,
+    /// Waiters per tenant, in arrival order.
+    waiting: HashMap<TenantId, VecDeque<oneshot::Sender<SlotPermit>>>,
+    /// Tenants with waiters, least recently served first.
+    order: VecDeque<TenantId>,
+}
+
+/// One validation slot; dropping it hands the slot to the next tenant in line.
+#[derive(Debug)]
+pub(crate) struct SlotPermit {
+    /// `None` once disarmed (a grant that could not be delivered, already undone).
+    slots: Option<Arc<FairSlots>>,
+    tenant: TenantId,
+}
+
+impl Drop for SlotPermit {
+    fn drop(&mut self) {
+        if let Some(slots) = self.slots.take() {
+            let mut state = slots.lock();
+            state.free += 1;
+            if let Some(n) = state.running.get_mut(&self.tenant) {
+                *n -= 1;
+                if *n == 0 {
+                    state.running.remove(&self.tenant);
+                }
+            }
+            slots.grant(&mut state);
+        }
+    }
+}
+
+impl FairSlots {
+    /// `total` slots (at least 1), at most `per_tenant` (at least 1) held by one tenant.
+    pub(crate) fn new(total: usize, per_tenant: usize) -> Self {
+        let total = total.max(1);
+        Self {
+            state: Mutex::new(SlotState {
+                free: total,
+                running: HashMap::new(),
+                waiting: HashMap::new(),
+                order: VecDeque::new(),
+            }),
+            per_tenant: per_tenant.clamp(1, total),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        // The state is consistent between statements: a panic elsewhere cannot tear it.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits for a slot for `tenant`, behind its own earlier waiters. `None` only if the
+    /// slots are gone (the scheduler stops). Dropping the future gives up its place (or the
+    /// slot it was just granted).
+    pub(crate) async fn acquire(self: &Arc<Self>, tenant: &TenantId) -> Option<SlotPermit> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut state = self.lock();
+            let queue = state.waiting.entry(tenant.clone()).or_default();
+            queue.push_back(tx);
+            if queue.len() == 1 {
+                state.order.push_back(tenant.clone());
+            }
+            self.grant(&mut state);
+        }
+        rx.await.ok()
+    }
+
+    /// Hands free slots to waiters: each to the eligible tenant (below `per_tenant`) running
+    /// the fewest, the earliest in `order` among equals; that tenant then goes to the back.
+    fn grant(self: &Arc<Self>, state: &mut SlotState) {
+        while state.free > 0 {
+            let pick = state
+                .order
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (state.running.get(t).copied().unwrap_or(0), i))
+                .filter(|(running, _)| *running < self.per_tenant)
+                .min();
+            let Some((_, at)) = pick else { return };
+            let Some(tenant) = state.order.remove(at) else {
+                return;
+            };
+            let Some(queue) = state.waiting.get_mut(&tenant) else {
+                continue;
+            };
+            let Some(tx) = queue.pop_front() else {
+                state.waiting.remove(&tenant);
+                continue;
+            };
+            let more = !queue.is_empty();
+            if more {
+                state.order.push_back(tenant.clone());
+            } else {
+                state.waiting.remove(&tenant);
+            }
+            state.free -= 1;
+            *state.running.entry(tenant.clone()).or_default() += 1;
+            let permit = SlotPermit {
+                slots: Some(self.clone()),
+                tenant: tenant.clone(),
+            };
+            if let Err(mut undelivered) = tx.send(permit) {
+                // The waiter left: undo the grant here (the lock is held) and go on.
+                undelivered.slots = None;
+                state.free += 1;
+                if let Some(n) = state.running.get_mut(&tenant) {
+                    *n -= 1;
+                    if *n == 0 {
+                        state.running.remove(&tenant);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::task::Poll;
+
+    use nightshift_core::TenantId;
+
+    use super::{FairSlots, SlotPermit};
+
+    type Waiter<'a> = Pin<Box<dyn Future<Output = Option<SlotPermit>> + 'a>>;
+
+    /// Asks for a slot and polls once: the permit, or the pending waiter.
+    async fn ask<'a>(
+        slots: &'a Arc<FairSlots>,
+        tenant: &'a TenantId,
+    ) -> Result<SlotPermit, Waiter<'a>> {
+        let mut waiter: Waiter<'a> = Box::pin(slots.acquire(tenant));
+        match futures::poll!(waiter.as_mut()) {
+            Poll::Ready(permit) => Ok(permit.expect("slots alive")),
+            Poll::Pending => Err(waiter),
+        }
+    }
+
+    async fn poll(waiter: &mut Waiter<'_>) -> Option<SlotPermit> {
+        match futures::poll!(waiter.as_mut()) {
+            Poll::Ready(permit) => permit,
+            Poll::Pending => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slot_is_kept_for_other_tenants() {
+        let slots = Arc::new(FairSlots::new(4, 3));
+        let (a, b) = (TenantId::generate(), TenantId::generate());
+        let (mut held, mut queued) = (Vec::new(), Vec::new());
+        for _ in 0..50 {
+            match ask(&slots, &a).await {
+                Ok(p) => held.push(p),
+                Err(w) => queued.push(w),
+            }
+        }
+        assert_eq!((held.len(), queued.len()), (3, 47));
+        // B's one batch starts at once, behind none of A's 47.
+        let b_slot = ask(&slots, &b).await.ok().expect("B served at once");
+        // A's next starts when one of A's ends, in A's order.
+        assert!(poll(&mut queued[0]).await.is_none());
+        held.pop();
+        let a_fourth = poll(&mut queued[0]).await;
+        assert!(a_fourth.is_some());
+        assert!(poll(&mut queued[1]).await.is_none());
+        drop(b_slot);
+        // B's slot is free but A is at its cap: it stays free for the next tenant.
+        assert!(poll(&mut queued[1]).await.is_none());
+        assert!(ask(&slots, &TenantId::generate()).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn freed_slots_go_to_the_tenant_running_fewest() {
+        let slots = Arc::new(FairSlots::new(2, 2));
+        let (a, b) = (TenantId::generate(), TenantId::generate());
+        let mut held = vec![
+            ask(&slots, &a).await.ok().expect("free"),
+            ask(&slots, &a).await.ok().expect("free"),
+        ];
+        let mut a_next = ask(&slots, &a).await.err().expect("full");
+        let mut b_next = ask(&slots, &b).await.err().expect("full");
+        // A asked first, but B runs nothing: the freed slot is B's.
+        held.pop();
+        assert!(poll(&mut a_next).await.is_none());
+        assert!(poll(&mut b_next).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn waiters_that_leave_lose_no_slot() {
+        let slots = Arc::new(FairSlots::new(1, 1));
+        let (a, b) = (TenantId::generate(), TenantId::generate());
+        let first = ask(&slots, &a).await.ok().expect("free");
+        // a waiter that gives up before its turn, and one granted but never polled again
+        let gone = ask(&slots, &b).await.err().expect("full");
+        drop(gone);
+        let granted_unclaimed = ask(&slots, &a).await.err().expect("full");
+        drop(first);
+        drop(granted_unclaimed);
+        assert!(ask(&slots, &b).await.is_ok(), "the slot came back");
+    }
 }
