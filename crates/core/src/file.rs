@@ -288,7 +288,14 @@ mod tests {
             (e.param.as_deref(), e.code.as_deref()),
             (Some("file"), Some("invalid_filename"))
         );
-        for bad in ["a\nb", "a\rb", "nul\0", "bell\u{7}", "del\u{7f}", "c1\u{85}"] {
+        for bad in [
+            "a\nb",
+            "a\rb",
+            "nul\0",
+            "bell\u{7}",
+            "del\u{7f}",
+            "c1\u{85}",
+        ] {
             assert!(check_filename(bad).is_err(), "{bad:?}");
         }
     }
