@@ -147,6 +147,9 @@ pub struct StackOptions {
     pub finalizer: bool,
     /// The scheduler's grace period before re-publishing an unfinished finalize job.
     pub finalize_retry_after: Duration,
+    /// Webhook delivery: by default private addresses are allowed (receivers in tests listen
+    /// on loopback) and retries come within seconds.
+    pub webhooks: nightshift_scheduler::webhooks::WebhookSettings,
     /// The gateway's HTTP/1 header-read (and keep-alive idle) timeout.
     pub header_read_timeout: Duration,
     /// Distributed only: Redis at this URL instead of the shared one (a private instance a
@@ -182,6 +185,14 @@ impl Default for StackOptions {
             upstream_max_concurrency: 64,
             finalizer: true,
             finalize_retry_after: Duration::from_secs(300),
+            webhooks: nightshift_scheduler::webhooks::WebhookSettings {
+                allow_private_addresses: true,
+                backoff_base: Duration::from_secs(1),
+                backoff_max: Duration::from_secs(2),
+                poll_interval: Duration::from_millis(100),
+                timeout: Duration::from_secs(5),
+                ..Default::default()
+            },
             header_read_timeout: GatewayConfig::default().header_read_timeout,
             state_url: None,
         }
@@ -270,6 +281,7 @@ fn scheduler_config(opts: &StackOptions) -> SchedulerConfig {
             finalize_retry_after: opts.finalize_retry_after,
             ..Default::default()
         },
+        webhooks: opts.webhooks.clone(),
         ..SchedulerConfig::default()
     }
 }
