@@ -26,7 +26,6 @@ BAD = {
     "missing": {},
     "empty": {"Authorization": ""},
     "scheme only": {"Authorization": "Bearer"},
-    "scheme and space": {"Authorization": "Bearer "},
     "wrong key": {"Authorization": "Bearer ns-wrong-key"},
     "no scheme, wrong key": {"Authorization": "ns-wrong-key"},
     "other scheme": {"Authorization": f"Basic {KEY}"},
