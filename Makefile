@@ -116,6 +116,15 @@ chaos: infra venv ## The chaos suite: CHAOS_RUNS (20) randomized runs; CHAOS_SEE
 	cargo build -p nightshift-cli
 	$(E2E_ENV) $(CHAOS_NEXTEST) -E 'test(randomized)'
 
+# tests/real.rs is #[ignore]d everywhere else: it needs llama.cpp's llama-server with a real
+# model, built once (~12-25 min, cached under .dev/llama) and started by deploy/dev/llama.sh.
+.PHONY: test-real
+test-real: infra venv ## E2E against a real llama-server (builds it once, cached): chat, completions, embeddings on both deployments. Not part of `make test`.
+	$(ROOT)/deploy/dev/llama.sh up
+	cargo build -p nightshift-cli
+	$(E2E_ENV) NIGHTSHIFT_REAL_UPSTREAM=$$($(ROOT)/deploy/dev/llama.sh url) \
+	  cargo nextest run -p nightshift-e2e --test real --run-ignored only --no-fail-fast
+
 .PHONY: bench-files
 bench-files: ## Peak gateway RSS while uploading and downloading a 1 GiB file (needs `make up PROFILE=release`).
 	python3 $(ROOT)/bench/files_rss.py --size-mib $${SIZE_MIB:-1024}

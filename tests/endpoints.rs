@@ -105,7 +105,45 @@ async fn a_completions_batch_sums_completions_usage(deployment: Deployment) {
     );
 }
 
+/// The model the declared-endpoint batches name, routed to an upstream that declares vLLM's
+/// `/v1/rerank` and `/v1/score` (the test models go to one that declares nothing).
+const RERANK_MODEL: &str = "sim-rerank";
+
+async fn declared_endpoints_run_verbatim_only_where_declared(deployment: Deployment) {
+    let upstream = Upstream::start().await;
+    let sim = upstream.routing.upstreams[0].clone();
+    let routing = RoutingConfig {
+        upstreams: vec![
+            UpstreamConfig {
+                name: "rerankers".into(),
+                models: vec![RERANK_MODEL.into()],
+                endpoints: vec!["/v1/rerank".into(), "/v1/score".into()],
+                ..sim.clone()
+            },
+            sim,
+        ],
+    };
+    routing.validate().expect("a valid table");
+    let stack = Stack::start(StackOptions {
+        routing: Some(routing),
+        ..StackOptions::on(deployment)
+    })
+    .await
+    .expect("stack");
+    let (_, key) = stack.tenant("declared").await.expect("tenant");
+    let out = stack
+        .python("endpoints_declared.py", &[("NS_API_KEY", key)])
+        .await
+        .expect("script");
+    stack.stop().await.expect("stop");
+    upstream.stop().await;
+    let report: serde_json::Value =
+        serde_json::from_str(out.lines().last().unwrap_or_default()).expect("result line");
+    assert_eq!(report["ok"], true, "{report}");
+}
+
 for_both_deployments!(
+    declared_endpoints_run_verbatim_only_where_declared,
     a_responses_batch_sums_responses_usage,
     a_moderations_batch_completes_with_zero_usage,
     a_completions_batch_sums_completions_usage,

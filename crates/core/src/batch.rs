@@ -11,7 +11,10 @@ use crate::ids::{FileId, TenantId};
 use crate::results::Usage;
 use crate::validation::BatchError;
 
-/// Endpoints a batch may target. Each input line's `url` must equal the batch's.
+/// OpenAI's batch endpoints: every deployment accepts them. Operators may declare more per
+/// upstream (`[[routing.upstreams]] endpoints`, [`crate::routing::UpstreamConfig::endpoints`]);
+/// the scheduler, which knows the routing table, refuses any other. Each input line's `url`
+/// must equal the batch's.
 pub const SUPPORTED_ENDPOINTS: [&str; 5] = [
     "/v1/chat/completions",
     "/v1/completions",
@@ -169,11 +172,16 @@ impl CreateBatch {
     pub fn check(body: CreateBatchBody, windows: &[String]) -> Result<Self, ApiError> {
         let input_file_id = required_string(body.input_file_id, "input_file_id")?;
         let endpoint = required_string(body.endpoint, "endpoint")?;
-        if !SUPPORTED_ENDPOINTS.contains(&endpoint.as_str()) {
+        // OpenAI's endpoints, or a path an upstream may declare: whether one does is the
+        // scheduler's to say (it has the routing table).
+        if !SUPPORTED_ENDPOINTS.contains(&endpoint.as_str())
+            && crate::routing::check_endpoint_path(&endpoint).is_err()
+        {
             return Err(ApiError::invalid_value(
                 "endpoint",
                 format!(
-                    "Invalid value '{endpoint}' for 'endpoint': supported endpoints are {}.",
+                    "Invalid value '{endpoint}' for 'endpoint': supported endpoints are {}, and \
+                     those the operator declares.",
                     SUPPORTED_ENDPOINTS.join(", ")
                 ),
             ));
@@ -513,6 +521,13 @@ mod tests {
     }
 
     #[test]
+    fn a_well_formed_endpoint_beyond_openais_is_left_to_the_routing_table() {
+        // Whether an upstream declares it is the scheduler's check; here only its shape.
+        let c = check(with("endpoint", json!("/v1/rerank"))).unwrap();
+        assert_eq!(c.endpoint, "/v1/rerank");
+    }
+
+    #[test]
     fn names_the_field_at_fault() {
         for (body, param, code) in [
             (
@@ -531,7 +546,12 @@ mod tests {
                 "missing_required_parameter",
             ),
             (
-                with("endpoint", json!("/v1/images")),
+                with("endpoint", json!("/images")),
+                "endpoint",
+                "invalid_value",
+            ),
+            (
+                with("endpoint", json!("/v1/rerank?top_n=1")),
                 "endpoint",
                 "invalid_value",
             ),

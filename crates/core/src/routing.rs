@@ -13,6 +13,7 @@
 //! max_concurrency = 128
 //! timeout = "5m"
 //! max_response_bytes = 33554432   # 32 MiB; default 16 MiB
+//! endpoints = ["/v1/rerank", "/v1/score"]   # beyond OpenAI's five; see `endpoints`
 //!
 //! [[routing.upstreams]]
 //! name = "openai"
@@ -120,6 +121,48 @@ pub struct UpstreamConfig {
     /// plus the line's `custom_id` and ~200 bytes. Default 16 MiB.
     #[serde(default = "defaults::max_response_bytes")]
     pub max_response_bytes: usize,
+
+    /// Batch endpoints this upstream serves besides OpenAI's
+    /// ([`SUPPORTED_ENDPOINTS`](crate::batch::SUPPORTED_ENDPOINTS), which every upstream is
+    /// taken to serve), e.g. vLLM's `/v1/rerank`, `/v1/score`, `/v1/classify`. A batch may
+    /// name such an endpoint only if some upstream declares it, and its model must route to an
+    /// upstream that does (else validation fails with `endpoint_not_served`). Bodies are
+    /// forwarded verbatim and answers kept as they are, usage summed when they carry one.
+    /// Each is a path under `/v1/` of letters, digits, `_`, `-`, `.` and `/` (see
+    /// [`check_endpoint_path`]). Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
+}
+
+/// Checks the shape of an operator-declared endpoint (or of a batch's `endpoint` before it is
+/// looked up): a path starting with `/v1/`, at most 128 characters of ASCII letters, digits,
+/// `_`, `-`, `.` and `/`, with no empty, `.` or `..` segment — so no query, fragment,
+/// traversal or encoding trick can reach another path of the upstream than the one written.
+///
+/// # Errors
+/// Why it is refused, for a message.
+pub fn check_endpoint_path(path: &str) -> Result<(), &'static str> {
+    let Some(rest) = path.strip_prefix("/v1/") else {
+        return Err("must start with /v1/");
+    };
+    if path.len() > 128 {
+        return Err("must be at most 128 characters");
+    }
+    if !path
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/'))
+    {
+        return Err(
+            "may only hold ASCII letters, digits, '_', '-', '.' and '/' (no query, no fragment)",
+        );
+    }
+    if rest
+        .split('/')
+        .any(|segment| segment.is_empty() || segment == "." || segment == "..")
+    {
+        return Err("must not have an empty, '.' or '..' segment");
+    }
+    Ok(())
 }
 
 /// The smallest [`UpstreamConfig::max_response_bytes`] accepted: 64 KiB (an ordinary answer,
@@ -184,7 +227,14 @@ impl UpstreamConfig {
             backoff_max: defaults::backoff_max(),
             max_retry_after: defaults::max_retry_after(),
             max_response_bytes: defaults::max_response_bytes(),
+            endpoints: Vec::new(),
         }
+    }
+
+    /// True when this upstream serves batch `endpoint`: one of OpenAI's, or one it declares.
+    pub fn serves_endpoint(&self, endpoint: &str) -> bool {
+        crate::batch::SUPPORTED_ENDPOINTS.contains(&endpoint)
+            || self.endpoints.iter().any(|e| e == endpoint)
     }
 
     /// Where the adaptive concurrency limit starts: `initial_concurrency`, or
@@ -319,6 +369,22 @@ impl UpstreamConfig {
                 self.max_response_bytes
             ));
         }
+        let mut declared = HashSet::new();
+        for endpoint in &self.endpoints {
+            check_endpoint_path(endpoint)
+                .map_err(|why| format!("upstream {name:?}: endpoint {endpoint:?} {why}"))?;
+            if crate::batch::SUPPORTED_ENDPOINTS.contains(&endpoint.as_str()) {
+                return Err(format!(
+                    "upstream {name:?}: endpoint {endpoint:?} is one of OpenAI's, served by \
+                     every upstream; list only other endpoints"
+                ));
+            }
+            if !declared.insert(endpoint.as_str()) {
+                return Err(format!(
+                    "upstream {name:?} lists endpoint {endpoint:?} twice"
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -380,6 +446,28 @@ impl RoutingConfig {
         self.route_index(model).is_some()
     }
 
+    /// True when a batch may name `endpoint`: one of OpenAI's, or one an upstream declares
+    /// ([`UpstreamConfig::endpoints`]).
+    pub fn accepts_endpoint(&self, endpoint: &str) -> bool {
+        crate::batch::SUPPORTED_ENDPOINTS.contains(&endpoint)
+            || self
+                .upstreams
+                .iter()
+                .any(|u| u.endpoints.iter().any(|e| e == endpoint))
+    }
+
+    /// Every endpoint a batch may name: OpenAI's, then the declared ones (each once, in
+    /// table order).
+    pub fn endpoints(&self) -> Vec<&str> {
+        let mut all: Vec<&str> = crate::batch::SUPPORTED_ENDPOINTS.to_vec();
+        for endpoint in self.upstreams.iter().flat_map(|u| &u.endpoints) {
+            if !all.contains(&endpoint.as_str()) {
+                all.push(endpoint);
+            }
+        }
+        all
+    }
+
     /// The largest [`max_response_bytes`](UpstreamConfig::max_response_bytes) of the table
     /// (the default when it is empty): no result line an executor with this table writes
     /// holds a larger body, so a reader of result parts sizes its line limit from it.
@@ -438,6 +526,72 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn declared_endpoints_are_checked_and_widen_what_batches_may_name() {
+        for good in ["/v1/rerank", "/v1/score", "/v1/classify", "/v1/x/y-z_1.2"] {
+            check_endpoint_path(good).unwrap();
+        }
+        for bad in [
+            "/rerank",
+            "v1/rerank",
+            "/v1/",
+            "/v1/rerank?x=1",
+            "/v1/rerank#f",
+            "/v1/../admin",
+            "/v1/a/./b",
+            "/v1//rerank",
+            "/v1/rerank/",
+            "/v1/re rank",
+            "/v1/r%2e%2e",
+            "/v2/rerank",
+        ] {
+            assert!(check_endpoint_path(bad).is_err(), "{bad}");
+        }
+        assert!(check_endpoint_path(&format!("/v1/{}", "a".repeat(125))).is_err());
+
+        let mut rerank = upstream("vllm", &["bge"]);
+        rerank.endpoints = vec!["/v1/rerank".into(), "/v1/score".into()];
+        let routing = table(vec![rerank.clone(), upstream("rest", &["*"])]);
+        routing.validate().unwrap();
+        assert!(routing.accepts_endpoint("/v1/rerank"));
+        assert!(routing.accepts_endpoint("/v1/chat/completions"));
+        assert!(!routing.accepts_endpoint("/v1/classify"));
+        assert!(routing.route("bge").unwrap().serves_endpoint("/v1/score"));
+        assert!(!routing.route("llama").unwrap().serves_endpoint("/v1/score"));
+        assert!(
+            routing
+                .route("llama")
+                .unwrap()
+                .serves_endpoint("/v1/embeddings")
+        );
+        let all = routing.endpoints();
+        assert_eq!(all.len(), crate::batch::SUPPORTED_ENDPOINTS.len() + 2);
+        assert_eq!(&all[all.len() - 2..], ["/v1/rerank", "/v1/score"]);
+
+        for (endpoints, why) in [
+            (vec!["/v1/rerank", "/v1/rerank"], "twice"),
+            (vec!["/v1/embeddings"], "one of OpenAI's"),
+            (vec!["/v1/rerank?top_n=1"], "no query"),
+        ] {
+            let mut u = upstream("vllm", &["bge"]);
+            u.endpoints = endpoints.into_iter().map(str::to_owned).collect();
+            let e = table(vec![u]).validate().unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
+        // TOML: the key is optional, and round-trips
+        let parsed: UpstreamConfig = toml_like(
+            r#"{"name":"v","base_url":"http://h/v1","models":["m"],"endpoints":["/v1/score"]}"#,
+        );
+        assert_eq!(parsed.endpoints, ["/v1/score"]);
+        let parsed: UpstreamConfig =
+            toml_like(r#"{"name":"v","base_url":"http://h/v1","models":["m"]}"#);
+        assert!(parsed.endpoints.is_empty());
+    }
+
+    fn toml_like(json: &str) -> UpstreamConfig {
+        serde_json::from_str(json).unwrap()
+    }
 
     fn upstream(name: &str, models: &[&str]) -> UpstreamConfig {
         UpstreamConfig::new(name, "http://127.0.0.1:8000/v1", models.iter().copied())

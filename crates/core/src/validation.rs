@@ -119,6 +119,9 @@ pub enum ValidationCode {
     FileTooLarge,
     /// A line longer than [`ValidationLimits::max_line_bytes`] (nightshift's own code).
     LineTooLarge,
+    /// The batch's endpoint is one an operator declared for some upstreams, but not for the
+    /// one serving the batch's model (nightshift's own code).
+    EndpointNotServed,
 }
 
 impl ValidationCode {
@@ -138,6 +141,7 @@ impl ValidationCode {
             Self::TooManyTasks => "too_many_tasks",
             Self::FileTooLarge => "file_too_large",
             Self::LineTooLarge => "line_too_large",
+            Self::EndpointNotServed => "endpoint_not_served",
         }
     }
 }
@@ -227,6 +231,18 @@ impl ValidationReport {
         }
         listed
     }
+}
+
+/// What the routing table says of a batch's model, for [`LineValidator::finish_routed`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelRoute {
+    /// An upstream serves the model, on the batch's endpoint.
+    Served,
+    /// No upstream serves the model: `model_not_found`.
+    NotFound,
+    /// The upstream serving the model does not declare the batch's (operator-declared)
+    /// endpoint: `endpoint_not_served`.
+    EndpointNotServed,
 }
 
 /// The endpoint-specific body requirement, derived from the batch's endpoint.
@@ -351,9 +367,26 @@ impl LineValidator {
     /// `file_bytes` is the input's size; `model_is_served` answers whether some upstream serves
     /// a model name (called at most once, only if a line named a model).
     pub fn finish(
-        mut self,
+        self,
         file_bytes: u64,
         model_is_served: impl Fn(&str) -> bool,
+    ) -> ValidationReport {
+        self.finish_routed(file_bytes, |model| {
+            if model_is_served(model) {
+                ModelRoute::Served
+            } else {
+                ModelRoute::NotFound
+            }
+        })
+    }
+
+    /// [`finish`](Self::finish), where `route` also says whether the upstream serving the
+    /// model serves the batch's endpoint: [`ModelRoute::EndpointNotServed`] fails the batch
+    /// with `endpoint_not_served` on the line that named the model.
+    pub fn finish_routed(
+        mut self,
+        file_bytes: u64,
+        route: impl Fn(&str) -> ModelRoute,
     ) -> ValidationReport {
         // A blank run still pending ends the file: trailing blank lines are fine.
         self.blank_run = None;
@@ -389,18 +422,30 @@ impl LineValidator {
                 None,
             ));
         }
-        if let Some(model) = &self.model
-            && !model_is_served(&model.name)
-        {
-            file_errors.push(BatchError::new(
-                ValidationCode::ModelNotFound,
-                Some(model.line),
-                format!(
-                    "The model {} does not exist or is not served by this deployment.",
-                    quoted(&model.name)
-                ),
-                Some("body.model"),
-            ));
+        if let Some(model) = &self.model {
+            match route(&model.name) {
+                ModelRoute::Served => {}
+                ModelRoute::NotFound => file_errors.push(BatchError::new(
+                    ValidationCode::ModelNotFound,
+                    Some(model.line),
+                    format!(
+                        "The model {} does not exist or is not served by this deployment.",
+                        quoted(&model.name)
+                    ),
+                    Some("body.model"),
+                )),
+                ModelRoute::EndpointNotServed => file_errors.push(BatchError::new(
+                    ValidationCode::EndpointNotServed,
+                    Some(model.line),
+                    format!(
+                        "The model {} is not served on {} by this deployment: the upstream \
+                         serving it does not declare that endpoint.",
+                        quoted(&model.name),
+                        self.endpoint
+                    ),
+                    Some("body.model"),
+                )),
+            }
         }
 
         self.error_count += file_errors.len() as u64;
@@ -1405,6 +1450,37 @@ mod tests {
         let report = validator.finish(0, |_| panic!("must not be called"));
         assert_eq!(codes(&report), vec![("empty_file", None, None)]);
     }
+    #[test]
+    fn a_model_whose_upstream_lacks_a_declared_endpoint_is_endpoint_not_served() {
+        let input = r#"{"custom_id": "a", "method": "POST", "url": "/v1/rerank", "body": {"model": "bge", "query": "q", "documents": ["d"]}}"#;
+        let run = |route: ModelRoute| {
+            let mut validator = LineValidator::new("/v1/rerank", ValidationLimits::default());
+            for item in JsonlSplitter::new(1 << 20).split_all(input.as_bytes().to_vec()) {
+                validator.push_item(&item);
+            }
+            validator.finish_routed(input.len() as u64, |m| {
+                assert_eq!(m, "bge");
+                route
+            })
+        };
+        assert!(run(ModelRoute::Served).ok());
+        let report = run(ModelRoute::EndpointNotServed);
+        assert_eq!(
+            codes(&report),
+            vec![("endpoint_not_served", Some(1), Some("body.model"))]
+        );
+        assert!(
+            report.errors[0].message.contains("/v1/rerank"),
+            "{:?}",
+            report.errors
+        );
+        let report = run(ModelRoute::NotFound);
+        assert_eq!(
+            codes(&report),
+            vec![("model_not_found", Some(1), Some("body.model"))]
+        );
+    }
+
 
     #[test]
     fn too_many_tasks_stops_checking_past_the_limit() {
@@ -1625,3 +1701,4 @@ mod tests {
         }
     }
 }
+            (ValidationCode::EndpointNotServed, "endpoint_not_served"),

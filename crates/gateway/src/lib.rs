@@ -45,6 +45,7 @@ pub mod limits;
 pub mod idempotency;
 mod metrics;
 pub mod openapi;
+pub mod results;
 pub mod serve;
 pub mod webhooks;
 
@@ -336,6 +337,7 @@ fn api_routes() -> Router<AppState> {
         .route("/batches/{id}", get(batches::retrieve))
         .route("/batches/{id}/cancel", axum::routing::post(batches::cancel))
         .route("/batches/{id}/retry", axum::routing::post(batches::retry))
+        .route("/batches/{id}/results", get(results::results))
         .route(
             "/webhook_endpoints",
             get(webhooks::list).post(webhooks::create),

@@ -52,6 +52,7 @@ pub const PATH: &str = "/openapi.json";
         batches::retrieve,
         batches::cancel,
         batches::retry,
+        crate::results::results,
         webhooks::create,
         webhooks::list,
         webhooks::retrieve,
@@ -224,7 +225,13 @@ fn create_batch_request(completion_windows: &[String]) -> Schema {
                 "endpoint",
                 string()
                     .enum_values(Some(SUPPORTED_ENDPOINTS))
-                    .description(Some("The endpoint every input line calls.")),
+                    .description(Some(
+                        "The endpoint every input line calls: one of OpenAI's batch endpoints, \
+                         listed here. An operator may declare more per upstream \
+                         (`[[routing.upstreams]] endpoints`, e.g. vLLM's `/v1/rerank`); this \
+                         deployment then accepts those too (docs/api.md, \"Operator-declared \
+                         endpoints\").",
+                    )),
             )
             .required("endpoint")
             .property(

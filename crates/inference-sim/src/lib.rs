@@ -11,6 +11,8 @@
 //! | `POST /v1/embeddings` | L2-normalised vectors; `input` a string, strings, or token arrays; `dimensions` and `encoding_format` (`float`/`base64`) honoured |
 //! | `POST /v1/responses` | `response` objects holding one assistant `message`; `input` a string or a list of input items (messages, `function_call`, `function_call_output`, `item_reference`); `max_output_tokens` honoured; usage in the Responses shape |
 //! | `POST /v1/moderations` | one result per input (a string, strings, or one result for an array of `text`/`image_url` parts), flagged by keyword; no usage |
+//! | `POST /v1/rerank` | vLLM's rerank: `query` against `documents`, results highest `relevance_score` first, `top_n` honoured; `usage.prompt_tokens` (not an OpenAI endpoint: operators declare it per upstream) |
+//! | `POST /v1/score` | vLLM's score: `text_1` (one, or as many as `text_2`) against `text_2`, a `list` of `score` objects; `usage.prompt_tokens` (not an OpenAI endpoint) |
 //! | `GET /v1/models` | the configured model ids |
 //! | `GET /livez`, `GET /readyz` | 200 (`/readyz` is 503 once shutdown begins) |
 //! | `GET /sim/stats` | [`SimStats`] as JSON |
@@ -144,6 +146,7 @@ mod directive;
 mod generate;
 mod moderation;
 mod openai;
+mod rerank;
 mod responses;
 mod server;
 mod stats;

@@ -105,6 +105,10 @@ pub(crate) enum Endpoint {
     Embeddings,
     Responses,
     Moderations,
+    /// vLLM's `/v1/rerank` (not OpenAI's).
+    Rerank,
+    /// vLLM's `/v1/score` (not OpenAI's).
+    Score,
 }
 
 impl Endpoint {
@@ -115,6 +119,8 @@ impl Endpoint {
             Self::Embeddings => "embeddings",
             Self::Responses => "responses",
             Self::Moderations => "moderations",
+            Self::Rerank => "rerank",
+            Self::Score => "score",
         }
     }
 

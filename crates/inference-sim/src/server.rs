@@ -24,7 +24,7 @@ use crate::directive::{AttemptMemory, Directive, Failure};
 use crate::generate::canonical_hash_object;
 use crate::openai::{self, ApiError, Context, Endpoint, Generated};
 use crate::stats::{FailureKind, SimStats, Stats};
-use crate::{moderation, responses};
+use crate::{moderation, rerank, responses};
 
 /// Everything the handlers share.
 pub(crate) struct App {
@@ -409,6 +409,8 @@ impl App {
             Endpoint::Embeddings => openai::embeddings(body, &ctx),
             Endpoint::Responses => responses::responses(body, &ctx),
             Endpoint::Moderations => moderation::moderations(body, &ctx),
+            Endpoint::Rerank => rerank::rerank(body, &ctx),
+            Endpoint::Score => rerank::score(body, &ctx),
         }
     }
 
@@ -551,6 +553,10 @@ pub(crate) fn build(config: SimConfig) -> (Router, Arc<App>) {
         .route("/responses", post(responses))
         .route("/v1/moderations", post(moderations))
         .route("/moderations", post(moderations))
+        .route("/v1/rerank", post(rerank_handler))
+        .route("/rerank", post(rerank_handler))
+        .route("/v1/score", post(score_handler))
+        .route("/score", post(score_handler))
         .route("/v1/models", get(models))
         .route("/models", get(models))
         .route("/livez", get(livez))
@@ -597,6 +603,14 @@ async fn responses(State(app): State<Arc<App>>, request: Request) -> Response {
 
 async fn moderations(State(app): State<Arc<App>>, request: Request) -> Response {
     app.handle(Endpoint::Moderations, request).await
+}
+
+async fn rerank_handler(State(app): State<Arc<App>>, request: Request) -> Response {
+    app.handle(Endpoint::Rerank, request).await
+}
+
+async fn score_handler(State(app): State<Arc<App>>, request: Request) -> Response {
+    app.handle(Endpoint::Score, request).await
 }
 
 async fn models(State(app): State<Arc<App>>) -> Response {

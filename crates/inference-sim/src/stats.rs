@@ -51,6 +51,10 @@ pub struct RequestCounts {
     pub responses: u64,
     /// `POST /v1/moderations`.
     pub moderations: u64,
+    /// `POST /v1/rerank` (vLLM's).
+    pub rerank: u64,
+    /// `POST /v1/score` (vLLM's).
+    pub score: u64,
     /// `GET /v1/models`.
     pub models: u64,
     /// The inference endpoints together.
@@ -142,6 +146,8 @@ impl Stats {
                 Endpoint::Embeddings => s.requests.embeddings += 1,
                 Endpoint::Responses => s.requests.responses += 1,
                 Endpoint::Moderations => s.requests.moderations += 1,
+                Endpoint::Rerank => s.requests.rerank += 1,
+                Endpoint::Score => s.requests.score += 1,
             }
         });
     }

@@ -65,7 +65,7 @@ const ALL_STATUSES: [BatchStatus; 8] = [
 ];
 
 /// Every validation code: the `code` values of [`VALIDATION_ERRORS`].
-const ALL_CODES: [ValidationCode; 13] = [
+const ALL_CODES: [ValidationCode; 14] = [
     ValidationCode::InvalidJsonLine,
     ValidationCode::MissingRequiredParameter,
     ValidationCode::InvalidValue,
@@ -79,6 +79,7 @@ const ALL_CODES: [ValidationCode; 13] = [
     ValidationCode::TooManyTasks,
     ValidationCode::FileTooLarge,
     ValidationCode::LineTooLarge,
+    ValidationCode::EndpointNotServed,
 ];
 
 /// Makes every counter appear at zero with the label values known up front, so "nothing
@@ -195,12 +196,13 @@ mod tests {
                 | ValidationCode::EmptyFile
                 | ValidationCode::TooManyTasks
                 | ValidationCode::FileTooLarge
-                | ValidationCode::LineTooLarge => {}
+                | ValidationCode::LineTooLarge
+                | ValidationCode::EndpointNotServed => {}
             }
         }
         let unique =
             |names: Vec<&str>| names.iter().collect::<std::collections::HashSet<_>>().len();
         assert_eq!(unique(ALL_STATUSES.map(BatchStatus::as_str).to_vec()), 8);
-        assert_eq!(unique(ALL_CODES.map(ValidationCode::as_str).to_vec()), 13);
+        assert_eq!(unique(ALL_CODES.map(ValidationCode::as_str).to_vec()), 14);
     }
 }

@@ -13,7 +13,7 @@ use nightshift_core::file::Purpose;
 use nightshift_core::jsonl::{JsonlItem, JsonlSplitter};
 use nightshift_core::routing::RoutingConfig;
 use nightshift_core::time::now_unix;
-use nightshift_core::validation::{BatchError, LineValidator, ValidationLimits};
+use nightshift_core::validation::{BatchError, LineValidator, ModelRoute, ValidationLimits};
 use nightshift_core::{FileId, TenantId};
 use nightshift_metadata::ValidationOutcome;
 use nightshift_storage::StorageError;
@@ -64,6 +64,20 @@ impl Validator {
             wake,
             stop,
         }
+    }
+
+    /// Refuses, at create, a batch `endpoint` that is neither one of OpenAI's nor declared by
+    /// an upstream of the routing table (`[[routing.upstreams]] endpoints`): a 400 naming
+    /// `endpoint`. The gateway checked its shape already; only here is the table known.
+    pub fn check_endpoint(&self, endpoint: &str) -> Result<(), SchedulerError> {
+        if self.routing.accepts_endpoint(endpoint) {
+            return Ok(());
+        }
+        Err(SchedulerError::InvalidValue {
+            param: "endpoint",
+            message: "This endpoint is not served: a batch may target one of OpenAI's batch \
+                      endpoints, or an endpoint an upstream of this deployment declares.",
+        })
     }
 
     /// Validates `batch` in a background task and records the outcome. An infrastructure
@@ -282,7 +296,13 @@ pub async fn validate_input(
     if let Some(span) = planner.finish() {
         chunks.push(span);
     }
-    let report = validator.finish(file.bytes, |model| routing.serves(model));
+    let report = validator.finish_routed(file.bytes, |model| match routing.route(model) {
+        None => ModelRoute::NotFound,
+        Some(upstream) if !upstream.serves_endpoint(&batch.endpoint) => {
+            ModelRoute::EndpointNotServed
+        }
+        Some(_) => ModelRoute::Served,
+    });
     if !report.ok() {
         // The first `max_errors` errors, and one saying how many more: bounded, so a failed
         // batch (and a page of them) always fits a gRPC message.
