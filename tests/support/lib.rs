@@ -236,7 +236,6 @@ pub struct Stack {
     pub scheduler_url: String,
     /// The token the scheduler's gRPC calls must carry ([`Stack::control`] sends it).
     pub internal_token: Secret,
-
     /// Unique per test: object-storage prefix and tenant names.
     pub prefix: String,
     backend: Backend,
@@ -391,7 +390,6 @@ impl Stack {
                     .state_url
                     .clone()
                     .map_or_else(|| StateConfig::default().url, Secret::new),
-                ..StateConfig::default()
             },
             gateway: gateway_config(opts),
             scheduler: scheduler_config(opts),

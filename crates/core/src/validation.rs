@@ -480,7 +480,8 @@ impl LineValidator {
                 message.truncate(cut);
                 message.push('…');
             }
-            self.errors.push(BatchError::new(code, line, message, param));
+            self.errors
+                .push(BatchError::new(code, line, message, param));
         }
     }
 
@@ -550,7 +551,12 @@ impl LineValidator {
                      length {MAX_CUSTOM_ID_CHARS}, but got a string with length {} instead.",
                     custom_id.chars().count()
                 );
-                self.record(ValidationCode::InvalidValue, line, message, Some("custom_id"));
+                self.record(
+                    ValidationCode::InvalidValue,
+                    line,
+                    message,
+                    Some("custom_id"),
+                );
             }
             Some(Field::Str(custom_id)) => {
                 let hash = xxhash_rust::xxh3::xxh3_128(custom_id.as_bytes());
@@ -1445,12 +1451,6 @@ mod tests {
     }
 
     #[test]
-    fn served_predicate_is_not_called_without_a_model() {
-        let validator = LineValidator::new(CHAT, ValidationLimits::default());
-        let report = validator.finish(0, |_| panic!("must not be called"));
-        assert_eq!(codes(&report), vec![("empty_file", None, None)]);
-    }
-    #[test]
     fn a_model_whose_upstream_lacks_a_declared_endpoint_is_endpoint_not_served() {
         let input = r#"{"custom_id": "a", "method": "POST", "url": "/v1/rerank", "body": {"model": "bge", "query": "q", "documents": ["d"]}}"#;
         let run = |route: ModelRoute| {
@@ -1481,6 +1481,12 @@ mod tests {
         );
     }
 
+    #[test]
+    fn served_predicate_is_not_called_without_a_model() {
+        let validator = LineValidator::new(CHAT, ValidationLimits::default());
+        let report = validator.finish(0, |_| panic!("must not be called"));
+        assert_eq!(codes(&report), vec![("empty_file", None, None)]);
+    }
 
     #[test]
     fn too_many_tasks_stops_checking_past_the_limit() {
@@ -1573,7 +1579,11 @@ mod tests {
         assert_eq!(listed[..3], report.errors[..]);
         assert_eq!(listed[3].code, TOO_MANY_ERRORS);
         assert_eq!((listed[3].line, listed[3].param.as_deref()), (None, None));
-        assert!(listed[3].message.starts_with("7 more errors"), "{}", listed[3].message);
+        assert!(
+            listed[3].message.starts_with("7 more errors"),
+            "{}",
+            listed[3].message
+        );
         // nothing added when every error is listed
         let report = validate_with(CHAT, b"x\n", limits, &[]);
         assert_eq!(report.listed_errors(), report.errors);
@@ -1694,6 +1704,7 @@ mod tests {
             (ValidationCode::TooManyTasks, "too_many_tasks"),
             (ValidationCode::FileTooLarge, "file_too_large"),
             (ValidationCode::LineTooLarge, "line_too_large"),
+            (ValidationCode::EndpointNotServed, "endpoint_not_served"),
         ];
         for (code, name) in all {
             assert_eq!(code.as_str(), name);
@@ -1701,4 +1712,3 @@ mod tests {
         }
     }
 }
-            (ValidationCode::EndpointNotServed, "endpoint_not_served"),

@@ -41,8 +41,8 @@ pub mod batches;
 pub mod console;
 pub mod error;
 pub mod files;
-pub mod limits;
 pub mod idempotency;
+pub mod limits;
 mod metrics;
 pub mod openapi;
 pub mod results;
@@ -336,8 +336,6 @@ fn api_routes() -> Router<AppState> {
         .route("/batches", get(batches::list).post(batches::create))
         .route("/batches/{id}", get(batches::retrieve))
         .route("/batches/{id}/cancel", axum::routing::post(batches::cancel))
-        .route("/batches/{id}/retry", axum::routing::post(batches::retry))
-        .route("/batches/{id}/results", get(results::results))
         .route(
             "/webhook_endpoints",
             get(webhooks::list).post(webhooks::create),
@@ -350,6 +348,8 @@ fn api_routes() -> Router<AppState> {
             "/webhook_endpoints/{id}/rotate_secret",
             axum::routing::post(webhooks::rotate_secret),
         )
+        .route("/batches/{id}/retry", axum::routing::post(batches::retry))
+        .route("/batches/{id}/results", get(results::results))
         .route(openapi::PATH, get(openapi::document))
 }
 

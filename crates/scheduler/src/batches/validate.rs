@@ -518,8 +518,12 @@ mod tests {
             ask(&slots, &a).await.ok().expect("free"),
             ask(&slots, &a).await.ok().expect("free"),
         ];
-        let mut a_next = ask(&slots, &a).await.err().expect("full");
-        let mut b_next = ask(&slots, &b).await.err().expect("full");
+        let Err(mut a_next) = ask(&slots, &a).await else {
+            panic!("full")
+        };
+        let Err(mut b_next) = ask(&slots, &b).await else {
+            panic!("full")
+        };
         // A asked first, but B runs nothing: the freed slot is B's.
         held.pop();
         assert!(poll(&mut a_next).await.is_none());
@@ -532,9 +536,13 @@ mod tests {
         let (a, b) = (TenantId::generate(), TenantId::generate());
         let first = ask(&slots, &a).await.ok().expect("free");
         // a waiter that gives up before its turn, and one granted but never polled again
-        let gone = ask(&slots, &b).await.err().expect("full");
+        let Err(gone) = ask(&slots, &b).await else {
+            panic!("full")
+        };
         drop(gone);
-        let granted_unclaimed = ask(&slots, &a).await.err().expect("full");
+        let Err(granted_unclaimed) = ask(&slots, &a).await else {
+            panic!("full")
+        };
         drop(first);
         drop(granted_unclaimed);
         assert!(ask(&slots, &b).await.is_ok(), "the slot came back");
