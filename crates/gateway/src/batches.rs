@@ -20,12 +20,7 @@ use crate::{AppState, idempotency};
 
 /// Parses a JSON request body; every failure is a 400 in OpenAI's words.
 fn parse_body(body: Result<Bytes, BytesRejection>) -> HttpResult<CreateBatchBody> {
-    let body = body.map_err(|e| {
-        HttpError(ApiError::new(
-            ErrorKind::InvalidRequest,
-            format!("Could not read the request body: {}", e.body_text()),
-        ))
-    })?;
+    let body = body.map_err(crate::error::body_rejection)?;
     serde_json::from_slice(&body).map_err(|e| {
         let text = e.to_string();
         // serde's "unknown field `x`, expected one of ..." → OpenAI's unrecognized argument.
@@ -123,12 +118,7 @@ pub async fn create(
     body: Result<Bytes, BytesRejection>,
 ) -> HttpResult<Json<BatchObject>> {
     let key = idempotency::key(&headers)?;
-    let body = body.map_err(|e| {
-        HttpError(ApiError::new(
-            ErrorKind::InvalidRequest,
-            format!("Could not read the request body: {}", e.body_text()),
-        ))
-    })?;
+    let body = body.map_err(crate::error::body_rejection)?;
     let fingerprint = key
         .as_ref()
         .map(|_| idempotency::json_request_hash("POST /v1/batches", &body));
@@ -347,12 +337,7 @@ pub async fn retry(
     body: Result<Bytes, BytesRejection>,
 ) -> HttpResult<Json<BatchObject>> {
     let key = idempotency::key(&headers)?;
-    let body = body.map_err(|e| {
-        HttpError(ApiError::new(
-            ErrorKind::InvalidRequest,
-            format!("Could not read the request body: {}", e.body_text()),
-        ))
-    })?;
+    let body = body.map_err(crate::error::body_rejection)?;
     // An empty body is an empty filter: retry every failed line.
     let raw: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
         b"{}"

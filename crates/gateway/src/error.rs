@@ -66,3 +66,17 @@ impl IntoResponse for HttpError {
 }
 
 pub type HttpResult<T> = Result<T, HttpError>;
+
+/// A request body that could not be read: 413 when it passed the size limit (the SDKs do not
+/// retry it), else a 400; both in OpenAI's envelope.
+pub fn body_rejection(e: axum::extract::rejection::BytesRejection) -> HttpError {
+    let kind = if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        ErrorKind::PayloadTooLarge
+    } else {
+        ErrorKind::InvalidRequest
+    };
+    HttpError(ApiError::new(
+        kind,
+        format!("Could not read the request body: {}", e.body_text()),
+    ))
+}

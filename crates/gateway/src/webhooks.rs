@@ -40,12 +40,7 @@ fn object(e: v1::WebhookEndpoint) -> WebhookEndpointObject {
 fn parse_body<T: serde::de::DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
 ) -> HttpResult<T> {
-    let body = body.map_err(|e| {
-        HttpError(ApiError::new(
-            ErrorKind::InvalidRequest,
-            format!("Could not read the request body: {}", e.body_text()),
-        ))
-    })?;
+    let body = body.map_err(crate::error::body_rejection)?;
     let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
