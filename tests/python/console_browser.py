@@ -51,7 +51,12 @@ good = write("embeddings.jsonl", [embed(c, sim={"status": 400}) if c == "doc-7" 
 bad = write("broken.jsonl", [embed("a", model="no-such-model"), "{not json", embed("c", model="no-such-model")])
 # slow lines: running long enough to be cancelled, or seen half done
 slow = write("slow-chat.jsonl", [chat(f"slow-{i}", sim={"latency_ms": 1500}) for i in range(40)])
-running = write("nightly-summaries.jsonl", [chat(f"sum-{i}", sim={"latency_ms": 700}) for i in range(60)])
+# the first lines answer quickly (progress shows), the rest slowly: it is still running when
+# the script ends, however fast the executor ramps up to the upstream's capacity
+running = write(
+    "nightly-summaries.jsonl",
+    [chat(f"sum-{i}", sim={"latency_ms": 700 if i < 10 else 20000}) for i in range(60)],
+)
 
 
 def console_errors(page):
