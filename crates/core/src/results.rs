@@ -471,15 +471,18 @@ impl Usage {
     /// `prompt_tokens_details.cached_tokens`, `completion_tokens_details.reasoning_tokens`) and
     /// responses (`input_tokens`, `output_tokens`, `input_tokens_details`,
     /// `output_tokens_details`). Missing, `null` or non-integer counts read as 0;
-    /// `total_tokens` is always input + output.
+    /// `total_tokens` is always input + output. A usage that reports only `total_tokens`
+    /// (vLLM's rerank and score answers) counts that total as input: every token of a
+    /// scoring request is read, none generated.
     pub fn from_usage_object(usage: &serde_json::Value) -> Self {
-        let count = |keys: &[&str]| -> u64 {
+        let find = |keys: &[&str]| -> Option<u64> {
             keys.iter()
                 .find_map(|key| usage.pointer(key).and_then(serde_json::Value::as_u64))
-                .unwrap_or(0)
         };
-        let input_tokens = count(&["/prompt_tokens", "/input_tokens"]);
+        let count = |keys: &[&str]| find(keys).unwrap_or(0);
         let output_tokens = count(&["/completion_tokens", "/output_tokens"]);
+        let input_tokens = find(&["/prompt_tokens", "/input_tokens"])
+            .unwrap_or_else(|| count(&["/total_tokens"]).saturating_sub(output_tokens));
         Self {
             input_tokens,
             input_tokens_details: InputTokensDetails {
@@ -980,6 +983,17 @@ mod tests {
         assert_eq!(odd.total_tokens, 2);
         assert_eq!(Usage::from_response(&json!({"id": "x"})), Usage::default());
         assert_eq!(Usage::from_response(&json!("text")), Usage::default());
+
+        // Rerank and score (vLLM): only a total, all of it read.
+        let rerank = Usage::from_response(&json!({"usage": {"total_tokens": 41}}));
+        assert_eq!((rerank.input_tokens, rerank.output_tokens), (41, 0));
+        assert_eq!(rerank.total_tokens, 41);
+        let with_output =
+            Usage::from_response(&json!({"usage": {"completion_tokens": 4, "total_tokens": 10}}));
+        assert_eq!(
+            (with_output.input_tokens, with_output.total_tokens),
+            (6, 10)
+        );
     }
 
     #[test]
