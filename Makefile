@@ -150,6 +150,21 @@ bench-standalone: ## A 1M-line batch through one release `nightshift standalone`
 	python3 $(ROOT)/bench/pipeline.py scale --lines $${LINES:-1000000} --base-url http://127.0.0.1:18080/v1 \
 	  --key "$$(cat $(ROOT)/target/bench-standalone/api-key)" --pid $$pid
 
+# `make bench`: every row of issue 10 in one run, both deployments and the peer script side by
+# side, release builds, written to docs/performance.md. Sizes: BENCH_* variables (bench/bench.py
+# --help). Never part of `make test`: it takes the machine for a long while.
+BENCH_SMOKE_ENV := BENCH_LINES=400 BENCH_LATENCY_MS=20 BENCH_SCALE_LINES=600 BENCH_BIG_LINES=5000 \
+  BENCH_UPLOAD_MIB=32 BENCH_NOTE="Smoke sizes (make bench-smoke) on a machine shared with other builds: these figures check the harness, they do not measure the targets."
+
+.PHONY: bench
+bench: infra $(VENV)/.ok ## Every performance target of issue 10 on both deployments vs the SDK peer script; writes docs/performance.md.
+	cargo build --release -p nightshift-cli -p nightshift-inference-sim
+	BENCH_COMMAND="$${BENCH_COMMAND:-make bench}" python3 $(ROOT)/bench/bench.py --peer-python $(VENV)/bin/python
+
+.PHONY: bench-smoke
+bench-smoke: ## `make bench` with tiny sizes: checks the harness end to end in a few minutes.
+	@$(BENCH_SMOKE_ENV) BENCH_COMMAND="make bench-smoke" $(MAKE) --no-print-directory bench
+
 .PHONY: clean-dev
 clean-dev: down ## Stop everything and delete the local stack's data (.dev/).
 	rm -rf $(DEV_DIR)

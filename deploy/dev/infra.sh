@@ -24,6 +24,9 @@ set -euo pipefail
 SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
 REPO_ROOT="$(cd -- "$SCRIPT_DIR/../.." && pwd -P)"
 DEV_DIR="${NIGHTSHIFT_DEV_DIR:-$REPO_ROOT/.dev}"
+# Its real path: a worktree whose .dev links to another checkout's then writes the same Garage
+# configuration as that checkout, not one that differs only in the path (which restarts Garage).
+if [[ -d "$DEV_DIR" ]]; then DEV_DIR="$(cd -- "$DEV_DIR" && pwd -P)"; fi
 
 # --- fixed dev settings --------------------------------------------------------------------------
 PG_HOST=127.0.0.1
