@@ -18,8 +18,8 @@ use nightshift_core::chunking::ChunkSpan;
 use nightshift_core::validation::BatchError;
 
 use crate::{
-    CancelOutcome, Ending, FileQuery, IdempotencyClaim, Inserted, LeasePolicy, MetadataError,
-    MetadataStore, RetryFilter, RetrySource, Tenant, ValidationOutcome,
+    CancelOutcome, DispatchAccount, Ending, FileQuery, IdempotencyClaim, Inserted, LeasePolicy,
+    MetadataError, MetadataStore, RetryFilter, RetrySource, Tenant, ValidationOutcome,
 };
 use nightshift_core::idempotency::IdempotentKind;
 
@@ -53,6 +53,7 @@ macro_rules! __metadata_conformance_checks {
             idempotency_keys_name_one_object_for_a_day,
             idempotency_key_races_make_one_object,
             retries_are_linked_to_their_parent,
+            dispatch_accounts_are_replaced_whole,
         }
     };
 }
@@ -1791,4 +1792,53 @@ macro_rules! conformance_tests {
             }
         )+
     };
+}
+
+/// The dispatcher's fairness accounts. The one check that writes them: saving replaces the
+/// whole set.
+async fn dispatch_accounts_are_replaced_whole(store: &dyn MetadataStore) {
+    let t = new_tenant(store).await;
+    let other = new_tenant(store).await;
+    let account = |model: &str, tenant: &Tenant, served: u64| DispatchAccount {
+        model: model.into(),
+        tenant: tenant.id.clone(),
+        served,
+    };
+    let sorted = |mut accounts: Vec<DispatchAccount>| {
+        accounts.sort();
+        accounts
+    };
+    let first = vec![
+        account("model-a", &t, 4000),
+        account("model-a", &other, 3500),
+        account("model-b", &t, 7),
+        // the largest count a store keeps
+        account("model-c", &other, i64::MAX as u64),
+    ];
+    store.save_dispatch_accounts(&first).await.expect("save");
+    assert_eq!(
+        sorted(store.dispatch_accounts().await.expect("accounts")),
+        sorted(first)
+    );
+    // counts move, a tenant without work on a model is left out and forgotten
+    let second = vec![account("model-a", &t, 4500), account("model-b", &other, 9)];
+    store.save_dispatch_accounts(&second).await.expect("save");
+    assert_eq!(
+        sorted(store.dispatch_accounts().await.expect("accounts")),
+        sorted(second)
+    );
+    // a count beyond what the store keeps is refused, and the accounts stay as they were
+    let refused = store
+        .save_dispatch_accounts(&[account("model-a", &t, u64::MAX)])
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(store.dispatch_accounts().await.expect("accounts").len(), 2);
+    store.save_dispatch_accounts(&[]).await.expect("save none");
+    assert!(
+        store
+            .dispatch_accounts()
+            .await
+            .expect("accounts")
+            .is_empty()
+    );
 }

@@ -165,6 +165,15 @@ pub struct DispatchCandidate {
     pub pending: u32,
 }
 
+/// Request lines handed out to a tenant on a model, as the dispatcher's fairness counts them
+/// (virtual time: not every line ever, see the scheduler's `pipeline::fairness`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DispatchAccount {
+    pub model: String,
+    pub tenant: TenantId,
+    pub served: u64,
+}
+
 /// A chunk, whether its result part is complete, and why it was given up if it was.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChunkState {
@@ -468,6 +477,15 @@ pub trait MetadataStore: Send + Sync + fmt::Debug + 'static {
     /// executors; they have nothing pending any more). Failed chunks count as neither: a
     /// chunk given up frees its model slot.
     async fn dispatch_candidates(&self) -> Result<Vec<DispatchCandidate>>;
+
+    /// The dispatcher's fairness accounts as last [saved](MetadataStore::save_dispatch_accounts),
+    /// in no particular order; none on a new database.
+    async fn dispatch_accounts(&self) -> Result<Vec<DispatchAccount>>;
+
+    /// Replaces the dispatcher's fairness accounts with `accounts` (at most one per model and
+    /// tenant), in one transaction: an account left out is forgotten. Their owner is the one
+    /// dispatcher of a deployment; two writing at once leave the accounts of one of them.
+    async fn save_dispatch_accounts(&self, accounts: &[DispatchAccount]) -> Result<()>;
 
     /// Hands out the batch's next pending chunk (lowest index) at `now`: `pending` →
     /// `dispatched`, attempts + 1, leased until `now + lease_secs`, not started. `None` when

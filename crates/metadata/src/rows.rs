@@ -16,7 +16,9 @@ use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use nightshift_core::idempotency::IdempotentKind;
 
-use crate::{IdempotencyRecord, LeasedChunk, MetadataError, Result, RetrySource, Tenant};
+use crate::{
+    DispatchAccount, IdempotencyRecord, LeasedChunk, MetadataError, Result, RetrySource, Tenant,
+};
 
 /// Columns of a batch, as [`batch_from_row`] reads them.
 pub(crate) const BATCH_COLUMNS: &str = "id, tenant_id, endpoint, input_file_id, \
@@ -175,6 +177,16 @@ pub(crate) fn leased_from_row(r: &impl Columns) -> Result<LeasedChunk> {
         batch: BatchId::parse(&batch).map_err(|_| corrupt("batch id", &batch))?,
         span: span_from_row(r)?,
         attempt: r.int4("attempts")?.max(1) as u32,
+    })
+}
+
+pub(crate) fn account_from_row(r: &impl Columns) -> Result<DispatchAccount> {
+    let tenant = r.text("tenant_id")?;
+    let served = r.int("served")?;
+    Ok(DispatchAccount {
+        model: r.text("model")?,
+        tenant: TenantId::parse(&tenant).map_err(|_| corrupt("tenant id", &tenant))?,
+        served: u64::try_from(served).map_err(|_| corrupt("served", &served.to_string()))?,
     })
 }
 

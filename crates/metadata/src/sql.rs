@@ -33,15 +33,15 @@ use sqlx::{
 use tokio::sync::mpsc;
 
 use crate::rows::{
-    BATCH_COLUMNS, Columns, Cursor, FILE_COLUMNS, LEASED_COLUMNS, SPAN_COLUMNS, backend,
-    batch_from_row, file_from_row, idempotency_from_row, leased_from_row, retry_from_row,
+    BATCH_COLUMNS, Columns, Cursor, FILE_COLUMNS, LEASED_COLUMNS, SPAN_COLUMNS, account_from_row,
+    backend, batch_from_row, file_from_row, idempotency_from_row, leased_from_row, retry_from_row,
     span_from_row, split_page, tenant_from_row, to_i64,
 };
 use crate::{
-    BatchCommit, BatchPage, CancelOutcome, ChunkState, DispatchCandidate, Ending, FilePage,
-    FileQuery, FinalizationLease, IdempotencyClaim, IdempotencyRecord, Inserted, LeasePolicy,
-    LeaseSweep, LeasedChunk, MetadataError, MetadataStore, Result, RetrySource, Tenant,
-    ValidationOutcome,
+    BatchCommit, BatchPage, CancelOutcome, ChunkState, DispatchAccount, DispatchCandidate, Ending,
+    FilePage, FileQuery, FinalizationLease, IdempotencyClaim, IdempotencyRecord, Inserted,
+    LeasePolicy, LeaseSweep, LeasedChunk, MetadataError, MetadataStore, Result, RetrySource,
+    Tenant, ValidationOutcome,
 };
 use nightshift_core::idempotency::IDEMPOTENCY_TTL_SECS;
 
@@ -713,6 +713,40 @@ where
                 })
             })
             .collect()
+    }
+
+    async fn dispatch_accounts(&self) -> Result<Vec<DispatchAccount>> {
+        let rows = sqlx::query("SELECT model, tenant_id, served FROM dispatch_accounts")
+            .fetch_all(&self.reader)
+            .await
+            .map_err(backend)?;
+        rows.iter().map(account_from_row).collect()
+    }
+
+    async fn save_dispatch_accounts(&self, accounts: &[DispatchAccount]) -> Result<()> {
+        let mut tx = begin_write(&self.writer).await?;
+        sqlx::query("DELETE FROM dispatch_accounts")
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        // 3 parameters a row: as many rows per statement as chunks in `finish_validation`
+        for part in accounts.chunks(CHUNKS_PER_INSERT) {
+            let mut rows = Vec::with_capacity(part.len());
+            for a in part {
+                rows.push((a, to_i64(a.served, "served lines")?));
+            }
+            let mut insert = QueryBuilder::<DB>::new(
+                "INSERT INTO dispatch_accounts (model, tenant_id, served) ",
+            );
+            insert.push_values(rows, |mut row, (a, served)| {
+                row.push_bind(a.model.as_str())
+                    .push_bind(a.tenant.as_str())
+                    .push_bind(served);
+            });
+            insert.build().execute(&mut *tx).await.map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(())
     }
 
     async fn claim_next_chunk(

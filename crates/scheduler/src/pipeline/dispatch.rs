@@ -1,10 +1,13 @@
 //! Fair, paced dispatch of chunk tasks.
 //!
 //! For each model, at most `max_in_flight_chunks_per_model` chunks are handed out and not yet
-//! done. Each free slot goes to the tenant that has been served the fewest request lines so
-//! far, and within a tenant to the batch with the earliest deadline ([`fairness`]: a tenant
-//! that becomes active starts at the current minimum, so a 10-line batch created behind a
-//! 200,000-line batch of another tenant is served within one chunk of it).
+//! done. Each free slot of a model goes to the tenant that has been served the fewest request
+//! lines on that model, and within a tenant to the batch with the earliest deadline
+//! ([`fairness`]: a tenant that becomes active on a model starts at the current minimum
+//! there, so a 10-line batch created behind a 200,000-line batch of another tenant is served
+//! within one chunk of it). The accounts are loaded from the metadata store before the first
+//! round and saved after every round that changed them, so a restarted scheduler goes on
+//! where the last one stopped.
 //!
 //! A chunk is claimed (leased, attempt counted) before its task is published. If the publish
 //! fails, the chunk is released at once (a fast path); if even that fails, its lease expires
@@ -19,7 +22,7 @@ use nightshift_core::batch::BatchRecord;
 use nightshift_core::chunking::ChunkSpan;
 use nightshift_core::file::FileRecord;
 use nightshift_core::time::now_unix;
-use nightshift_metadata::DispatchCandidate;
+use nightshift_metadata::{DispatchAccount, DispatchCandidate};
 use nightshift_proto::v1::ChunkTask;
 use nightshift_queue::QueueKind;
 use nightshift_telemetry::propagation;
@@ -36,8 +39,11 @@ use crate::{SchedulerError, SchedulerPorts, metrics};
 pub struct Dispatcher {
     ports: SchedulerPorts,
     settings: PipelineSettings,
-    /// Lines handed out per tenant: who gets the next free slot.
+    /// Lines handed out per model and tenant: who gets the next free slot.
     fairness: Fairness,
+    /// The accounts as the metadata store last had them; `None` until loaded from it (before
+    /// the first round).
+    saved: Option<Vec<DispatchAccount>>,
 }
 
 impl Dispatcher {
@@ -46,6 +52,7 @@ impl Dispatcher {
             ports,
             settings,
             fairness: Fairness::default(),
+            saved: None,
         }
     }
 
@@ -63,15 +70,44 @@ impl Dispatcher {
         }
     }
 
-    /// One round: fills every model's free slots. Returns how many chunks were handed out.
+    /// One round: fills every model's free slots, then saves the fairness accounts if they
+    /// changed (also when a fill failed part way: what was handed out counts). Returns how
+    /// many chunks were handed out.
     pub async fn round(&mut self) -> Result<usize, SchedulerError> {
+        if self.saved.is_none() {
+            let accounts = self.ports.metadata.dispatch_accounts().await?;
+            self.fairness = Fairness::from_accounts(accounts);
+            self.saved = Some(self.fairness.accounts());
+        }
         let candidates = self.ports.metadata.dispatch_candidates().await?;
         self.fairness.admit(&candidates);
         let mut handed_out = 0;
+        let mut filled = Ok(());
         for (model, batches) in fairness::by_model(candidates) {
-            handed_out += self.fill(&model, batches).await?;
+            match self.fill(&model, batches).await {
+                Ok(n) => handed_out += n,
+                Err(e) => {
+                    filled = Err(e);
+                    break;
+                }
+            }
         }
-        Ok(handed_out)
+        self.save().await?;
+        filled.map(|()| handed_out)
+    }
+
+    /// Saves the fairness accounts unless the store already has them.
+    async fn save(&mut self) -> Result<(), SchedulerError> {
+        let accounts = self.fairness.accounts();
+        if self.saved.as_ref() == Some(&accounts) {
+            return Ok(());
+        }
+        self.ports
+            .metadata
+            .save_dispatch_accounts(&accounts)
+            .await?;
+        self.saved = Some(accounts);
+        Ok(())
     }
 
     /// Hands out `model`'s free slots to its `batches`, fairly. Returns how many chunks were
@@ -93,7 +129,8 @@ impl Dispatcher {
                 batches[pick].pending = 0;
                 continue;
             };
-            self.fairness.record(&batch.tenant_id, span.line_count);
+            self.fairness
+                .record(model, &batch.tenant_id, span.line_count);
             ::metrics::counter!(metrics::CHUNKS_DISPATCHED).increment(1);
             tracing::debug!(batch_id = %batch.id, chunk = span.index, model = %model, "chunk dispatched");
             batches[pick].pending -= 1;

@@ -1,53 +1,103 @@
 //! Who gets the next free slot: the dispatcher's fairness, as plain data and pure functions.
 //!
-//! Each free slot of a model goes to the tenant that has been served the fewest request lines
-//! so far, and within a tenant to the batch with the earliest deadline (then the oldest). A
-//! tenant that becomes active starts at the current minimum (virtual-time fair queuing), so
-//! it neither starves the others with an old low count nor waits behind their history; a
-//! tenant with no work left is forgotten.
+//! Each model's slots are shared on their own: each free slot of a model goes to the tenant
+//! that has been served the fewest request lines *on that model*, and within a tenant to the
+//! batch with the earliest deadline (then the oldest). A tenant heavy on one model is not held
+//! back on another, where it may be the lightest. A tenant that becomes active on a model
+//! starts at the current minimum of that model's active tenants (virtual-time fair queuing),
+//! so it neither starves the others with an old low count nor waits behind their history; a
+//! tenant with no work left on a model is forgotten there.
+//!
+//! The accounts survive a scheduler restart: the [`Dispatcher`](super::Dispatcher) loads them
+//! from the metadata store ([`Fairness::from_accounts`]) before its first round and saves them
+//! ([`Fairness::accounts`]) after each round that changed them, in one write. They are kept
+//! rather than derived from the chunks because virtual time is not in the chunks: the lines a
+//! tenant's running batches were handed out would put a newcomer back at zero after a restart
+//! (starving the others until it caught up), and the offset it started at is exactly what
+//! would have to be stored. Both costs are bounded by the live work, never by history: the
+//! accounts hold one row per model and active tenant (an idle tenant's row is deleted), read
+//! once per process and rewritten whole per changing round. A crash between a claim and the
+//! save forgets at most that round's lines, which only shifts the order of later slots.
 //!
 //! Nothing here touches the metadata store or the queue: the [`Dispatcher`](super::Dispatcher)
-//! claims and publishes what [`Fairness::pick`] chooses and reports it back with
-//! [`Fairness::record`].
+//! claims and publishes what [`Fairness::pick`] chooses, reports it back with
+//! [`Fairness::record`], and stores the accounts.
 
 use std::collections::HashMap;
 
 use nightshift_core::TenantId;
-use nightshift_metadata::DispatchCandidate;
+use nightshift_metadata::{DispatchAccount, DispatchCandidate};
 
-/// Request lines handed out per active tenant. In memory: after a restart every tenant starts
-/// even, which is fair enough.
-#[derive(Debug, Default)]
+/// Request lines handed out per model to each tenant active on it, in virtual time.
+#[derive(Debug, Default, Clone, PartialEq)]
 pub(crate) struct Fairness {
-    /// Lines handed out per tenant that had work waiting at the last [`Fairness::admit`].
-    served: HashMap<TenantId, u64>,
+    /// Per model, lines handed out per tenant that had work waiting on it at the last
+    /// [`Fairness::admit`] (or at the save this was loaded from).
+    served: HashMap<String, HashMap<TenantId, u64>>,
 }
 
 impl Fairness {
-    /// Starts a round over `candidates` (every model's): tenants with work waiting are
-    /// counted, a newcomer (or one that fell behind) at the current minimum among them;
-    /// tenants without are forgotten.
-    pub(crate) fn admit(&mut self, candidates: &[DispatchCandidate]) {
-        let active: Vec<&TenantId> = candidates
-            .iter()
-            .filter(|c| c.pending > 0)
-            .map(|c| &c.batch.tenant_id)
-            .collect();
-        let floor = active
-            .iter()
-            .filter_map(|t| self.served.get(*t).copied())
-            .min()
-            .unwrap_or(0);
-        for t in &active {
-            let v = self.served.entry((*t).clone()).or_insert(floor);
-            *v = (*v).max(floor);
+    /// The accounts as saved: `accounts` as [`Fairness::accounts`] returned them.
+    pub(crate) fn from_accounts(accounts: Vec<DispatchAccount>) -> Self {
+        let mut fairness = Self::default();
+        for a in accounts {
+            fairness
+                .served
+                .entry(a.model)
+                .or_default()
+                .insert(a.tenant, a.served);
         }
-        self.served.retain(|t, _| active.contains(&t));
+        fairness
+    }
+
+    /// Every account, to save, ordered by model then tenant.
+    pub(crate) fn accounts(&self) -> Vec<DispatchAccount> {
+        let mut accounts: Vec<DispatchAccount> = self
+            .served
+            .iter()
+            .flat_map(|(model, tenants)| {
+                tenants.iter().map(|(tenant, served)| DispatchAccount {
+                    model: model.clone(),
+                    tenant: tenant.clone(),
+                    served: *served,
+                })
+            })
+            .collect();
+        accounts.sort();
+        accounts
+    }
+
+    /// Starts a round over `candidates` (every model's): on each model, tenants with work
+    /// waiting are counted, a newcomer (or one that fell behind) at the current minimum among
+    /// them; tenants without are forgotten there, and models without any.
+    pub(crate) fn admit(&mut self, candidates: &[DispatchCandidate]) {
+        let mut active: HashMap<&str, Vec<&TenantId>> = HashMap::new();
+        for c in candidates.iter().filter(|c| c.pending > 0) {
+            active
+                .entry(model_of(c))
+                .or_default()
+                .push(&c.batch.tenant_id);
+        }
+        self.served
+            .retain(|model, _| active.contains_key(model.as_str()));
+        for (model, tenants) in active {
+            let served = self.served.entry(model.to_owned()).or_default();
+            let floor = tenants
+                .iter()
+                .filter_map(|t| served.get(*t).copied())
+                .min()
+                .unwrap_or(0);
+            for t in &tenants {
+                let v = served.entry((*t).clone()).or_insert(floor);
+                *v = (*v).max(floor);
+            }
+            served.retain(|t, _| tenants.contains(&t));
+        }
     }
 
     /// The index in `candidates` (one model's) of the batch that gets the next free slot:
-    /// the least-served tenant with work, then its earliest deadline, then its oldest batch;
-    /// the first of equals. `None` when no candidate has a chunk pending.
+    /// the tenant least served on that model with work, then its earliest deadline, then its
+    /// oldest batch; the first of equals. `None` when no candidate has a chunk pending.
     pub(crate) fn pick(&self, candidates: &[DispatchCandidate]) -> Option<usize> {
         candidates
             .iter()
@@ -55,7 +105,7 @@ impl Fairness {
             .filter(|(_, c)| c.pending > 0)
             .min_by_key(|(_, c)| {
                 (
-                    self.served(&c.batch.tenant_id),
+                    self.served(model_of(c), &c.batch.tenant_id),
                     c.batch.expires_at,
                     c.batch.created_at_us,
                 )
@@ -63,15 +113,29 @@ impl Fairness {
             .map(|(i, _)| i)
     }
 
-    /// Counts `lines` handed out to `tenant`.
-    pub(crate) fn record(&mut self, tenant: &TenantId, lines: u32) {
-        *self.served.entry(tenant.clone()).or_default() += u64::from(lines);
+    /// Counts `lines` of `model` handed out to `tenant`.
+    pub(crate) fn record(&mut self, model: &str, tenant: &TenantId, lines: u32) {
+        *self
+            .served
+            .entry(model.to_owned())
+            .or_default()
+            .entry(tenant.clone())
+            .or_default() += u64::from(lines);
     }
 
-    /// Lines handed out to `tenant` since it became active.
-    pub(crate) fn served(&self, tenant: &TenantId) -> u64 {
-        self.served.get(tenant).copied().unwrap_or(0)
+    /// Lines of `model` handed out to `tenant` since it became active on it.
+    pub(crate) fn served(&self, model: &str, tenant: &TenantId) -> u64 {
+        self.served
+            .get(model)
+            .and_then(|tenants| tenants.get(tenant))
+            .copied()
+            .unwrap_or(0)
     }
+}
+
+/// The model a candidate's chunks run on (`""` for a batch without one: never, once running).
+fn model_of(c: &DispatchCandidate) -> &str {
+    c.batch.model.as_deref().unwrap_or_default()
 }
 
 /// Free slots of a model whose `candidates` have chunks in flight, under `max_in_flight`.
@@ -86,8 +150,7 @@ pub(crate) fn by_model(
 ) -> HashMap<String, Vec<DispatchCandidate>> {
     let mut by_model: HashMap<String, Vec<DispatchCandidate>> = HashMap::new();
     for c in candidates {
-        let model = c.batch.model.clone().unwrap_or_default();
-        by_model.entry(model).or_default().push(c);
+        by_model.entry(model_of(&c).to_owned()).or_default().push(c);
     }
     by_model
 }
@@ -151,7 +214,8 @@ mod tests {
                 break;
             };
             candidates[i].pending -= 1;
-            fairness.record(&candidates[i].batch.tenant_id, lines);
+            let c = &candidates[i].batch;
+            fairness.record(c.model.as_deref().expect("a model"), &c.tenant_id, lines);
             order.push(candidates[i].batch.tenant_id.clone());
         }
         order
@@ -172,7 +236,7 @@ mod tests {
         let mut big = vec![candidate(1, 400, 100)];
         fairness.admit(&big);
         hand_out(&mut fairness, &mut big, 8, 500);
-        assert_eq!(fairness.served(&tenant(1)), 4000);
+        assert_eq!(fairness.served("m", &tenant(1)), 4000);
 
         // a small batch of another tenant arrives behind the big one, due later
         let mut small = candidate(2, 1, 200);
@@ -181,7 +245,7 @@ mod tests {
         fairness.admit(&both);
         // it starts at the minimum of those counted, not at zero (which would starve the
         // big one until it caught up)...
-        assert_eq!(fairness.served(&tenant(2)), 4000);
+        assert_eq!(fairness.served("m", &tenant(2)), 4000);
         // ...so the tie goes to the earlier deadline, and the small batch gets the slot after
         let order = hand_out(&mut fairness, &mut both, 3, 500);
         assert_eq!(order, [tenant(1), tenant(2), tenant(1)]);
@@ -192,7 +256,7 @@ mod tests {
         let candidates = vec![candidate(1, 5, 10), candidate(2, 5, 1_000)];
         let mut fairness = Fairness::default();
         fairness.admit(&candidates);
-        fairness.record(&tenant(1), 1);
+        fairness.record("m", &tenant(1), 1);
         assert_eq!(fairness.pick(&candidates), Some(1));
     }
 
@@ -219,16 +283,92 @@ mod tests {
     fn idle_tenants_are_forgotten_and_return_at_the_minimum() {
         let mut fairness = Fairness::default();
         fairness.admit(&[candidate(1, 1, 1), candidate(2, 1, 1)]);
-        fairness.record(&tenant(1), 100);
-        fairness.record(&tenant(2), 900);
+        fairness.record("m", &tenant(1), 100);
+        fairness.record("m", &tenant(2), 900);
         // tenant 2 runs out of work: forgotten
         fairness.admit(&[candidate(1, 1, 1), candidate(2, 0, 1)]);
-        assert_eq!(fairness.served(&tenant(2)), 0);
-        fairness.record(&tenant(1), 50);
+        assert_eq!(fairness.served("m", &tenant(2)), 0);
+        fairness.record("m", &tenant(1), 50);
         // it returns at tenant 1's count, not with its old 900
         fairness.admit(&[candidate(1, 1, 1), candidate(2, 1, 1)]);
-        assert_eq!(fairness.served(&tenant(2)), 150);
-        assert_eq!(fairness.served(&tenant(1)), 150);
+        assert_eq!(fairness.served("m", &tenant(2)), 150);
+        assert_eq!(fairness.served("m", &tenant(1)), 150);
+    }
+
+    /// A candidate of `candidate`'s for `model`.
+    fn on(model: &str, mut c: DispatchCandidate) -> DispatchCandidate {
+        c.batch.model = Some(model.into());
+        c
+    }
+
+    #[test]
+    fn lines_on_one_model_do_not_count_on_another() {
+        let mut fairness = Fairness::default();
+        // tenant 1 alone on model "a" for a long while, tenant 2 alone on "b" briefly
+        let mut a = vec![on("a", candidate(1, 100, 100))];
+        let mut b = vec![on("b", candidate(2, 100, 200))];
+        fairness.admit(&[a[0].clone(), b[0].clone()]);
+        hand_out(&mut fairness, &mut a, 20, 500);
+        hand_out(&mut fairness, &mut b, 1, 500);
+        assert_eq!(fairness.served("a", &tenant(1)), 10_000);
+        assert_eq!(fairness.served("b", &tenant(2)), 500);
+
+        // tenant 1 sends work for "b" (due earlier): there it starts at tenant 2's count, not
+        // with its 10,000 lines of "a", so the two share "b" from the next slot
+        b.push(on("b", candidate(1, 100, 100)));
+        fairness.admit(&[a[0].clone(), b[0].clone(), b[1].clone()]);
+        assert_eq!(fairness.served("b", &tenant(1)), 500);
+        let order = hand_out(&mut fairness, &mut b, 4, 500);
+        assert_eq!(order, [tenant(1), tenant(2), tenant(1), tenant(2)]);
+        // and "a" is untouched by it
+        assert_eq!(fairness.served("a", &tenant(1)), 10_000);
+        assert_eq!(fairness.served("a", &tenant(2)), 0);
+    }
+
+    #[test]
+    fn a_model_without_work_is_forgotten() {
+        let mut fairness = Fairness::default();
+        fairness.admit(&[on("a", candidate(1, 1, 1)), on("b", candidate(1, 1, 1))]);
+        fairness.record("a", &tenant(1), 10);
+        fairness.record("b", &tenant(1), 20);
+        fairness.admit(&[on("a", candidate(1, 1, 1)), on("b", candidate(1, 0, 1))]);
+        let models: Vec<String> = fairness.accounts().into_iter().map(|a| a.model).collect();
+        assert_eq!(models, ["a"]);
+    }
+
+    #[test]
+    fn saved_accounts_restore_the_same_choices() {
+        let mut candidates = vec![candidate(1, 10, 100), candidate(2, 10, 200)];
+        let mut fairness = Fairness::default();
+        fairness.admit(&candidates);
+        // tenant 1 (due earlier) wins the ties: it is a chunk ahead after three slots
+        hand_out(&mut fairness, &mut candidates, 3, 500);
+        let accounts = fairness.accounts();
+        assert_eq!(
+            accounts,
+            [
+                DispatchAccount {
+                    model: "m".into(),
+                    tenant: tenant(1),
+                    served: 1000
+                },
+                DispatchAccount {
+                    model: "m".into(),
+                    tenant: tenant(2),
+                    served: 500
+                },
+            ]
+        );
+
+        let mut restored = Fairness::from_accounts(accounts);
+        assert_eq!(restored, fairness);
+        restored.admit(&candidates);
+        // the tenant behind gets the next slot, as it would have without the restart; a
+        // fresh account would give it to tenant 1's earlier deadline
+        assert_eq!(restored.pick(&candidates), Some(1));
+        let mut forgot = Fairness::default();
+        forgot.admit(&candidates);
+        assert_eq!(forgot.pick(&candidates), Some(0));
     }
 
     #[test]

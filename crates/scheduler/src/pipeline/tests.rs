@@ -115,7 +115,19 @@ fn record(tenant: &TenantId, input: &FileId, expires_at: i64) -> BatchRecord {
 
 /// An `in_progress` batch of `n` one-line chunks whose deadline is `expires_at`.
 async fn running_until(fx: &Fixture, n: u32, expires_at: i64) -> BatchRecord {
-    let b = record(&fx.tenant, &FileId::generate(), expires_at);
+    running_on(fx, &fx.tenant, "m", n, expires_at).await
+}
+
+/// An `in_progress` batch of `tenant` for `model` of `n` one-line chunks whose deadline is
+/// `expires_at`.
+async fn running_on(
+    fx: &Fixture,
+    tenant: &TenantId,
+    model: &str,
+    n: u32,
+    expires_at: i64,
+) -> BatchRecord {
+    let b = record(tenant, &FileId::generate(), expires_at);
     fx.ports.metadata.insert_batch(&b).await.expect("insert");
     let chunks = (0..n)
         .map(|i| ChunkSpan {
@@ -127,7 +139,7 @@ async fn running_until(fx: &Fixture, n: u32, expires_at: i64) -> BatchRecord {
         })
         .collect();
     let ready = ValidationOutcome::Ready {
-        model: "m".into(),
+        model: model.into(),
         total: u64::from(n),
         chunks,
     };
@@ -470,6 +482,120 @@ async fn a_stalled_finalization_is_published_again_only_without_a_lease() {
             .republished,
         1
     );
+}
+
+/// Another tenant in the fixture's store.
+async fn other_tenant(fx: &Fixture) -> TenantId {
+    fx.ports
+        .metadata
+        .create_tenant("other", &apikey::digest(&apikey::generate()))
+        .await
+        .expect("tenant")
+        .id
+}
+
+/// How many of the batch's chunks are handed out and not done.
+async fn in_flight(fx: &Fixture, id: &BatchId) -> usize {
+    fx.ports
+        .metadata
+        .dispatched_chunks(id)
+        .await
+        .expect("dispatched")
+        .len()
+}
+
+/// Marks every handed-out chunk of the batch done (their executors finished them).
+async fn finish_in_flight(fx: &Fixture, id: &BatchId) {
+    for leased in fx
+        .ports
+        .metadata
+        .dispatched_chunks(id)
+        .await
+        .expect("dispatched")
+    {
+        fx.ports
+            .metadata
+            .complete_chunk(id, leased.span.index)
+            .await
+            .expect("complete");
+    }
+}
+
+#[tokio::test]
+async fn dispatch_fairness_survives_a_scheduler_restart() {
+    let fx = fixture().await;
+    let settings = PipelineSettings {
+        max_in_flight_chunks_per_model: 3,
+        ..settings()
+    };
+    let later = other_tenant(&fx).await;
+    let now = now_unix();
+    // two tenants with work on one model; the first one's batch is due earlier, so it wins
+    // every tie
+    let first = running_until(&fx, 10, now + 3600).await;
+    let second = running_on(&fx, &later, "m", 10, now + 7200).await;
+    let mut dispatcher = Dispatcher::new(fx.ports.clone(), settings.clone());
+    assert_eq!(dispatcher.round().await.expect("round"), 3);
+    // first, second, first: the second tenant is one line behind
+    assert_eq!(in_flight(&fx, &first.id).await, 2);
+    assert_eq!(in_flight(&fx, &second.id).await, 1);
+
+    // the scheduler stops; one of the first tenant's chunks finishes meanwhile
+    drop(dispatcher);
+    let done = fx
+        .ports
+        .metadata
+        .dispatched_chunks(&first.id)
+        .await
+        .expect("dispatched")[0]
+        .span
+        .index;
+    fx.ports
+        .metadata
+        .complete_chunk(&first.id, done)
+        .await
+        .expect("complete");
+
+    // a new scheduler over the same store gives the free slot to the tenant that was behind
+    // (one that forgot would start both even and give it to the earlier deadline)
+    let mut restarted = Dispatcher::new(fx.ports.clone(), settings.clone());
+    assert_eq!(restarted.round().await.expect("round"), 1);
+    assert_eq!(in_flight(&fx, &first.id).await, 1);
+    assert_eq!(in_flight(&fx, &second.id).await, 2);
+}
+
+#[tokio::test]
+async fn dispatch_fairness_is_per_model() {
+    let fx = fixture().await;
+    let settings = PipelineSettings {
+        max_in_flight_chunks_per_model: 2,
+        ..settings()
+    };
+    let light = other_tenant(&fx).await;
+    let now = now_unix();
+    // the heavy tenant runs model "a" alone, the light one model "b" alone, until the heavy
+    // one has been served three times as many lines
+    let heavy_a = running_on(&fx, &fx.tenant, "a", 20, now + 3600).await;
+    let light_b = running_on(&fx, &light, "b", 20, now + 7200).await;
+    let mut dispatcher = Dispatcher::new(fx.ports.clone(), settings.clone());
+    assert_eq!(dispatcher.round().await.expect("round"), 4);
+    for _ in 0..2 {
+        finish_in_flight(&fx, &heavy_a.id).await;
+        assert_eq!(dispatcher.round().await.expect("round"), 2);
+    }
+    assert_eq!(in_flight(&fx, &heavy_a.id).await, 2);
+    assert_eq!(in_flight(&fx, &light_b.id).await, 2);
+
+    // now the heavy tenant sends work for model "b" too (due earlier), and both "b" slots
+    // free up: its lines on model "a" do not count against it there, so the tenants share
+    // them (counting across models, the light tenant would take both)
+    let heavy_b = running_on(&fx, &fx.tenant, "b", 20, now + 3600).await;
+    finish_in_flight(&fx, &light_b.id).await;
+    assert_eq!(dispatcher.round().await.expect("round"), 2);
+    assert_eq!(in_flight(&fx, &heavy_b.id).await, 1);
+    assert_eq!(in_flight(&fx, &light_b.id).await, 1);
+    // and model "a" was left alone: both its slots are still taken
+    assert_eq!(in_flight(&fx, &heavy_a.id).await, 2);
 }
 
 #[tokio::test]
