@@ -184,11 +184,11 @@ NIGHTSHIFT_<SECTION>__<KEY> variables override nightshift.toml.
       optional: false
 {{- if $v.internal.tls.enabled }}
 - name: NIGHTSHIFT_INTERNAL__TLS__CA
-  value: /etc/nightshift/tls/ca.crt
+  value: /etc/nightshift-tls/ca.crt
 - name: NIGHTSHIFT_INTERNAL__TLS__CERT
-  value: /etc/nightshift/tls/tls.crt
+  value: /etc/nightshift-tls/tls.crt
 - name: NIGHTSHIFT_INTERNAL__TLS__KEY
-  value: /etc/nightshift/tls/tls.key
+  value: /etc/nightshift-tls/tls.key
 {{- end }}
 {{- end }}
 {{- if eq $component "gateway" }}
@@ -328,8 +328,9 @@ spec:
           mountPath: /tmp
         {{- end }}
         {{- if and $.Values.internal.tls.enabled (has $component (list "gateway" "scheduler" "finalizer")) }}
+        {{- /* not under /etc/nightshift: a mount point inside the read-only ConfigMap volume */}}
         - name: internal-tls
-          mountPath: /etc/nightshift/tls
+          mountPath: /etc/nightshift-tls
           readOnly: true
         {{- end }}
   volumes:
