@@ -6,7 +6,7 @@
 //!   without it or with a wrong one; with it they work. `nightshift scheduler` will not start
 //!   without one.
 //! - The gateway's `/metrics`, `/readyz` and `/livez` are on its ops listener, not on the
-//!   public API port.
+//!   public API port; the scheduler's are on its ops listener, not on its gRPC port.
 //! - Readiness is not tied to Redis: with Redis gone the gateway and the scheduler stay ready
 //!   and the API lists and creates batches.
 //! - Slowloris: connections that never finish their request head are closed after the
@@ -177,6 +177,42 @@ async fn ops_endpoints_are_not_on_the_api_port(deployment: Deployment) {
         metrics.contains("nightshift_gateway_http_requests_total"),
         "{metrics}"
     );
+
+    // The scheduler's gRPC port serves gRPC only (HTTP/2, every call behind the token): its
+    // ops endpoints answer on a listener of their own.
+    for path in ["/metrics", "/readyz", "/livez"] {
+        if let Ok(resp) = client
+            .get(format!("{}{path}", stack.scheduler_url))
+            .send()
+            .await
+        {
+            let status = resp.status().as_u16();
+            let body = resp.text().await.unwrap_or_default();
+            assert!(
+                status != 200 || body.is_empty(),
+                "{path} answered on the scheduler's gRPC port: {status} {body}"
+            );
+        }
+        let resp = client
+            .get(format!("{}{path}", stack.scheduler_ops_origin))
+            .send()
+            .await
+            .expect("scheduler ops port");
+        assert_eq!(
+            resp.status().as_u16(),
+            200,
+            "{path} on the scheduler's ops port"
+        );
+    }
+    let metrics = client
+        .get(format!("{}/metrics", stack.scheduler_ops_origin))
+        .send()
+        .await
+        .expect("scheduler ops port")
+        .text()
+        .await
+        .expect("metrics");
+    assert!(metrics.contains("nightshift_scheduler_"), "{metrics}");
     stack.stop().await.expect("stop");
 }
 
@@ -266,7 +302,7 @@ async fn redis_down_leaves_the_api_serving_and_ready() {
 
     for ready in [
         format!("{}/readyz", stack.ops_origin),
-        format!("{}/readyz", stack.scheduler_url),
+        format!("{}/readyz", stack.scheduler_ops_origin),
     ] {
         let resp = client.get(&ready).send().await.expect("readyz");
         let status = resp.status().as_u16();

@@ -18,8 +18,9 @@
   select, references (Secrets, ConfigMaps, scale targets, ServiceMonitor ports) that resolve,
   executors' grace periods longer than their shutdown grace, the PrometheusRule and dashboards
   ConfigMap carrying exactly the committed files. Security: the internal token reaches exactly
-  the scheduler and its clients (gateway, finalizer) from a Secret that holds it; the gateway's
-  ops port is on no public Service; unless a values file turns them off, one NetworkPolicy per
+  the scheduler and its clients (gateway, finalizer) from a Secret that holds it, and so do the
+  mTLS files when internal.tls is on (the scheduler URL then https://); the gateway's and the
+  scheduler's ops ports are on no non-headless Service; unless a values file turns them off, one NetworkPolicy per
   component, the scheduler's gRPC port open only to the gateway and the finalizer (and the
   configured extra clients and monitoring), every ops port only to monitoring.
 - The effective configuration of every service, compose's and each rendered Deployment's
@@ -449,6 +450,21 @@ def check_chart_security(p: Problems, rendered: dict) -> None:
                 secret = secrets.get(token["name"], {})
                 p.check(token["key"] in secret.get("data", {}),
                         f"{name}: {dname}: the chart renders no Secret {token['name']} holding {token['key']}")
+            tls = internal.get("tls", {})
+            tls_env = {k: env.get(f"NIGHTSHIFT_INTERNAL__TLS__{k.upper()}", {}).get("value") for k in ("ca", "cert", "key")}
+            if tls.get("enabled"):
+                mounted = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+                vols = {v["name"]: v for v in dep["spec"]["template"]["spec"].get("volumes", [])}
+                for k, path in tls_env.items():
+                    vol = vols.get(mounted.get(str(Path(path or "/").parent), ""), {})
+                    secret_name = vol.get("secret", {}).get("secretName", "")
+                    p.check(path is not None and (secret_name == tls["existingSecret"] if tls.get("existingSecret")
+                                                  else secret_name.endswith("-internal-tls")),
+                            f"{name}: {dname}: [internal.tls] {k} is not a file of internal.tls.existingSecret")
+                url = env.get(f"NIGHTSHIFT_{component.upper()}__SCHEDULER_URL", {}).get("value", "https://")
+                p.check(url.startswith("https://"), f"{name}: {dname}: mTLS on, yet the scheduler URL is {url}")
+            else:
+                p.check(set(tls_env.values()) == {None}, f"{name}: {dname}: [internal.tls] set with internal.tls off")
         for sname, svc in services.items():
             if svc["spec"].get("clusterIP") != "None":
                 p.check(all(pt.get("targetPort") != "ops" for pt in svc["spec"]["ports"]),

@@ -15,11 +15,11 @@ BIN="${NIGHTSHIFT_BIN:-$ROOT/target/debug/nightshift}"
 CONFIG="${NIGHTSHIFT_CONFIG:-$ROOT/deploy/dev/nightshift.toml}"
 KEY="${NIGHTSHIFT_BOOTSTRAP_API_KEY:-ns-dev-key}"
 
-# name|readiness URL|listen address — in start order (the gateway's /readyz is on its ops
-# port, 9091; its API on 8080)
+# name|readiness URL|listen address — in start order (the gateway's and the scheduler's /readyz
+# are on their ops ports, 9091 and 9094; their API and gRPC on 8080 and 50051)
 SERVICES=(
   "inference-sim|http://127.0.0.1:8000/readyz|127.0.0.1:8000"
-  "scheduler|http://127.0.0.1:50051/readyz|127.0.0.1:50051"
+  "scheduler|http://127.0.0.1:9094/readyz|127.0.0.1:50051"
   "executor|http://127.0.0.1:9092/readyz|127.0.0.1:9092"
   "finalizer|http://127.0.0.1:9093/readyz|127.0.0.1:9093"
   "gateway|http://127.0.0.1:9091/readyz|127.0.0.1:8080"

@@ -88,6 +88,9 @@ pub struct ClusterOptions {
     pub log_dir: Option<PathBuf>,
     /// The simulator upstream's `timeout` (unset: the default).
     pub upstream_timeout: Option<Duration>,
+    /// Mutual TLS on the scheduler's gRPC API (`[internal.tls]`, the same files for every
+    /// service; its URL is then `https://`). The harness's own client uses them too.
+    pub internal_tls: Option<nightshift_proto::tls::TlsFiles>,
 }
 
 impl ClusterOptions {
@@ -100,6 +103,7 @@ impl ClusterOptions {
             executors: 1,
             log_dir: None,
             upstream_timeout: None,
+            internal_tls: None,
         }
     }
 
@@ -141,7 +145,10 @@ pub struct Cluster {
     /// Ops port of each service instance (executors get one each; the gateway's API is on
     /// `origin`).
     ports: HashMap<String, u16>,
+    /// `http(s)://127.0.0.1:<the scheduler's gRPC port>`.
     scheduler_url: String,
+    /// `[internal.tls]`, if set.
+    internal_tls: Option<nightshift_proto::tls::TlsFiles>,
     /// What the scheduler's gRPC calls carry (`[internal] token`).
     internal_token: Secret,
     children: HashMap<String, Child>,
@@ -216,6 +223,7 @@ impl Cluster {
             executors,
             log_dir,
             upstream_timeout,
+            internal_tls,
         } = options;
         let id = uuid::Uuid::new_v4().simple().to_string();
         let prefix = format!("e2e/{id}");
@@ -240,7 +248,22 @@ impl Cluster {
         let s3 = endpoints.s3_config(&prefix);
         let pg = endpoints.pg_config(&schema);
         let api_port = free_port().await?;
-        let scheduler_url = format!("http://127.0.0.1:{}", ports["scheduler"]);
+        let grpc_port = free_port().await?;
+        let scheme = if internal_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let scheduler_url = format!("{scheme}://127.0.0.1:{grpc_port}");
+        let tls_section = internal_tls
+            .as_ref()
+            .map(|tls| {
+                format!(
+                    "[internal.tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+                    tls.ca, tls.cert, tls.key
+                )
+            })
+            .unwrap_or_default();
         let internal_token = nightshift_proto::auth::generate_token();
         let toml = format!(
             r#"
@@ -272,13 +295,16 @@ ttl = "1h"
 [internal]
 token = "{token}"
 
+{tls_section}
+
 [gateway]
 listen = "127.0.0.1:{api_port}"
 ops_listen = "127.0.0.1:{gw}"
 scheduler_url = "{scheduler_url}"
 
 [scheduler]
-listen = "127.0.0.1:{sched}"
+listen = "127.0.0.1:{grpc_port}"
+ops_listen = "127.0.0.1:{sched}"
 sweep_interval = "1h"
 
 [scheduler.pipeline]
@@ -359,6 +385,7 @@ backoff_max = "50ms"
             _dir: dir,
             ports,
             scheduler_url,
+            internal_tls,
             internal_token,
             children: HashMap::new(),
             settings,
@@ -535,10 +562,24 @@ backoff_max = "50ms"
         self.log_dir.as_deref()
     }
 
+    /// The scheduler's gRPC endpoint (`https://` with [`ClusterOptions::internal_tls`]).
+    pub fn scheduler_url(&self) -> &str {
+        &self.scheduler_url
+    }
+
+    /// The token every call to the scheduler must carry.
+    pub fn internal_token(&self) -> &Secret {
+        &self.internal_token
+    }
+
     /// A fresh tenant: its API key.
     pub async fn tenant(&self, name: &str) -> anyhow::Result<String> {
-        let control = SchedulerClient::connect_lazy(&self.scheduler_url, Duration::from_secs(10))?
-            .with_token(Some(&self.internal_token))?;
+        let control = SchedulerClient::connect_lazy_tls(
+            &self.scheduler_url,
+            Duration::from_secs(10),
+            self.internal_tls.as_ref(),
+        )?
+        .with_token(Some(&self.internal_token))?;
         Ok(control
             .tenants()
             .create_tenant(CreateTenantRequest {

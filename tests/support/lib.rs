@@ -234,6 +234,8 @@ pub struct Stack {
     /// `/metrics` — of the whole process: every service of the stack shares its registry).
     pub ops_origin: String,
     pub scheduler_url: String,
+    /// `http://127.0.0.1:<port>` of the scheduler's ops endpoints (its `/readyz`).
+    pub scheduler_ops_origin: String,
     /// The token the scheduler's gRPC calls must carry ([`Stack::control`] sends it).
     pub internal_token: Secret,
     /// Unique per test: object-storage prefix and tenant names.
@@ -351,6 +353,7 @@ impl Stack {
             sim_origin,
             ops_origin: running.ops_origin.clone(),
             scheduler_url: running.scheduler_url.clone(),
+            scheduler_ops_origin: running.scheduler_ops_origin.clone(),
             internal_token: running.internal_token.clone(),
             prefix: format!("e2e/{}", uuid::Uuid::new_v4()),
             backend: Backend::Standalone {
@@ -442,6 +445,7 @@ impl Stack {
             sim_origin,
             ops_origin: format!("http://{}", services.gateway_ops_addr),
             scheduler_url: services.scheduler_url.clone(),
+            scheduler_ops_origin: format!("http://{}", services.scheduler_ops_addr),
             internal_token: services.internal_token.clone(),
             prefix,
             backend: Backend::Distributed {

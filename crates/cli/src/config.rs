@@ -58,6 +58,12 @@ pub struct InternalSection {
     /// `gateway`, `finalizer` and `admin`; `nightshift standalone` generates one per run
     /// (its gRPC is on loopback, inside the process).
     pub token: Option<Secret>,
+    /// Mutual TLS on the scheduler's gRPC API, in addition to the token: the scheduler
+    /// requires client certificates signed by `ca`, its clients present theirs and check the
+    /// scheduler's (their `scheduler_url` must then be `https://`). Unset: plain HTTP/2.
+    /// `nightshift standalone` ignores it. Read at start: a renewed certificate needs a
+    /// restart.
+    pub tls: Option<nightshift_proto::tls::TlsFiles>,
 }
 
 /// The settings only `nightshift standalone` reads.
@@ -101,6 +107,7 @@ impl Config {
             .map_err(Box::new)?;
         config.set_routing(config.routing.clone());
         config.set_internal_token(config.internal.token.clone());
+        config.set_internal_tls(config.internal.tls.clone());
         Ok(config)
     }
 
@@ -111,6 +118,15 @@ impl Config {
         self.scheduler.internal_token = token.clone();
         self.finalizer.internal_token = token.clone();
         self.internal.token = token;
+    }
+
+    /// Sets mutual TLS on the internal API: `[internal.tls]`, and the copies the scheduler
+    /// and its clients, the gateway and the finalizer, read from their own sections.
+    pub fn set_internal_tls(&mut self, tls: Option<nightshift_proto::tls::TlsFiles>) {
+        self.gateway.internal_tls = tls.clone();
+        self.scheduler.internal_tls = tls.clone();
+        self.finalizer.internal_tls = tls.clone();
+        self.internal.tls = tls;
     }
 
     /// Sets the routing table: `[routing]`, and the copies the scheduler and the executors
@@ -234,6 +250,36 @@ mod tests {
             // not a key of the services' own sections
             jail.create_file("bad.toml", "[gateway]\ninternal_token = \"x\"\n")?;
             assert!(Config::load(Some(Path::new("bad.toml")), Env::prefixed("NONE_")).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn internal_tls_reaches_the_scheduler_and_its_clients() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "ns.toml",
+                r#"
+                [internal.tls]
+                ca = "/etc/nightshift/tls/ca.crt"
+                cert = "/etc/nightshift/tls/tls.crt"
+                key = "/etc/nightshift/tls/tls.key"
+                "#,
+            )?;
+            let c =
+                Config::load(Some(Path::new("ns.toml")), Env::prefixed("NONE_")).map_err(|e| *e)?;
+            let tls = c.internal.tls.clone().expect("tls");
+            assert_eq!(tls.cert, Path::new("/etc/nightshift/tls/tls.crt"));
+            assert_eq!(c.scheduler.internal_tls.as_ref(), Some(&tls));
+            assert_eq!(c.gateway.internal_tls.as_ref(), Some(&tls));
+            assert_eq!(c.finalizer.internal_tls.as_ref(), Some(&tls));
+            // the scheduler's pod has a default (http) gateway URL it never uses: not an error
+            // here; a client refuses a URL that does not fit when it connects
+            c.validate().expect("valid");
+            assert!(c.dump().contains("[internal.tls]"), "{}", c.dump());
+            // every path is required
+            jail.create_file("partial.toml", "[internal.tls]\nca = \"/ca.pem\"\n")?;
+            assert!(Config::load(Some(Path::new("partial.toml")), Env::prefixed("NONE_")).is_err());
             Ok(())
         });
     }

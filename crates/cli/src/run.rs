@@ -157,8 +157,9 @@ pub async fn scheduler(config: Config) -> anyhow::Result<()> {
     internal_token(&config)?;
     let ports = ports::scheduler(&config).await?;
     let listener = bind(config.scheduler.listen).await?;
+    let ops_listener = bind(config.scheduler.ops_listen).await?;
     let shutdown = shutdown_on_signal(DRAIN_GRACE);
-    nightshift_scheduler::serve(config.scheduler, ports, listener, shutdown).await?;
+    nightshift_scheduler::serve(config.scheduler, ports, listener, ops_listener, shutdown).await?;
     Ok(())
 }
 
@@ -339,9 +340,10 @@ pub enum Admin {
 
 pub async fn admin(config: Config, cmd: Admin) -> anyhow::Result<()> {
     let token = internal_token(&config)?;
-    let control = SchedulerClient::connect_lazy(
+    let control = SchedulerClient::connect_lazy_tls(
         &config.gateway.scheduler_url,
         config.gateway.control_timeout,
+        config.internal.tls.as_ref(),
     )?
     .with_token(Some(&token))?;
     match cmd {

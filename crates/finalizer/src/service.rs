@@ -135,6 +135,10 @@ pub struct FinalizerConfig {
     /// binary copies `[internal] token` here ([`nightshift_proto::auth`]).
     #[serde(skip)]
     pub internal_token: Option<nightshift_core::secret::Secret>,
+    /// Mutual TLS to the scheduler (then `scheduler_url` is `https://`). Not a key of
+    /// `[finalizer]`: the binary copies `[internal.tls]` here ([`nightshift_proto::tls`]).
+    #[serde(skip)]
+    pub internal_tls: Option<nightshift_proto::tls::TlsFiles>,
 }
 
 impl Default for FinalizerConfig {
@@ -152,6 +156,7 @@ impl Default for FinalizerConfig {
             max_hold: DEFAULT_MAX_HOLD,
             lease_ttl: Duration::from_secs(60),
             internal_token: None,
+            internal_tls: None,
         }
     }
 }
@@ -243,10 +248,14 @@ pub async fn serve(
     worker
         .validate(consumer_timeout)
         .map_err(|e| ServeError::Config(format!("finalizer: {e}")))?;
-    let scheduler = SchedulerClient::connect_lazy(&config.scheduler_url, config.control_timeout)
-        .map_err(|e| ServeError::Config(format!("finalizer.scheduler_url: {e}")))?
-        .with_token(config.internal_token.as_ref())
-        .map_err(|e| ServeError::Config(e.to_string()))?;
+    let scheduler = SchedulerClient::connect_lazy_tls(
+        &config.scheduler_url,
+        config.control_timeout,
+        config.internal_tls.as_ref(),
+    )
+    .map_err(|e| ServeError::Config(format!("finalizer.scheduler_url: {e}")))?
+    .with_token(config.internal_token.as_ref())
+    .map_err(|e| ServeError::Config(e.to_string()))?;
     metrics::describe();
     metrics::register();
 

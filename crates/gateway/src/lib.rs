@@ -90,6 +90,10 @@ pub struct GatewayConfig {
     /// copies `[internal] token` here ([`nightshift_proto::auth`]).
     #[serde(skip)]
     pub internal_token: Option<Secret>,
+    /// Mutual TLS to the scheduler (then `scheduler_url` is `https://`). Not a key of
+    /// `[gateway]`: the binary copies `[internal.tls]` here ([`nightshift_proto::tls`]).
+    #[serde(skip)]
+    pub internal_tls: Option<nightshift_proto::tls::TlsFiles>,
 }
 
 impl GatewayConfig {
@@ -129,6 +133,7 @@ impl Default for GatewayConfig {
             max_upload_bytes_in_flight_per_tenant: 8 * 1024 * 1024 * 1024,
             header_read_timeout: Duration::from_secs(65),
             internal_token: None,
+            internal_tls: None,
         }
     }
 }
@@ -404,10 +409,14 @@ pub async fn serve(
     ops_listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let control = SchedulerClient::connect_lazy(&config.scheduler_url, config.control_timeout)
-        .map_err(|e| ServeError::Config(format!("gateway.scheduler_url: {e}")))?
-        .with_token(config.internal_token.as_ref())
-        .map_err(|e| ServeError::Config(e.to_string()))?;
+    let control = SchedulerClient::connect_lazy_tls(
+        &config.scheduler_url,
+        config.control_timeout,
+        config.internal_tls.as_ref(),
+    )
+    .map_err(|e| ServeError::Config(format!("gateway.scheduler_url: {e}")))?
+    .with_token(config.internal_token.as_ref())
+    .map_err(|e| ServeError::Config(e.to_string()))?;
     let readiness = readiness(&control);
     metrics::register();
     let limits = serve::ConnectionLimits {

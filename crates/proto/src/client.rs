@@ -15,6 +15,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::auth::{ClientInterceptor, TokenError};
+use crate::tls::{TlsError, TlsFiles};
 use crate::v1::batches_client::BatchesClient;
 use crate::v1::files_client::FilesClient;
 use crate::v1::pipeline_client::PipelineClient;
@@ -27,6 +28,17 @@ pub type TracedChannel = InterceptedService<Channel, ClientInterceptor>;
 
 /// How long a connection attempt to the scheduler may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a [`SchedulerClient`] cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("scheduler url: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Scheme(&'static str),
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+}
 
 /// Clients of the scheduler's services, sharing one lazily connected channel. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -51,6 +63,51 @@ impl SchedulerClient {
             channel,
             interceptor: ClientInterceptor::default(),
         })
+    }
+
+    /// Like [`connect_lazy`](Self::connect_lazy), over mutual TLS when `tls` is set
+    /// ([`crate::tls`]): then `url` must be `https://` — tonic would otherwise connect in
+    /// plain text, certificates configured or not — and without it `http://`.
+    ///
+    /// # Errors
+    /// `url` is not a URI or has the wrong scheme, or a TLS file cannot be read or parsed.
+    pub fn connect_lazy_tls(
+        url: &str,
+        timeout: Duration,
+        tls: Option<&TlsFiles>,
+    ) -> Result<Self, ConnectError> {
+        Self::check_scheme(url, tls.is_some())?;
+        let Some(tls) = tls else {
+            return Ok(Self::connect_lazy(url, timeout)?);
+        };
+        let channel = Endpoint::from_shared(url.to_owned())?
+            .tls_config(tls.client_config()?)?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(timeout)
+            .connect_lazy();
+        Ok(Self {
+            channel,
+            interceptor: ClientInterceptor::default(),
+        })
+    }
+
+    /// Checks that `url`'s scheme fits the transport: `https` with TLS, `http` without.
+    ///
+    /// # Errors
+    /// What to change.
+    pub fn check_scheme(url: &str, tls: bool) -> Result<(), ConnectError> {
+        let https = url.starts_with("https://");
+        if tls && !https {
+            return Err(ConnectError::Scheme(
+                "with [internal.tls] the scheduler url must start with https://",
+            ));
+        }
+        if !tls && https {
+            return Err(ConnectError::Scheme(
+                "an https:// scheduler url needs [internal.tls] (ca, cert, key)",
+            ));
+        }
+        Ok(())
     }
 
     /// Sends the internal token with every call (`None`: none is sent, and the scheduler
@@ -105,5 +162,19 @@ impl SchedulerClient {
             .await
             .map(|_| ())
             .map_err(|s| format!("scheduler: {}", s.message()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_url_scheme_must_fit_the_transport() {
+        assert!(SchedulerClient::check_scheme("http://s:50051", false).is_ok());
+        assert!(SchedulerClient::check_scheme("https://s:50051", true).is_ok());
+        // certificates configured but a plain URL: tonic would connect in plain text
+        assert!(SchedulerClient::check_scheme("http://s:50051", true).is_err());
+        assert!(SchedulerClient::check_scheme("https://s:50051", false).is_err());
     }
 }

@@ -13,8 +13,11 @@
 //! Every failure is a [`SchedulerError`], mapped once onto the shared error vocabulary: a
 //! dependency down is `unavailable`, a uniqueness rule the store refused a `conflict`.
 //!
-//! The same port serves gRPC and the ops endpoints (`/livez`, `/readyz`, `/metrics`), HTTP/1
-//! and HTTP/2 alike.
+//! gRPC is served on `listen` (HTTP/2, over mutual TLS when `[internal.tls]` is set), every
+//! call guarded by the internal token; gRPC health stays there, behind the token, for the
+//! scheduler's clients (their `/readyz` pings it). The ops endpoints (`/livez`, `/readyz`,
+//! `/metrics`) are plain HTTP on a listener of their own, `ops_listen`, for probes and
+//! Prometheus only.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,6 +27,7 @@ use nightshift_core::apikey;
 use nightshift_core::routing::RoutingConfig;
 use nightshift_core::secret::Secret;
 use nightshift_metadata::MetadataStore;
+use nightshift_proto::tls::TlsFiles;
 use nightshift_proto::v1::batches_server::BatchesServer;
 use nightshift_proto::v1::files_server::FilesServer;
 use nightshift_proto::v1::pipeline_server::PipelineServer;
@@ -59,8 +63,11 @@ pub use sweeper::sweep_once;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SchedulerConfig {
-    /// gRPC + ops endpoints.
+    /// The gRPC services (the gateway, the finalizers, `nightshift admin`).
     pub listen: SocketAddr,
+    /// The ops endpoints (`/livez`, `/readyz`, `/metrics`): probes and Prometheus, so bind it
+    /// where only they reach. Never on `listen`.
+    pub ops_listen: SocketAddr,
     /// A key that is made to exist at start-up, owned by `bootstrap_tenant`; unset = none.
     pub bootstrap_api_key: Option<Secret>,
     pub bootstrap_tenant: String,
@@ -89,12 +96,17 @@ pub struct SchedulerConfig {
     /// `[internal] token` here ([`nightshift_proto::auth`]).
     #[serde(skip)]
     pub internal_token: Option<Secret>,
+    /// Mutual TLS on `listen`: unset, plain HTTP/2. Not a key of `[scheduler]`: the binary
+    /// copies `[internal.tls]` here ([`nightshift_proto::tls`]).
+    #[serde(skip)]
+    pub internal_tls: Option<TlsFiles>,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            ops_listen: DEFAULT_OPS_LISTEN,
             bootstrap_api_key: None,
             bootstrap_tenant: "default".into(),
             sweep_interval: Duration::from_secs(60),
@@ -105,9 +117,14 @@ impl Default for SchedulerConfig {
             webhooks: webhooks::WebhookSettings::default(),
             routing: RoutingConfig::default(),
             internal_token: None,
+            internal_tls: None,
         }
     }
 }
+
+/// Where the scheduler serves its ops endpoints unless `ops_listen` says otherwise.
+pub const DEFAULT_OPS_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9094);
 
 /// The infrastructure the scheduler runs on; the binary picks the adapters.
 #[derive(Debug, Clone)]
@@ -130,27 +147,40 @@ pub enum ServeError {
     /// No usable internal token: the gRPC API would be open to anyone who reaches the port.
     #[error("{0}")]
     Token(#[from] nightshift_proto::auth::TokenError),
+    /// `[internal.tls]` is set but its files cannot be read.
+    #[error("{0}")]
+    Tls(#[from] nightshift_proto::tls::TlsError),
+    /// The gRPC server failed: its TLS material does not parse, or serving failed.
+    #[error("grpc: {0}")]
+    Grpc(#[from] tonic::transport::Error),
 }
 
-/// Runs the scheduler on `listener` until `shutdown` is cancelled, then drains in-flight calls
-/// and stops the background tasks. `config` was validated when it was loaded.
+/// Runs the scheduler — gRPC on `listener`, the ops endpoints on `ops_listener` — until
+/// `shutdown` is cancelled, then drains in-flight calls and stops the background tasks.
+/// `config` was validated when it was loaded.
 ///
 /// In order: the bootstrap tenant is made to exist, whatever a previous run left is picked
 /// up ([`recover`]), then the gRPC services and the ops endpoints are served while the
-/// background tasks run ([`spawn_background`]); the scheduler answers its health check only
-/// once it has recovered.
+/// background tasks run ([`spawn_background`]); the scheduler answers its health check and
+/// `/readyz` only once it has recovered.
 ///
 /// # Errors
-/// The metadata store failed at start (bootstrap tenant, recovery), or the listener's I/O
-/// error.
+/// No usable internal token, unreadable or unparsable TLS files, the metadata store failed at
+/// start (bootstrap tenant, recovery), or a listener's I/O error.
 pub async fn serve(
     config: SchedulerConfig,
     ports: SchedulerPorts,
     listener: TcpListener,
+    ops_listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     metrics::register();
     let require_token = nightshift_proto::auth::server_layer(config.internal_token.as_ref())?;
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &config.internal_tls {
+        // parsed here: a bad certificate or key stops the start, not the first call
+        server = server.tls_config(tls.server_config()?)?;
+    }
     bootstrap_tenant(&config, &ports).await?;
 
     let wake = Arc::new(tokio::sync::Notify::new());
@@ -166,18 +196,38 @@ pub async fn serve(
     );
     recover(&config, &ports, &validator).await?;
 
-    let app = grpc_router(&config, &ports, validator)
-        .await
-        // every gRPC call, to any service registered above, carries the internal token; the
-        // ops endpoints merged below are plain HTTP and need none
-        .layer(require_token)
-        .merge(nightshift_telemetry::ops_router(readiness(&ports)));
+    let routes = grpc_routes(&config, &ports, validator).await;
     let background = spawn_background(&config, &ports, &wake, &stop);
 
-    tracing::info!(addr = %listener.local_addr()?, "scheduler listening");
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
+    // The ops endpoints stay up until the gRPC calls have drained.
+    let stop_ops = CancellationToken::new();
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        ops = %ops_listener.local_addr()?,
+        tls = config.internal_tls.is_some(),
+        "scheduler listening"
+    );
+    let ops = tokio::spawn(
+        axum::serve(
+            ops_listener,
+            nightshift_telemetry::ops_router(readiness(&ports)),
+        )
+        .with_graceful_shutdown(stop_ops.clone().cancelled_owned())
+        .into_future(),
+    );
+    let served = server
+        // every gRPC call, to any service registered, gRPC health included, carries the
+        // internal token; each call joins its caller's trace
+        .layer(require_token)
+        .layer(GrpcServerTraceLayer)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown.cancelled_owned(),
+        )
         .await;
+    stop_ops.cancel();
+    let ops = ops.await.map_err(std::io::Error::other);
     stop.cancel();
     for task in background {
         if let Err(e) = task.await {
@@ -185,7 +235,9 @@ pub async fn serve(
         }
     }
     tracing::info!("scheduler stopped");
-    served.map_err(ServeError::Io)
+    served?;
+    ops??;
+    Ok(())
 }
 
 /// Makes the configured bootstrap key exist, owned by `bootstrap_tenant` (if a key is set).
@@ -233,13 +285,12 @@ async fn recover(
     Ok(())
 }
 
-/// The gRPC services (`Tenants`, `Files`, `Batches`, `Pipeline`) and gRPC health, each call
-/// in a span of its caller's trace.
-async fn grpc_router(
+/// The gRPC services (`Tenants`, `Files`, `Batches`, `Pipeline`, `Webhooks`) and gRPC health.
+async fn grpc_routes(
     config: &SchedulerConfig,
     ports: &SchedulerPorts,
     validator: batches::Validator,
-) -> axum::Router {
+) -> tonic::service::Routes {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<FilesServer<files::FilesService>>()
@@ -261,10 +312,6 @@ async fn grpc_router(
             ports.clone(),
             config.webhooks.clone(),
         )))
-        .prepare()
-        .into_axum_router()
-        // every call joins its caller's trace
-        .layer(GrpcServerTraceLayer)
 }
 
 /// `/readyz`: whether this scheduler can do its main job — the metadata store (every call

@@ -213,6 +213,9 @@ pub struct Standalone {
     pub api_key: String,
     /// The scheduler's gRPC endpoint (loopback).
     pub scheduler_url: String,
+    /// `http://<scheduler ops address>` (loopback): the scheduler's own `/livez`, `/readyz`
+    /// and `/metrics` (the same registry as `ops_origin`'s).
+    pub scheduler_ops_origin: String,
     /// The token its calls must carry (generated for this run unless configured).
     pub internal_token: Secret,
     /// `http://<gateway ops address>`: `/livez`, `/readyz`, `/metrics` (of the whole
@@ -294,6 +297,7 @@ impl Standalone {
             origin: format!("http://{}", services.gateway_addr),
             api_key,
             scheduler_url: services.scheduler_url.clone(),
+            scheduler_ops_origin: format!("http://{}", services.scheduler_ops_addr),
             internal_token: services.internal_token.clone(),
             ops_origin: format!("http://{}", services.gateway_ops_addr),
             sim_origin,

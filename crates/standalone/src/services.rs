@@ -7,7 +7,9 @@
 //! <service>` builds them. So the tests run the wiring the product runs.
 //!
 //! - The scheduler listens on an ephemeral loopback port; the gateway and the finalizers call
-//!   it there over gRPC, as in the distributed deployment.
+//!   it there over gRPC, as in the distributed deployment, in plain HTTP/2 (`[internal.tls]`
+//!   is not used: nothing leaves the process). Its ops endpoints are on another ephemeral
+//!   loopback port.
 //! - The gateway listens where its configuration says (port 0: any free port), its API on
 //!   `listen` and its ops endpoints on `ops_listen`.
 //! - Every gRPC call carries the internal token: the configured one, else one generated for
@@ -211,8 +213,10 @@ pub struct Services {
     pub gateway_ops_addr: SocketAddr,
     /// The token the scheduler's gRPC calls carry ([`SchedulerClient::with_token`]).
     pub internal_token: Secret,
-    /// `http://<scheduler address>` (loopback): its gRPC services and ops endpoints.
+    /// `http://<scheduler address>` (loopback): its gRPC services.
     pub scheduler_url: String,
+    /// Where the scheduler serves its ops endpoints (`/livez`, `/readyz`, `/metrics`).
+    pub scheduler_ops_addr: SocketAddr,
     supervisor: Arc<Supervisor>,
     /// Stops the stages in order once the shutdown token is cancelled; its result is the run's.
     conductor: JoinHandle<Result<()>>,
@@ -248,6 +252,7 @@ impl Services {
             gateway_ops_addr: loopback(),
             internal_token,
             scheduler_url: String::new(),
+            scheduler_ops_addr: loopback(),
             supervisor,
             conductor,
             finalizer: (configs.finalizer.clone(), ports.finalizer.clone()),
@@ -265,15 +270,19 @@ impl Services {
         let listener = bind(loopback()).await?;
         let scheduler_addr = local_addr(&listener)?;
         self.scheduler_url = format!("http://{scheduler_addr}");
+        let ops_listener = bind(loopback()).await?;
+        self.scheduler_ops_addr = local_addr(&ops_listener)?;
         let token = Some(self.internal_token.clone());
         let config = SchedulerConfig {
             listen: scheduler_addr,
+            ops_listen: self.scheduler_ops_addr,
             internal_token: token.clone(),
+            internal_tls: None,
             ..configs.scheduler
         };
         self.supervisor
             .spawn(Stage::Scheduler, "scheduler", |stop| {
-                nightshift_scheduler::serve(config, ports.scheduler, listener, stop)
+                nightshift_scheduler::serve(config, ports.scheduler, listener, ops_listener, stop)
             });
 
         let listener = bind(configs.gateway.listen).await?;
@@ -285,6 +294,7 @@ impl Services {
             ops_listen: Some(self.gateway_ops_addr),
             scheduler_url: self.scheduler_url.clone(),
             internal_token: token.clone(),
+            internal_tls: None,
             ..configs.gateway
         };
         self.supervisor.spawn(Stage::Front, "gateway", |stop| {
@@ -305,6 +315,7 @@ impl Services {
 
         self.finalizer.0.scheduler_url = self.scheduler_url.clone();
         self.finalizer.0.internal_token = token;
+        self.finalizer.0.internal_tls = None;
         if configs.finalizer_enabled {
             self.start_finalizer().await?;
         }

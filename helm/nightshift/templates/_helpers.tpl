@@ -87,17 +87,24 @@ nightshift.io/job: nightshift-{{ $component }}
 {{- default (printf "%s-internal" (include "nightshift.fullname" .)) .Values.internal.existingSecret }}
 {{- end }}
 
-{{/* The scheduler's gRPC endpoint, for the gateway and the finalizer. */}}
+{{/* The scheduler's gRPC endpoint, for the gateway and the finalizer (https:// with mTLS:
+the scheduler's certificate must name <fullname>-scheduler). */}}
 {{- define "nightshift.schedulerUrl" -}}
-{{- printf "http://%s-scheduler:%d" (include "nightshift.fullname" .) (int .Values.scheduler.service.port) }}
+{{- printf "%s://%s-scheduler:%d" (ternary "https" "http" .Values.internal.tls.enabled) (include "nightshift.fullname" .) (int .Values.scheduler.service.port) }}
 {{- end }}
 
-{{/* The port of a component's ops endpoints (/livez, /readyz, /metrics): the gateway's own
-ops listener; the scheduler serves them on its gRPC port; the others on their listen port. */}}
+{{/* The Secret holding the internal mTLS files (ca.crt, tls.crt, tls.key). */}}
+{{- define "nightshift.internalTlsSecretName" -}}
+{{- default (printf "%s-internal-tls" (include "nightshift.fullname" .)) .Values.internal.tls.existingSecret }}
+{{- end }}
+
+{{/* The port of a component's ops endpoints (/livez, /readyz, /metrics): the gateway's and
+the scheduler's own ops listeners; the others on their listen port. */}}
 {{- define "nightshift.opsPort" -}}
 {{- $component := index . 0 -}}
 {{- $ := index . 1 -}}
 {{- if eq $component "gateway" }}{{ int $.Values.gateway.opsPort }}
+{{- else if eq $component "scheduler" }}{{ int $.Values.scheduler.opsPort }}
 {{- else }}{{ include "nightshift.port" (list $component $) }}
 {{- end }}
 {{- end }}
@@ -175,6 +182,14 @@ NIGHTSHIFT_<SECTION>__<KEY> variables override nightshift.toml.
       name: {{ include "nightshift.internalSecretName" $ }}
       key: {{ $v.internal.existingSecretKey }}
       optional: false
+{{- if $v.internal.tls.enabled }}
+- name: NIGHTSHIFT_INTERNAL__TLS__CA
+  value: /etc/nightshift-tls/ca.crt
+- name: NIGHTSHIFT_INTERNAL__TLS__CERT
+  value: /etc/nightshift-tls/tls.crt
+- name: NIGHTSHIFT_INTERNAL__TLS__KEY
+  value: /etc/nightshift-tls/tls.key
+{{- end }}
 {{- end }}
 {{- if eq $component "gateway" }}
 - name: NIGHTSHIFT_GATEWAY__OPS_LISTEN
@@ -183,6 +198,8 @@ NIGHTSHIFT_<SECTION>__<KEY> variables override nightshift.toml.
   value: "{{ int $v.gateway.headerReadTimeoutSeconds }}s"
 {{- end }}
 {{- if eq $component "scheduler" }}
+- name: NIGHTSHIFT_SCHEDULER__OPS_LISTEN
+  value: "0.0.0.0:{{ int $v.scheduler.opsPort }}"
 {{- with $v.metadata.schema }}
 - name: NIGHTSHIFT_METADATA__SCHEMA
   value: {{ . | quote }}
@@ -262,6 +279,9 @@ spec:
         - name: grpc
           containerPort: {{ include "nightshift.port" (list $component $) }}
           protocol: TCP
+        - name: ops
+          containerPort: {{ include "nightshift.opsPort" (list $component $) }}
+          protocol: TCP
         {{- else if eq $component "gateway" }}
         - name: http
           containerPort: {{ include "nightshift.port" (list $component $) }}
@@ -307,10 +327,30 @@ spec:
         - name: tmp
           mountPath: /tmp
         {{- end }}
+        {{- if and $.Values.internal.tls.enabled (has $component (list "gateway" "scheduler" "finalizer")) }}
+        {{- /* not under /etc/nightshift: a mount point inside the read-only ConfigMap volume */}}
+        - name: internal-tls
+          mountPath: /etc/nightshift-tls
+          readOnly: true
+        {{- end }}
   volumes:
     - name: config
       configMap:
         name: {{ include "nightshift.fullname" $ }}
+    {{- if and $.Values.internal.tls.enabled (has $component (list "gateway" "scheduler" "finalizer")) }}
+    {{- /* read at start: a renewed certificate takes effect when the pod restarts */}}
+    - name: internal-tls
+      secret:
+        secretName: {{ include "nightshift.internalTlsSecretName" $ }}
+        defaultMode: 0440
+        items:
+          - key: ca.crt
+            path: ca.crt
+          - key: tls.crt
+            path: tls.crt
+          - key: tls.key
+            path: tls.key
+    {{- end }}
     {{- if eq $component "executor" }}
     {{- /* result lines beyond executor.result_memory_bytes spill to a temporary file */}}
     - name: tmp
