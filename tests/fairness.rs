@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
-use nightshift_e2e::{Deployment, Stack, StackOptions, TEST_MODELS, eventually};
+use nightshift_e2e::{
+    Deployment, Stack, StackOptions, TEST_MODELS, eventually, for_both_deployments,
+};
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
 
@@ -182,9 +184,4 @@ async fn validation_is_fair_between_tenants(deployment: Deployment) {
     stack.stop().await.expect("stop");
 }
 
-// Standalone only for now: on the distributed stack tenant B's batch still passed validation
-// after all of A's (a known, unexplained failure, left open in issue 11's notes).
-#[tokio::test]
-async fn validation_is_fair_between_tenants_standalone() {
-    validation_is_fair_between_tenants(Deployment::Standalone).await
-}
+for_both_deployments!(validation_is_fair_between_tenants);

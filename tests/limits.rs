@@ -327,78 +327,92 @@ async fn identifiers_are_bounded_at_the_edge(deployment: Deployment) {
     stack.stop().await.expect("stop");
 }
 
-/// Starts an upload on a raw connection that declares `declared` bytes and sends only its
-/// head and the form's first part, then stalls: the upload stays in progress until the
-/// connection is dropped.
+/// Starts an upload on a raw connection that declares `declared` bytes, and returns once the
+/// gateway has admitted it: the request says `Expect: 100-continue`, and the gateway only reads
+/// (and so only answers `100 Continue`) past its upload bound. It then sends the form's first
+/// part and stalls: the upload stays in progress until the connection is dropped.
+///
+/// Waiting for the admission is what makes the bound testable: an upload whose head was merely
+/// sent may be admitted after the extra one a test sends next (which then takes the room this
+/// one was meant to fill, and this one is refused), and an upload refused because the
+/// previous phase's abandoned uploads are not released yet must be sent again.
 async fn stalled_upload(origin: &str, key: &str, declared: u64) -> tokio::net::TcpStream {
-    use tokio::io::AsyncWriteExt;
-    let addr = origin.trim_start_matches("http://");
-    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = origin.trim_start_matches("http://").to_owned();
     let boundary = "nightshift-stalled";
     let head = format!(
         "POST /v1/files HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\
-         Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {declared}\r\n\r\n\
-         --{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+         Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {declared}\r\n\
+         Expect: 100-continue\r\n\r\n"
+    );
+    let first_part = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
          --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"slow.jsonl\"\r\n\r\n{{\"a\": 1}}\n"
     );
-    conn.write_all(head.as_bytes()).await.expect("write");
-    conn.flush().await.expect("flush");
-    conn
+    eventually("a stalled upload admitted", Duration::from_secs(30), || {
+        let (addr, head, first_part) = (addr.clone(), head.clone(), first_part.clone());
+        async move {
+            let mut conn = tokio::net::TcpStream::connect(&addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            conn.write_all(head.as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
+            // The first answer's head: `100 Continue` (admitted) or the refusal.
+            let mut answer = Vec::new();
+            let mut byte = [0u8; 1];
+            while !answer.ends_with(b"\r\n\r\n") {
+                let n = conn.read(&mut byte).await.map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Err(format!(
+                        "connection closed: {}",
+                        String::from_utf8_lossy(&answer)
+                    ));
+                }
+                answer.push(byte[0]);
+            }
+            if !answer.starts_with(b"HTTP/1.1 100 ") {
+                // Refused (the previous phase's uploads still hold their share): again.
+                return Err(String::from_utf8_lossy(&answer).into_owned());
+            }
+            conn.write_all(first_part.as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
+            conn.flush().await.map_err(|e| e.to_string())?;
+            Ok(conn)
+        }
+    })
+    .await
+    .expect("stalled upload admitted")
 }
 
-/// Expects `upload` to be refused with a 429 `code` in the envelope, with `retry-after`,
-/// once the stalled uploads are all in progress (polled: they are admitted as they arrive).
+/// Expects an upload to be refused with a 429 `code` in the envelope, with `retry-after`, at
+/// the first try: the stalled uploads are all admitted already ([`stalled_upload`]).
 async fn expect_refused(client: &Client, origin: &str, key: &str, code: &str) {
     let boundary = "nightshift-limits-boundary";
     let body = format!(
         "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nuser_data\r\n\
          --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.txt\"\r\n\r\nx\r\n--{boundary}--\r\n"
     );
-    let refused = eventually(
-        &format!("an upload refused with {code}"),
-        Duration::from_secs(30),
-        || {
-            let (client, origin, key, body) = (
-                client.clone(),
-                origin.to_owned(),
-                key.to_owned(),
-                body.clone(),
-            );
-            async move {
-                let resp = client
-                    .post(format!("{origin}/v1/files"))
-                    .bearer_auth(&key)
-                    .header(
-                        "content-type",
-                        format!("multipart/form-data; boundary={boundary}"),
-                    )
-                    .body(body)
-                    .send()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let status = resp.status();
-                let retry_after = resp.headers().get("retry-after").cloned();
-                let value: Value = resp.json().await.map_err(|e| e.to_string())?;
-                if status == StatusCode::TOO_MANY_REQUESTS {
-                    Ok((value, retry_after))
-                } else {
-                    // admitted before the stalled ones all were: delete it, try again
-                    if let Some(id) = value["id"].as_str() {
-                        client
-                            .delete(format!("{origin}/v1/files/{id}"))
-                            .bearer_auth(&key)
-                            .send()
-                            .await
-                            .map_err(|e| e.to_string())?;
-                    }
-                    Err(format!("{status} {value}"))
-                }
-            }
-        },
-    )
-    .await
-    .expect("refused");
-    let (body, retry_after) = refused;
+    let resp = client
+        .post(format!("{origin}/v1/files"))
+        .bearer_auth(key)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(body)
+        .send()
+        .await
+        .expect("upload");
+    let status = resp.status();
+    let retry_after = resp.headers().get("retry-after").cloned();
+    let body: Value = resp.json().await.expect("json answer");
+    assert_eq!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the upload over the bound must be refused with {code}: {body}"
+    );
     assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
     assert_eq!(body["error"]["code"], code, "{body}");
     assert!(body["error"]["message"].is_string(), "{body}");
@@ -408,10 +422,9 @@ async fn expect_refused(client: &Client, origin: &str, key: &str, code: &str) {
     );
 }
 
-/// A tenant's uploads in progress are bounded; one more is a 429 with `retry-after`, another
-/// tenant's upload goes through meanwhile, and the slots come back when the uploads end. (The
-/// declared-bytes bound has no e2e check: its test admitted the extra upload intermittently,
-/// for a reason not yet found — left open on issue 11.)
+/// A tenant's uploads in progress are bounded (count, and declared bytes); one more is a 429
+/// with `retry-after`, another tenant's upload goes through meanwhile, and the slots come back
+/// when the uploads end.
 async fn uploads_in_progress_are_bounded_per_tenant(deployment: Deployment) {
     let stack = Stack::start(StackOptions::on(deployment))
         .await
@@ -454,6 +467,31 @@ async fn uploads_in_progress_are_bounded_per_tenant(deployment: Deployment) {
     })
     .await
     .expect("slots given back");
+
+    // Bytes: uploads declaring the largest file allowed fill the bytes in flight first.
+    let largest = config.max_upload_bytes;
+    let fit = (config.max_upload_bytes_in_flight_per_tenant / largest) as usize;
+    assert!(
+        fit < config.max_concurrent_uploads_per_tenant,
+        "the byte bound is the tighter"
+    );
+    assert_eq!(
+        config.max_upload_bytes_in_flight_per_tenant % largest,
+        0,
+        "no room left for even a small upload"
+    );
+    let mut stalled = Vec::new();
+    for _ in 0..fit {
+        stalled.push(stalled_upload(&stack.origin, &key_a, largest).await);
+    }
+    expect_refused(
+        &client,
+        &stack.origin,
+        &key_a,
+        "upload_bytes_in_flight_exceeded",
+    )
+    .await;
+    drop(stalled);
 
     // Nothing the refused or abandoned uploads sent stays behind.
     let files = walk(&client, &stack.origin, "/v1/files", &key_a, 100)

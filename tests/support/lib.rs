@@ -541,6 +541,14 @@ impl Stack {
         run_python(&self.origin, dir, script, env).await
     }
 
+    /// Standalone only: the data directory (objects, metadata, queue) of the deployment.
+    pub fn data_dir(&self) -> Option<&std::path::Path> {
+        match &self.backend {
+            Backend::Standalone { running, .. } => Some(&running.data_dir),
+            Backend::Distributed { .. } => None,
+        }
+    }
+
     /// Keys of every object under this test's prefix.
     pub async fn object_keys(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
         Ok(self

@@ -6,9 +6,10 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::StreamExt;
 use nightshift_core::batch::{BatchRecord, BatchStatus};
-use nightshift_core::chunking::ChunkPlanner;
+use nightshift_core::chunking::{ChunkPlanner, ChunkSpan};
 use nightshift_core::file::Purpose;
 use nightshift_core::jsonl::{JsonlItem, JsonlSplitter};
 use nightshift_core::routing::RoutingConfig;
@@ -38,8 +39,8 @@ pub struct Validator {
     stop: CancellationToken,
 }
 
-/// Input bytes checked between two yields to the runtime.
-const YIELD_EVERY_BYTES: u64 = 256 * 1024;
+/// Chunks of input read ahead of the line checker (each as large as object storage hands them).
+const CHECK_QUEUE_CHUNKS: usize = 8;
 
 /// The first wait before a validation that hit an infrastructure fault is retried.
 pub const VALIDATION_RETRY_BASE: Duration = Duration::from_secs(1);
@@ -269,29 +270,34 @@ pub async fn validate_input(
             }
             Err(e) => return Err(e.into()),
         };
-        let items = JsonlSplitter::new(settings.max_line_bytes).split_stream(body.stream);
-        futures::pin_mut!(items);
-        // Checking lines is CPU work between awaits that rarely wait (the bytes are buffered):
-        // yield every so often, so a huge input does not hold a runtime thread from the other
-        // tenants' requests and validations.
-        let mut since_yield = 0u64;
-        while let Some(item) = items.next().await {
-            let item = item?;
-            since_yield += item.end() - item.offset() + 1;
-            if since_yield >= YIELD_EVERY_BYTES {
-                since_yield = 0;
-                tokio::task::yield_now().await;
-            }
-            validator.push_item(&item);
-            // Chunks are only kept while the input still looks valid; a failing batch
-            // needs none, and this bounds their memory to valid inputs' (≤ max_lines).
-            if let JsonlItem::Line(line) = &item
-                && !validator.is_over_line_limit()
-                && let Some(span) = planner.push(line)
-            {
-                chunks.push(span);
+        // Checking lines is CPU work (the bytes come faster than they are checked): it runs on
+        // a thread of the blocking pool, fed through a short queue, never on the runtime's
+        // threads, which must keep answering the API (creating a batch, listing them) while
+        // huge inputs are checked. One such thread per validation slot at most.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(CHECK_QUEUE_CHUNKS);
+        let max_line_bytes = settings.max_line_bytes;
+        let checker = tokio::task::spawn_blocking(move || {
+            check_lines(
+                rx,
+                max_line_bytes,
+                &mut validator,
+                &mut planner,
+                &mut chunks,
+            );
+            (validator, planner, chunks)
+        });
+        let mut stream = body.stream;
+        while let Some(bytes) = stream.next().await {
+            // A read error abandons the check (the checker stops at the end of its queue).
+            let bytes = bytes?;
+            if tx.send(bytes).await.is_err() {
+                break;
             }
         }
+        drop(tx);
+        (validator, planner, chunks) = checker.await.map_err(|e| {
+            SchedulerError::Storage(StorageError::Backend(format!("input check task: {e}")))
+        })?;
     }
     if let Some(span) = planner.finish() {
         chunks.push(span);
@@ -319,6 +325,39 @@ pub async fn validate_input(
         total: report.total_lines,
         chunks,
     })
+}
+
+/// Splits the bytes received on `rx` into lines and checks each (off the async runtime: it
+/// blocks on `rx`), cutting chunks while the input still looks valid.
+fn check_lines(
+    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
+    max_line_bytes: usize,
+    validator: &mut LineValidator,
+    planner: &mut ChunkPlanner,
+    chunks: &mut Vec<ChunkSpan>,
+) {
+    let mut splitter = JsonlSplitter::new(max_line_bytes);
+    let mut check = |item: JsonlItem| {
+        validator.push_item(&item);
+        // Chunks are only kept while the input still looks valid; a failing batch needs
+        // none, and this bounds their memory to valid inputs' (≤ max_lines).
+        if let JsonlItem::Line(line) = &item
+            && !validator.is_over_line_limit()
+            && let Some(span) = planner.push(line)
+        {
+            chunks.push(span);
+        }
+    };
+    while let Some(bytes) = rx.blocking_recv() {
+        splitter.feed(bytes);
+        while let Some(item) = splitter.next_item() {
+            check(item);
+        }
+    }
+    splitter.finish();
+    while let Some(item) = splitter.next_item() {
+        check(item);
+    }
 }
 
 /// The validation slots, shared fairly between tenants: one FIFO queue per tenant, and each
