@@ -155,6 +155,8 @@ pub struct StackOptions {
     /// Distributed only: Redis at this URL instead of the shared one (a private instance a
     /// test stops).
     pub state_url: Option<String>,
+    /// The scheduler's default per-tenant quotas (`[scheduler.quotas]`).
+    pub quotas: nightshift_scheduler::QuotaSettings,
 }
 
 impl StackOptions {
@@ -195,6 +197,7 @@ impl Default for StackOptions {
             },
             header_read_timeout: GatewayConfig::default().header_read_timeout,
             state_url: None,
+            quotas: nightshift_scheduler::QuotaSettings::default(),
         }
     }
 }
@@ -283,6 +286,7 @@ fn scheduler_config(opts: &StackOptions) -> SchedulerConfig {
             ..Default::default()
         },
         webhooks: opts.webhooks.clone(),
+        quotas: opts.quotas,
         ..SchedulerConfig::default()
     }
 }

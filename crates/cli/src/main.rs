@@ -1,6 +1,7 @@
 //! `nightshift`: runs one service, or all of them in one process, administers a deployment,
 //! and submits and follows batches on any OpenAI-compatible Batch API (`nightshift batch`).
 
+mod admin_quotas;
 mod admin_webhooks;
 mod batch;
 mod run;

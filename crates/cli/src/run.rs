@@ -336,6 +336,11 @@ pub enum Admin {
     /// A tenant's webhook endpoints: list, create, delete.
     #[command(subcommand)]
     Webhooks(crate::admin_webhooks::WebhooksCmd),
+    /// Lists every tenant (id, name), oldest first.
+    Tenants,
+    /// A tenant's quotas: show, set (overrides of `[scheduler.quotas]`).
+    #[command(subcommand)]
+    Quotas(crate::admin_quotas::QuotasCmd),
 }
 
 pub async fn admin(config: Config, cmd: Admin) -> anyhow::Result<()> {
@@ -357,6 +362,8 @@ pub async fn admin(config: Config, cmd: Admin) -> anyhow::Result<()> {
             println!("tenant_id={}\napi_key={}", resp.tenant_id, resp.api_key);
         }
         Admin::Webhooks(cmd) => crate::admin_webhooks::run(&control, cmd).await?,
+        Admin::Tenants => crate::admin_quotas::list_tenants(&control).await?,
+        Admin::Quotas(cmd) => crate::admin_quotas::run(&control, cmd).await?,
     }
     Ok(())
 }

@@ -13,6 +13,7 @@ pub mod idempotency;
 pub mod ids;
 pub mod jsonl;
 pub mod page;
+pub mod quota;
 pub mod results;
 pub mod routing;
 pub mod schema;

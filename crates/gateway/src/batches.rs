@@ -106,6 +106,7 @@ async fn with_live(state: &AppState, batches: Vec<v1::Batch>) -> HttpResult<Vec<
     responses(
         (status = 200, description = "The new batch.", body = BatchObject),
         (status = 400, description = "A missing, unknown or invalid field; a body that is not JSON; a malformed `Idempotency-Key`.", body = crate::openapi::ErrorResponse),
+        (status = 429, description = "The tenant has its most batches in progress (code `active_batch_limit_exceeded`, `x-should-retry: false`).", body = crate::openapi::ErrorResponse),
         (status = 409, description = "The `Idempotency-Key` was used in the last 24 hours with another request (code `idempotency_key_reused`).", body = crate::openapi::ErrorResponse),
         (status = 413, description = "A body over `gateway.max_json_body_bytes`.", body = crate::openapi::ErrorResponse),
     ),
@@ -327,6 +328,7 @@ const MAX_FILTER_ENTRIES: usize = 64;
         (status = 400, description = "A bad field; or the batch has no failed line (code `nothing_to_retry`).", body = crate::openapi::ErrorResponse),
         (status = 404, description = "No such batch, or another tenant's.", body = crate::openapi::ErrorResponse),
         (status = 409, description = "The batch has not ended; its input or result files are gone (code `retry_source_unavailable`); or the `Idempotency-Key` was used with another request.", body = crate::openapi::ErrorResponse),
+        (status = 429, description = "The tenant has its most batches in progress (code `active_batch_limit_exceeded`, `x-should-retry: false`).", body = crate::openapi::ErrorResponse),
     ),
 )]
 pub async fn retry(

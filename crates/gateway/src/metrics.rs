@@ -12,7 +12,7 @@ pub const DOWNLOAD_BYTES: &str = "nightshift_gateway_download_bytes_total";
 /// Uploads refused or failed, by `reason` (one of [`UPLOAD_REJECT_REASONS`]).
 pub const UPLOADS_REJECTED: &str = "nightshift_gateway_uploads_rejected_total";
 /// Every `reason` of [`UPLOADS_REJECTED`].
-pub const UPLOAD_REJECT_REASONS: [&str; 3] = ["too_large", "empty", "not_jsonl"];
+pub const UPLOAD_REJECT_REASONS: [&str; 4] = ["too_large", "empty", "not_jsonl", "storage_quota"];
 
 /// Makes the counters whose labels are known up front appear at zero, so "nothing yet" reads
 /// as 0 rather than as no series. (`HTTP_REQUESTS` is labelled by the status answered, so it

@@ -19,7 +19,8 @@ use nightshift_core::validation::BatchError;
 
 use crate::{
     CancelOutcome, DispatchAccount, Ending, FileQuery, IdempotencyClaim, Inserted, LeasePolicy,
-    MetadataError, MetadataStore, RetryFilter, RetrySource, Tenant, ValidationOutcome,
+    MetadataError, MetadataStore, Quota, QuotaExceeded, QuotaOverrides, QuotaUsage, Quotas,
+    REQUEST_LIMIT_EXCEEDED, RetryFilter, RetrySource, Tenant, ValidationOutcome,
 };
 use nightshift_core::idempotency::IdempotentKind;
 
@@ -54,6 +55,11 @@ macro_rules! __metadata_conformance_checks {
             idempotency_key_races_make_one_object,
             retries_are_linked_to_their_parent,
             dispatch_accounts_are_replaced_whole,
+            quota_overrides_replace_the_defaults,
+            the_active_batch_quota_refuses_one_more,
+            the_enqueued_request_quota_fails_the_batch_at_validation,
+            the_stored_bytes_quota_counts_visible_files,
+            concurrent_creates_cannot_overshoot_a_quota,
         }
     };
 }
@@ -461,7 +467,7 @@ async fn batch_keeps_its_trace_context(store: &dyn MetadataStore) {
             }],
         };
         let running = store
-            .finish_validation(&b.id, &ready, NOW + 1)
+            .finish_validation(&b.id, &ready, NOW + 1, &Quotas::UNLIMITED)
             .await
             .expect("finish")
             .expect("moved");
@@ -524,7 +530,7 @@ async fn batch_validation_and_cancel(store: &dyn MetadataStore) {
         chunks: chunks.clone(),
     };
     let running = store
-        .finish_validation(&b.id, &ready, NOW + 1)
+        .finish_validation(&b.id, &ready, NOW + 1, &Quotas::UNLIMITED)
         .await
         .expect("finish")
         .expect("moved");
@@ -546,7 +552,7 @@ async fn batch_validation_and_cancel(store: &dyn MetadataStore) {
     let failed = ValidationOutcome::Failed { errors: vec![] };
     assert_eq!(
         store
-            .finish_validation(&b.id, &failed, NOW + 2)
+            .finish_validation(&b.id, &failed, NOW + 2, &Quotas::UNLIMITED)
             .await
             .expect("again"),
         None
@@ -581,7 +587,7 @@ async fn batch_validation_and_cancel(store: &dyn MetadataStore) {
         .expect("exists");
     assert_eq!(
         store
-            .finish_validation(&v.id, &ready, NOW)
+            .finish_validation(&v.id, &ready, NOW, &Quotas::UNLIMITED)
             .await
             .expect("finish"),
         None
@@ -604,6 +610,7 @@ async fn batch_validation_and_cancel(store: &dyn MetadataStore) {
                 errors: errors.clone(),
             },
             NOW + 5,
+            &Quotas::UNLIMITED,
         )
         .await
         .expect("finish")
@@ -683,7 +690,7 @@ async fn a_batch_finished_after_its_deadline_expires(store: &dyn MetadataStore) 
             }],
         };
         store
-            .finish_validation(&b.id, &ready, NOW + 1)
+            .finish_validation(&b.id, &ready, NOW + 1, &Quotas::UNLIMITED)
             .await
             .expect("finish")
             .expect("moved");
@@ -826,7 +833,7 @@ async fn running_batch(
         chunks,
     };
     store
-        .finish_validation(&b.id, &ready, t0)
+        .finish_validation(&b.id, &ready, t0, &Quotas::UNLIMITED)
         .await
         .expect("finish")
         .expect("moved")
@@ -1222,7 +1229,7 @@ async fn validating_batches_expire_at_their_deadline(store: &dyn MetadataStore) 
     };
     assert_eq!(
         store
-            .finish_validation(&b.id, &ready, NOW + 102)
+            .finish_validation(&b.id, &ready, NOW + 102, &Quotas::UNLIMITED)
             .await
             .expect("finish"),
         None
@@ -1332,7 +1339,7 @@ async fn inputs_outlive_their_batches(store: &dyn MetadataStore) {
         }],
     };
     store
-        .finish_validation(&a.id, &ready, NOW + 2)
+        .finish_validation(&a.id, &ready, NOW + 2, &Quotas::UNLIMITED)
         .await
         .expect("finish")
         .expect("moved");
@@ -1365,6 +1372,7 @@ async fn inputs_outlive_their_batches(store: &dyn MetadataStore) {
             &b.id,
             &ValidationOutcome::Failed { errors: vec![] },
             NOW + 5,
+            &Quotas::UNLIMITED,
         )
         .await
         .expect("finish")
@@ -1536,7 +1544,7 @@ async fn idempotency_keys_name_one_object_for_a_day(store: &dyn MetadataStore) {
     let c = key_claim("k-1", IdempotentKind::File, "h1", now);
     assert_eq!(
         store
-            .insert_file_once(&first, Some(&c))
+            .insert_file_once(&first, Some(&c), &Quotas::UNLIMITED)
             .await
             .expect("insert"),
         Inserted::Created
@@ -1554,7 +1562,7 @@ async fn idempotency_keys_name_one_object_for_a_day(store: &dyn MetadataStore) {
     let again = key_claim("k-1", IdempotentKind::File, "h2", now + 10);
     assert_eq!(
         store
-            .insert_file_once(&second, Some(&again))
+            .insert_file_once(&second, Some(&again), &Quotas::UNLIMITED)
             .await
             .expect("insert"),
         Inserted::Replayed(record.clone())
@@ -1573,7 +1581,8 @@ async fn idempotency_keys_name_one_object_for_a_day(store: &dyn MetadataStore) {
             .insert_batch_once(
                 &b,
                 None,
-                Some(&key_claim("k-1", IdempotentKind::Batch, "h3", now))
+                Some(&key_claim("k-1", IdempotentKind::Batch, "h3", now)),
+                &Quotas::UNLIMITED
             )
             .await
             .expect("insert"),
@@ -1594,7 +1603,8 @@ async fn idempotency_keys_name_one_object_for_a_day(store: &dyn MetadataStore) {
             .insert_batch_once(
                 &theirs,
                 None,
-                Some(&key_claim("k-1", IdempotentKind::Batch, "h", now))
+                Some(&key_claim("k-1", IdempotentKind::Batch, "h", now)),
+                &Quotas::UNLIMITED
             )
             .await
             .expect("insert"),
@@ -1610,7 +1620,10 @@ async fn idempotency_keys_name_one_object_for_a_day(store: &dyn MetadataStore) {
     // without a key, inserts are plain
     let plain = file(&t.id, now * 1_000_000 + 2, Purpose::Batch, None);
     assert_eq!(
-        store.insert_file_once(&plain, None).await.expect("insert"),
+        store
+            .insert_file_once(&plain, None, &Quotas::UNLIMITED)
+            .await
+            .expect("insert"),
         Inserted::Created
     );
     // 24 hours later the key is no longer live: ignored, then claimed anew
@@ -1628,7 +1641,8 @@ async fn idempotency_keys_name_one_object_for_a_day(store: &dyn MetadataStore) {
             .insert_batch_once(
                 &later,
                 None,
-                Some(&key_claim("k-1", IdempotentKind::Batch, "h4", now + day))
+                Some(&key_claim("k-1", IdempotentKind::Batch, "h4", now + day)),
+                &Quotas::UNLIMITED
             )
             .await
             .expect("insert"),
@@ -1676,7 +1690,10 @@ async fn idempotency_key_races_make_one_object(store: &dyn MetadataStore) {
         let f = file(&t.id, now * 1_000_000 + i, Purpose::Batch, None);
         let c = key_claim("race", IdempotentKind::File, "same", now);
         async move {
-            let outcome = store.insert_file_once(&f, Some(&c)).await.expect("insert");
+            let outcome = store
+                .insert_file_once(&f, Some(&c), &Quotas::UNLIMITED)
+                .await
+                .expect("insert");
             (f.id, outcome)
         }
     });
@@ -1732,7 +1749,7 @@ async fn retries_are_linked_to_their_parent(store: &dyn MetadataStore) {
         };
         assert_eq!(
             store
-                .insert_batch_once(&child, Some(&source), None)
+                .insert_batch_once(&child, Some(&source), None, &Quotas::UNLIMITED)
                 .await
                 .expect("child"),
             Inserted::Created
@@ -1840,5 +1857,362 @@ async fn dispatch_accounts_are_replaced_whole(store: &dyn MetadataStore) {
             .await
             .expect("accounts")
             .is_empty()
+    );
+}
+
+/// The defaults the quota checks below run with (0 = unlimited).
+fn limits(active: u64, enqueued: u64, stored: u64) -> Quotas {
+    Quotas {
+        max_active_batches: active,
+        max_enqueued_requests: enqueued,
+        max_stored_bytes: stored,
+    }
+}
+
+fn over_quota<T: std::fmt::Debug>(r: crate::Result<T>) -> QuotaExceeded {
+    match r {
+        Err(MetadataError::QuotaExceeded(e)) => e,
+        other => panic!("expected a quota refusal, got {other:?}"),
+    }
+}
+
+fn ready(total: u64) -> ValidationOutcome {
+    ValidationOutcome::Ready {
+        model: "m".into(),
+        total,
+        chunks: vec![ChunkSpan {
+            index: 0,
+            byte_start: 0,
+            byte_end: 10,
+            first_line: 1,
+            line_count: u32::try_from(total).expect("a small batch"),
+        }],
+    }
+}
+
+/// Overrides are per tenant, start empty (the defaults apply), are replaced as a whole, and
+/// an unknown tenant has none and cannot get any.
+async fn quota_overrides_replace_the_defaults(store: &dyn MetadataStore) {
+    let t = new_tenant(store).await;
+    let other = new_tenant(store).await;
+    assert_eq!(
+        store.tenant_quotas(&t.id).await.expect("read"),
+        Some(QuotaOverrides::default())
+    );
+    let set = QuotaOverrides {
+        max_active_batches: Some(3),
+        max_enqueued_requests: Some(0),
+        max_stored_bytes: None,
+    };
+    assert!(
+        store
+            .set_tenant_quotas(&t.id, &set, NOW)
+            .await
+            .expect("set")
+    );
+    assert_eq!(store.tenant_quotas(&t.id).await.expect("read"), Some(set));
+    assert_eq!(
+        set.over(&limits(10, 20, 30)),
+        limits(3, 0, 30),
+        "each override, else its default"
+    );
+    assert_eq!(
+        store.tenant_quotas(&other.id).await.expect("read"),
+        Some(QuotaOverrides::default()),
+        "another tenant keeps the defaults"
+    );
+    let back = QuotaOverrides {
+        max_stored_bytes: Some(7),
+        ..QuotaOverrides::default()
+    };
+    assert!(
+        store
+            .set_tenant_quotas(&t.id, &back, NOW + 1)
+            .await
+            .expect("set")
+    );
+    assert_eq!(store.tenant_quotas(&t.id).await.expect("read"), Some(back));
+    let unknown = TenantId::generate();
+    assert_eq!(store.tenant_quotas(&unknown).await.expect("read"), None);
+    assert!(
+        !store
+            .set_tenant_quotas(&unknown, &set, NOW)
+            .await
+            .expect("set")
+    );
+    let listed = store.list_tenants().await.expect("list");
+    let at = |id: &TenantId| listed.iter().position(|x| &x.id == id).expect("listed");
+    assert!(at(&t.id) < at(&other.id), "oldest first");
+    assert_eq!(
+        store.quota_usage(&t.id, NOW).await.expect("usage"),
+        QuotaUsage::default()
+    );
+}
+
+/// A tenant at its `max_active_batches` gets a refusal and nothing is recorded; a batch that
+/// ends frees its place; an override beats the default (0: unlimited); another tenant and a
+/// replayed idempotency key are not refused.
+async fn the_active_batch_quota_refuses_one_more(store: &dyn MetadataStore) {
+    let quotas = limits(2, 0, 0);
+    let t = new_tenant(store).await;
+    let first = batch(&t.id, NOW * 1_000_000);
+    let c = key_claim("k", IdempotentKind::Batch, "h", NOW);
+    assert_eq!(
+        store
+            .insert_batch_once(&first, None, Some(&c), &quotas)
+            .await
+            .expect("first"),
+        Inserted::Created
+    );
+    let second = batch(&t.id, NOW * 1_000_000 + 1);
+    store
+        .insert_batch_once(&second, None, None, &quotas)
+        .await
+        .expect("second");
+    let third = batch(&t.id, NOW * 1_000_000 + 2);
+    let refused = over_quota(store.insert_batch_once(&third, None, None, &quotas).await);
+    assert_eq!(
+        refused,
+        QuotaExceeded {
+            quota: Quota::ActiveBatches,
+            limit: 2,
+            held: 2,
+            adding: 1
+        }
+    );
+    assert_eq!(
+        store.batch(&third.id).await.expect("read"),
+        None,
+        "nothing recorded"
+    );
+    // the same request again (its key is live) is answered, not refused
+    let again = batch(&t.id, NOW * 1_000_000 + 3);
+    assert!(matches!(
+        store
+            .insert_batch_once(&again, None, Some(&c), &quotas)
+            .await,
+        Ok(Inserted::Replayed(_))
+    ));
+    // another tenant has its own count
+    let other = new_tenant(store).await;
+    store
+        .insert_batch_once(&batch(&other.id, NOW * 1_000_000), None, None, &quotas)
+        .await
+        .expect("another tenant");
+    // an ended batch no longer counts
+    store
+        .finish_validation(
+            &first.id,
+            &ValidationOutcome::Failed { errors: vec![] },
+            NOW + 1,
+            &quotas,
+        )
+        .await
+        .expect("fail")
+        .expect("moved");
+    store
+        .insert_batch_once(&third, None, None, &quotas)
+        .await
+        .expect("a place was freed");
+    assert_eq!(
+        store
+            .quota_usage(&t.id, NOW)
+            .await
+            .expect("usage")
+            .active_batches,
+        2
+    );
+    // overrides: one more place, then none at all
+    let fourth = batch(&t.id, NOW * 1_000_000 + 4);
+    over_quota(store.insert_batch_once(&fourth, None, None, &quotas).await);
+    let three = QuotaOverrides {
+        max_active_batches: Some(3),
+        ..QuotaOverrides::default()
+    };
+    store
+        .set_tenant_quotas(&t.id, &three, NOW)
+        .await
+        .expect("set");
+    store
+        .insert_batch_once(&fourth, None, None, &quotas)
+        .await
+        .expect("under the override");
+    let fifth = batch(&t.id, NOW * 1_000_000 + 5);
+    assert_eq!(
+        over_quota(store.insert_batch_once(&fifth, None, None, &quotas).await).limit,
+        3
+    );
+    let unlimited = QuotaOverrides {
+        max_active_batches: Some(0),
+        ..QuotaOverrides::default()
+    };
+    store
+        .set_tenant_quotas(&t.id, &unlimited, NOW)
+        .await
+        .expect("set");
+    store
+        .insert_batch_once(&fifth, None, None, &quotas)
+        .await
+        .expect("unlimited");
+}
+
+/// A validated batch whose lines would take its tenant's active batches past
+/// `max_enqueued_requests` fails with `request_limit_exceeded` and gets no chunks; one that
+/// fits exactly runs.
+async fn the_enqueued_request_quota_fails_the_batch_at_validation(store: &dyn MetadataStore) {
+    let quotas = limits(0, 10, 0);
+    let t = new_tenant(store).await;
+    let [a, b, c] = [0, 1, 2].map(|i| batch(&t.id, NOW * 1_000_000 + i));
+    for x in [&a, &b, &c] {
+        store.insert_batch(x).await.expect("insert");
+    }
+    let running = store
+        .finish_validation(&a.id, &ready(6), NOW + 1, &quotas)
+        .await
+        .expect("finish")
+        .expect("moved");
+    assert_eq!(running.status, BatchStatus::InProgress);
+    let failed = store
+        .finish_validation(&b.id, &ready(5), NOW + 1, &quotas)
+        .await
+        .expect("finish")
+        .expect("moved");
+    assert_eq!(failed.status, BatchStatus::Failed);
+    assert_eq!(failed.errors.len(), 1);
+    assert_eq!(failed.errors[0].code, REQUEST_LIMIT_EXCEEDED);
+    assert!(
+        failed.errors[0].message.contains("10"),
+        "{}",
+        failed.errors[0].message
+    );
+    assert!(store.chunks(&b.id).await.expect("chunks").is_empty());
+    let fits = store
+        .finish_validation(&c.id, &ready(4), NOW + 1, &quotas)
+        .await
+        .expect("finish")
+        .expect("moved");
+    assert_eq!(
+        fits.status,
+        BatchStatus::InProgress,
+        "6 + 4 is the limit, not past it"
+    );
+    assert_eq!(
+        store.quota_usage(&t.id, NOW + 1).await.expect("usage"),
+        QuotaUsage {
+            active_batches: 2,
+            enqueued_requests: 10,
+            stored_bytes: 0
+        }
+    );
+    // another tenant, and an override, are their own
+    let other = new_tenant(store).await;
+    let d = batch(&other.id, NOW * 1_000_000);
+    store.insert_batch(&d).await.expect("insert");
+    let more = QuotaOverrides {
+        max_enqueued_requests: Some(100),
+        ..QuotaOverrides::default()
+    };
+    store
+        .set_tenant_quotas(&other.id, &more, NOW)
+        .await
+        .expect("set");
+    let big = store
+        .finish_validation(&d.id, &ready(50), NOW + 1, &quotas)
+        .await
+        .expect("finish")
+        .expect("moved");
+    assert_eq!(big.status, BatchStatus::InProgress);
+}
+
+/// Stored bytes are the tenant's visible files: a file that would pass `max_stored_bytes` is
+/// refused and not recorded; a deleted or expired one no longer counts.
+async fn the_stored_bytes_quota_counts_visible_files(store: &dyn MetadataStore) {
+    let quotas = limits(0, 0, 300);
+    let t = new_tenant(store).await;
+    let at = |i: i64| NOW * 1_000_000 + i;
+    let one = file(&t.id, at(0), Purpose::Batch, None);
+    let two = file(&t.id, at(1), Purpose::Batch, Some(NOW + 10));
+    for f in [&one, &two] {
+        store
+            .insert_file_once(f, None, &quotas)
+            .await
+            .expect("insert");
+    }
+    let three = file(&t.id, at(2), Purpose::Batch, None);
+    assert_eq!(
+        over_quota(store.insert_file_once(&three, None, &quotas).await),
+        QuotaExceeded {
+            quota: Quota::StoredBytes,
+            limit: 300,
+            held: 246,
+            adding: 123
+        }
+    );
+    assert_eq!(
+        store.get_file(&t.id, &three.id, NOW).await.expect("get"),
+        None
+    );
+    store
+        .delete_file(&t.id, &one.id, NOW)
+        .await
+        .expect("delete");
+    store
+        .insert_file_once(&three, None, &quotas)
+        .await
+        .expect("a deleted file frees its bytes");
+    assert_eq!(
+        store
+            .quota_usage(&t.id, NOW)
+            .await
+            .expect("usage")
+            .stored_bytes,
+        246
+    );
+    // past its expiry, `two` no longer counts
+    let later = file(&t.id, (NOW + 10) * 1_000_000, Purpose::Batch, None);
+    store
+        .insert_file_once(&later, None, &quotas)
+        .await
+        .expect("an expired file frees its bytes");
+    assert_eq!(
+        store
+            .quota_usage(&t.id, NOW + 10)
+            .await
+            .expect("usage")
+            .stored_bytes,
+        246
+    );
+}
+
+/// Creates racing for a tenant's last places: exactly the quota is admitted, batches and
+/// bytes alike.
+async fn concurrent_creates_cannot_overshoot_a_quota(store: &dyn MetadataStore) {
+    let quotas = limits(3, 0, 1000);
+    let t = new_tenant(store).await;
+    let creates = (0..10).map(|i| {
+        let b = batch(&t.id, NOW * 1_000_000 + i);
+        async move { store.insert_batch_once(&b, None, None, &quotas).await }
+    });
+    let outcomes = futures::future::join_all(creates).await;
+    let created = outcomes.iter().filter(|o| o.is_ok()).count();
+    let refused = outcomes
+        .iter()
+        .filter(|o| matches!(o, Err(MetadataError::QuotaExceeded(_))))
+        .count();
+    assert_eq!((created, refused), (3, 7), "{outcomes:?}");
+    let uploads = (0..16).map(|i| {
+        let f = file(&t.id, NOW * 1_000_000 + i, Purpose::Batch, None);
+        async move { store.insert_file_once(&f, None, &quotas).await }
+    });
+    let outcomes = futures::future::join_all(uploads).await;
+    let stored = outcomes.iter().filter(|o| o.is_ok()).count();
+    assert_eq!(stored, 8, "8 × 123 bytes fit in 1000: {outcomes:?}");
+    assert_eq!(
+        store.quota_usage(&t.id, NOW).await.expect("usage"),
+        QuotaUsage {
+            active_batches: 3,
+            enqueued_requests: 0,
+            stored_bytes: 984
+        }
     );
 }

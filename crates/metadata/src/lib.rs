@@ -47,6 +47,7 @@ use nightshift_core::{BatchId, FileId, TenantId};
 #[cfg(feature = "testsuite")]
 pub mod conformance;
 mod postgres;
+mod quotas;
 mod rows;
 mod sql;
 mod sqlite;
@@ -64,9 +65,122 @@ pub enum MetadataError {
     /// The database failed or is unreachable.
     #[error("metadata store error: {0}")]
     Backend(String),
+    /// The write would take the tenant past one of its quotas: nothing was written.
+    #[error("{0}")]
+    QuotaExceeded(QuotaExceeded),
+}
+
+/// One of the per-tenant quotas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quota {
+    /// Batches `validating`, `in_progress`, `finalizing` or `cancelling` at once.
+    ActiveBatches,
+    /// Lines (requests) of those batches together, counted from validation on.
+    EnqueuedRequests,
+    /// Bytes of the tenant's visible files: uploads and result files.
+    StoredBytes,
+}
+
+impl Quota {
+    pub const ALL: [Self; 3] = [
+        Self::ActiveBatches,
+        Self::EnqueuedRequests,
+        Self::StoredBytes,
+    ];
+
+    /// The setting's name (`max_active_batches`...): config key, column and CLI flag.
+    pub fn setting(self) -> &'static str {
+        match self {
+            Self::ActiveBatches => "max_active_batches",
+            Self::EnqueuedRequests => "max_enqueued_requests",
+            Self::StoredBytes => "max_stored_bytes",
+        }
+    }
+}
+
+/// Quota limits: the configured defaults, or what applies to one tenant. 0 = unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quotas {
+    pub max_active_batches: u64,
+    pub max_enqueued_requests: u64,
+    pub max_stored_bytes: u64,
+}
+
+impl Quotas {
+    /// No limit at all.
+    pub const UNLIMITED: Self = Self {
+        max_active_batches: 0,
+        max_enqueued_requests: 0,
+        max_stored_bytes: 0,
+    };
+
+    /// The limit of `quota`; `None` when unlimited.
+    pub fn limit(&self, quota: Quota) -> Option<u64> {
+        let v = match quota {
+            Quota::ActiveBatches => self.max_active_batches,
+            Quota::EnqueuedRequests => self.max_enqueued_requests,
+            Quota::StoredBytes => self.max_stored_bytes,
+        };
+        (v > 0).then_some(v)
+    }
+}
+
+/// An operator's per-tenant overrides of the defaults: `None` = the default applies; `Some(0)`
+/// = unlimited for this tenant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QuotaOverrides {
+    pub max_active_batches: Option<u64>,
+    pub max_enqueued_requests: Option<u64>,
+    pub max_stored_bytes: Option<u64>,
+}
+
+impl QuotaOverrides {
+    /// The limits that apply: each override, else its default.
+    pub fn over(&self, defaults: &Quotas) -> Quotas {
+        Quotas {
+            max_active_batches: self
+                .max_active_batches
+                .unwrap_or(defaults.max_active_batches),
+            max_enqueued_requests: self
+                .max_enqueued_requests
+                .unwrap_or(defaults.max_enqueued_requests),
+            max_stored_bytes: self.max_stored_bytes.unwrap_or(defaults.max_stored_bytes),
+        }
+    }
+}
+
+/// What a tenant holds against each quota.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QuotaUsage {
+    pub active_batches: u64,
+    pub enqueued_requests: u64,
+    pub stored_bytes: u64,
+}
+
+impl QuotaUsage {
+    pub fn of(&self, quota: Quota) -> u64 {
+        match quota {
+            Quota::ActiveBatches => self.active_batches,
+            Quota::EnqueuedRequests => self.enqueued_requests,
+            Quota::StoredBytes => self.stored_bytes,
+        }
+    }
+}
+
+/// A write refused by a quota: the tenant holds `held`, the write adds `adding`, the limit is
+/// `limit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{} exceeded: {held} held + {adding} > {limit}", .quota.setting())]
+pub struct QuotaExceeded {
+    pub quota: Quota,
+    pub limit: u64,
+    pub held: u64,
+    pub adding: u64,
 }
 
 pub type Result<T, E = MetadataError> = std::result::Result<T, E>;
+
+pub use nightshift_core::quota::REQUEST_LIMIT_EXCEEDED;
 
 /// A tenant: the unit of isolation and (later) of fair scheduling.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -449,11 +563,15 @@ pub trait MetadataStore: Send + Sync + fmt::Debug + 'static {
     /// Ends validation at `now`: `validating` → `failed` (with errors) or → `in_progress`
     /// (model, total, and the chunks inserted in the same transaction). Compare-and-set: a
     /// batch no longer `validating` (cancelled meanwhile) is left alone and `None` returned.
+    /// A ready batch whose lines would take its tenant's active batches past their
+    /// `max_enqueued_requests` (its override, else `quotas`') fails instead, with one error
+    /// [`REQUEST_LIMIT_EXCEEDED`].
     async fn finish_validation(
         &self,
         id: &BatchId,
         outcome: &ValidationOutcome,
         now: i64,
+        quotas: &Quotas,
     ) -> Result<Option<BatchRecord>>;
 
     /// Cancels a batch of the tenant at `now` (`validating` or `in_progress` →
@@ -675,22 +793,46 @@ pub trait MetadataStore: Send + Sync + fmt::Debug + 'static {
 
     /// Records a file, and claims `idempotency` for it in the same transaction if given:
     /// [`Inserted::Replayed`] (nothing recorded) when that key is live for the tenant.
-    /// `Conflict` if the file id exists.
+    /// `Conflict` if the file id exists. `QuotaExceeded` (nothing recorded) if its bytes would
+    /// take the tenant's visible files past its `max_stored_bytes` (its override, else
+    /// `quotas`'); checked after the key, so a replay is never refused.
     async fn insert_file_once(
         &self,
         file: &FileRecord,
         idempotency: Option<&IdempotencyClaim>,
+        quotas: &Quotas,
     ) -> Result<Inserted>;
 
     /// Records a new batch (in `validating`) like [`insert_batch`](Self::insert_batch), with
     /// the source of its input if it is a retry, and claims `idempotency` for it, all in one
     /// transaction: [`Inserted::Replayed`] (nothing recorded) when that key is live.
+    /// `QuotaExceeded` (nothing recorded) if the tenant already has its `max_active_batches`
+    /// (its override, else `quotas`') active batches.
     async fn insert_batch_once(
         &self,
         batch: &BatchRecord,
         retry: Option<&RetrySource>,
         idempotency: Option<&IdempotencyClaim>,
+        quotas: &Quotas,
     ) -> Result<Inserted>;
+
+    /// The tenant's quota overrides; `None` if there is no such tenant.
+    async fn tenant_quotas(&self, tenant: &TenantId) -> Result<Option<QuotaOverrides>>;
+
+    /// Replaces the tenant's quota overrides (each `None` = back to the default) at `now_us`;
+    /// `false` if there is no such tenant. Writes already admitted are not undone.
+    async fn set_tenant_quotas(
+        &self,
+        tenant: &TenantId,
+        quotas: &QuotaOverrides,
+        now_us: i64,
+    ) -> Result<bool>;
+
+    /// What the tenant holds against each quota at `now` (unix seconds).
+    async fn quota_usage(&self, tenant: &TenantId, now: i64) -> Result<QuotaUsage>;
+
+    /// Every tenant, oldest first (operators' listing).
+    async fn list_tenants(&self) -> Result<Vec<Tenant>>;
 
     /// The tenant's `key` if it is live at `now` (claimed less than 24 h before).
     async fn idempotency_record(

@@ -25,6 +25,7 @@ impl Backend for Postgres {
     const BEGIN_WRITE: &'static str = "BEGIN";
     const SKIP_LOCKED: &'static str = "FOR UPDATE OF c SKIP LOCKED";
     const FOR_UPDATE: &'static str = "FOR UPDATE";
+    const LOCK_TENANT: &'static str = "FOR NO KEY UPDATE";
 
     fn rows_affected(done: &PgQueryResult) -> u64 {
         done.rows_affected()

@@ -40,10 +40,11 @@ use crate::rows::{
 use crate::{
     BatchCommit, BatchPage, CancelOutcome, ChunkState, DispatchAccount, DispatchCandidate, Ending,
     FilePage, FileQuery, FinalizationLease, IdempotencyClaim, IdempotencyRecord, Inserted,
-    LeasePolicy, LeaseSweep, LeasedChunk, MetadataError, MetadataStore, Result, RetrySource,
-    Tenant, ValidationOutcome,
+    LeasePolicy, LeaseSweep, LeasedChunk, MetadataError, MetadataStore, Quota, QuotaOverrides,
+    QuotaUsage, Quotas, REQUEST_LIMIT_EXCEEDED, Result, RetrySource, Tenant, ValidationOutcome,
 };
 use nightshift_core::idempotency::IDEMPOTENCY_TTL_SECS;
+use nightshift_core::validation::BatchError;
 
 /// How a database keeps concurrent writers apart: the only SQL that differs between them.
 pub(crate) trait Backend: Database<Row: Columns, Arguments: IntoArguments<Self>> {
@@ -55,6 +56,9 @@ pub(crate) trait Backend: Database<Row: Columns, Arguments: IntoArguments<Self>>
     /// Ends the `SELECT` that reads a batch a transaction then changes: nothing else changes
     /// it meanwhile.
     const FOR_UPDATE: &'static str;
+    /// Ends the `SELECT` of a tenant row that serializes the tenant's quota checks (see
+    /// [`crate::quotas`]): a second check of the tenant waits for the first transaction to end.
+    const LOCK_TENANT: &'static str;
 
     /// How many rows a statement changed (each driver has its own result type).
     fn rows_affected(done: &Self::QueryResult) -> u64;
@@ -572,8 +576,54 @@ where
         id: &BatchId,
         outcome: &ValidationOutcome,
         now: i64,
+        quotas: &Quotas,
     ) -> Result<Option<BatchRecord>> {
         let mut tx = begin_write(&self.writer).await?;
+        let over_quota;
+        let outcome = match outcome {
+            ValidationOutcome::Ready { total, .. } => {
+                let tenant = sqlx::query(
+                    "SELECT tenant_id FROM batches WHERE id = $1 AND status = 'validating'",
+                )
+                .bind(id.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(backend)?;
+                let Some(tenant) = tenant else {
+                    tx.rollback().await.map_err(backend)?;
+                    return Ok(None);
+                };
+                let tenant = tenant.text("tenant_id")?;
+                let tenant = TenantId::parse(&tenant)
+                    .map_err(|_| crate::rows::corrupt("tenant id", &tenant))?;
+                let checked = crate::quotas::check(
+                    &mut tx,
+                    &tenant,
+                    Quota::EnqueuedRequests,
+                    *total,
+                    quotas,
+                    now,
+                )
+                .await?;
+                match checked {
+                    Ok(()) => outcome,
+                    Err(e) => {
+                        over_quota = ValidationOutcome::Failed {
+                            errors: vec![BatchError {
+                                code: REQUEST_LIMIT_EXCEEDED.to_owned(),
+                                line: None,
+                                message: nightshift_core::quota::request_limit_message(
+                                    e.adding, e.held, e.limit,
+                                ),
+                                param: None,
+                            }],
+                        };
+                        &over_quota
+                    }
+                }
+            }
+            ValidationOutcome::Failed { .. } => outcome,
+        };
         let sql = match outcome {
             ValidationOutcome::Failed { .. } => format!(
                 "UPDATE batches SET status = 'failed', failed_at = $2, errors = $3 \
@@ -1268,6 +1318,7 @@ where
         &self,
         f: &FileRecord,
         idempotency: Option<&IdempotencyClaim>,
+        quotas: &Quotas,
     ) -> Result<Inserted> {
         let mut tx = begin_write(&self.writer).await?;
         if let Some(claim) = idempotency
@@ -1275,6 +1326,20 @@ where
         {
             tx.rollback().await.map_err(backend)?;
             return Ok(Inserted::Replayed(earlier));
+        }
+        let now = f.created_at_us.div_euclid(1_000_000);
+        let checked = crate::quotas::check(
+            &mut tx,
+            &f.tenant_id,
+            Quota::StoredBytes,
+            f.bytes,
+            quotas,
+            now,
+        )
+        .await?;
+        if let Err(e) = checked {
+            tx.rollback().await.map_err(backend)?;
+            return Err(MetadataError::QuotaExceeded(e));
         }
         let sql =
             format!("INSERT INTO files ({FILE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)");
@@ -1299,6 +1364,7 @@ where
         b: &BatchRecord,
         retry: Option<&RetrySource>,
         idempotency: Option<&IdempotencyClaim>,
+        quotas: &Quotas,
     ) -> Result<Inserted> {
         let mut tx = begin_write(&self.writer).await?;
         if let Some(claim) = idempotency
@@ -1306,6 +1372,14 @@ where
         {
             tx.rollback().await.map_err(backend)?;
             return Ok(Inserted::Replayed(earlier));
+        }
+        let now = b.created_at_us.div_euclid(1_000_000);
+        let checked =
+            crate::quotas::check(&mut tx, &b.tenant_id, Quota::ActiveBatches, 1, quotas, now)
+                .await?;
+        if let Err(e) = checked {
+            tx.rollback().await.map_err(backend)?;
+            return Err(MetadataError::QuotaExceeded(e));
         }
         sqlx::query(
             "INSERT INTO batches (id, tenant_id, endpoint, input_file_id, completion_window, \
@@ -1343,6 +1417,31 @@ where
         tx.commit().await.map_err(backend)?;
         self.announce_created(&b.id);
         Ok(Inserted::Created)
+    }
+
+    async fn tenant_quotas(&self, tenant: &TenantId) -> Result<Option<QuotaOverrides>> {
+        crate::quotas::overrides(&self.reader, tenant).await
+    }
+
+    async fn set_tenant_quotas(
+        &self,
+        tenant: &TenantId,
+        quotas: &QuotaOverrides,
+        now_us: i64,
+    ) -> Result<bool> {
+        crate::quotas::set_overrides(&self.writer, tenant, quotas, now_us).await
+    }
+
+    async fn quota_usage(&self, tenant: &TenantId, now: i64) -> Result<QuotaUsage> {
+        crate::quotas::usage(&self.reader, tenant, now).await
+    }
+
+    async fn list_tenants(&self) -> Result<Vec<Tenant>> {
+        let rows = sqlx::query("SELECT id, name FROM tenants ORDER BY created_at_us, id")
+            .fetch_all(&self.reader)
+            .await
+            .map_err(backend)?;
+        rows.iter().map(tenant_from_row).collect()
     }
 
     async fn idempotency_record(

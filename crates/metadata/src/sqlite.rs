@@ -44,6 +44,7 @@ impl Backend for Sqlite {
     const BEGIN_WRITE: &'static str = "BEGIN IMMEDIATE";
     const SKIP_LOCKED: &'static str = "";
     const FOR_UPDATE: &'static str = "";
+    const LOCK_TENANT: &'static str = "";
 
     fn rows_affected(done: &SqliteQueryResult) -> u64 {
         done.rows_affected()
@@ -163,7 +164,7 @@ mod tests {
 
     use super::*;
     use crate::sql::CHUNKS_PER_INSERT;
-    use crate::{BatchCommit, MetadataStore, ValidationOutcome};
+    use crate::{BatchCommit, MetadataStore, Quotas, ValidationOutcome};
 
     async fn open_in(dir: &tempfile::TempDir) -> SqliteStore {
         SqliteStore::open(&SqliteConfig {
@@ -239,7 +240,7 @@ mod tests {
             chunks: spans(n),
         };
         store
-            .finish_validation(&b.id, &ready, 1_800_000_001)
+            .finish_validation(&b.id, &ready, 1_800_000_001, &Quotas::UNLIMITED)
             .await
             .expect("finish")
             .expect("validating")

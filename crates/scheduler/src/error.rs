@@ -8,8 +8,8 @@
 //! [`Status::from`]; the chunk-result consumer reads [`SchedulerError::outage`] to hold a
 //! delivery rather than dead-letter it.
 
-use nightshift_core::{ApiError, ErrorKind};
-use nightshift_metadata::MetadataError;
+use nightshift_core::{ApiError, ErrorKind, quota};
+use nightshift_metadata::{MetadataError, Quota, QuotaExceeded};
 use nightshift_proto::status::status_from_api_error;
 use nightshift_queue::QueueError;
 use nightshift_storage::StorageError;
@@ -66,7 +66,7 @@ impl SchedulerError {
             Self::Metadata(MetadataError::Backend(_)) => Some("metadata"),
             Self::Queue(e) if e.kind() == ErrorKind::Unavailable => Some("queue"),
             Self::Storage(StorageError::Backend(_)) => Some("object_storage"),
-            Self::Metadata(MetadataError::Conflict(_))
+            Self::Metadata(MetadataError::Conflict(_) | MetadataError::QuotaExceeded(_))
             | Self::Queue(_)
             | Self::Storage(_)
             | Self::NotFound { .. }
@@ -90,6 +90,7 @@ impl From<&SchedulerError> for ApiError {
             SchedulerError::Metadata(MetadataError::Backend(_)) => {
                 ApiError::unavailable("The metadata store is unavailable.")
             }
+            SchedulerError::Metadata(MetadataError::QuotaExceeded(e)) => quota_error(e),
             SchedulerError::Queue(e) => match e.kind() {
                 ErrorKind::Unavailable => ApiError::unavailable("The work queue is unavailable."),
                 _ => ApiError::internal("The work queue refused a message."),
@@ -115,10 +116,36 @@ impl From<&SchedulerError> for ApiError {
     }
 }
 
+/// What a client is told when a write would pass one of its tenant's quotas
+/// ([`nightshift_core::quota`]).
+fn quota_error(e: &QuotaExceeded) -> ApiError {
+    match e.quota {
+        Quota::ActiveBatches => quota::active_batch_limit_exceeded(e.held),
+        Quota::EnqueuedRequests => ApiError::new(
+            ErrorKind::RateLimited,
+            quota::request_limit_message(e.adding, e.held, e.limit),
+        )
+        .with_code(quota::REQUEST_LIMIT_EXCEEDED)
+        .not_retryable(),
+        Quota::StoredBytes => quota::storage_quota_exceeded(e.adding, e.held, e.limit),
+    }
+}
+
 /// Answers a gRPC call with the error; a failure on the scheduler's side (a dependency, a
-/// caller's bug) is logged here, once.
+/// caller's bug) is logged here, once, and a quota refusal counted.
 impl From<SchedulerError> for Status {
     fn from(e: SchedulerError) -> Self {
+        if let SchedulerError::Metadata(MetadataError::QuotaExceeded(q)) = &e {
+            ::metrics::counter!(crate::metrics::QUOTA_REFUSALS, "quota" => q.quota.setting())
+                .increment(1);
+            tracing::info!(
+                quota = q.quota.setting(),
+                limit = q.limit,
+                held = q.held,
+                adding = q.adding,
+                "refused by a tenant quota"
+            );
+        }
         let api = ApiError::from(&e);
         if matches!(api.kind, ErrorKind::Unavailable | ErrorKind::Internal) {
             tracing::error!(error = %e, "call failed");
@@ -189,6 +216,34 @@ mod tests {
             assert_eq!(e.outage(), None, "{e}");
             assert_eq!(kind(e), expected);
         }
+    }
+
+    #[test]
+    fn quota_refusals_are_final_client_errors() {
+        let refused = |quota| {
+            let e = SchedulerError::from(MetadataError::QuotaExceeded(QuotaExceeded {
+                quota,
+                limit: 2,
+                held: 2,
+                adding: 1,
+            }));
+            assert_eq!(e.outage(), None);
+            ApiError::from(&e)
+        };
+        let api = refused(Quota::ActiveBatches);
+        assert_eq!(api.kind, ErrorKind::RateLimited);
+        assert_eq!(
+            api.code.as_deref(),
+            Some(quota::ACTIVE_BATCH_LIMIT_EXCEEDED)
+        );
+        assert_eq!(api.retryable, Some(false));
+        let api = refused(Quota::StoredBytes);
+        assert_eq!(api.kind, ErrorKind::InvalidRequest);
+        assert_eq!(api.code.as_deref(), Some(quota::STORAGE_QUOTA_EXCEEDED));
+        assert_eq!(api.param.as_deref(), Some("file"));
+        assert_eq!(api.retryable, Some(false));
+        let api = refused(Quota::EnqueuedRequests);
+        assert_eq!(api.code.as_deref(), Some(quota::REQUEST_LIMIT_EXCEEDED));
     }
 
     #[test]

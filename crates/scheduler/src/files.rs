@@ -8,7 +8,7 @@ use nightshift_core::idempotency::IdempotentKind;
 use nightshift_core::page::Order;
 use nightshift_core::time::{now_unix, now_unix_micros};
 use nightshift_core::{FileId, TenantId};
-use nightshift_metadata::{FileQuery, Inserted};
+use nightshift_metadata::{FileQuery, Inserted, Quotas};
 use nightshift_proto::v1::{
     self, DeleteFileRequest, DeleteFileResponse, GetFileRequest, IdempotencyKeyRecord,
     ListFilesRequest, ListFilesResponse, LookupIdempotencyKeyRequest, RegisterFileOnceRequest,
@@ -21,11 +21,14 @@ use crate::{SchedulerError, SchedulerPorts, idempotency, metrics};
 
 pub struct FilesService {
     ports: SchedulerPorts,
+    /// The default quotas (`[scheduler.quotas]`): an upload is checked against
+    /// `max_stored_bytes`.
+    quotas: Quotas,
 }
 
 impl FilesService {
-    pub fn new(ports: SchedulerPorts) -> Self {
-        Self { ports }
+    pub fn new(ports: SchedulerPorts, quotas: Quotas) -> Self {
+        Self { ports, quotas }
     }
 }
 
@@ -118,7 +121,7 @@ impl FilesService {
         let inserted = self
             .ports
             .metadata
-            .insert_file_once(&record, claim.as_ref())
+            .insert_file_once(&record, claim.as_ref(), &self.quotas)
             .await?;
         if let (Inserted::Replayed(earlier), Some(claim)) = (&inserted, &claim) {
             // Another request with this key (a retry, or a racing twin) made the file first.

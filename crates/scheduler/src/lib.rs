@@ -86,6 +86,9 @@ pub struct SchedulerConfig {
     pub metrics_interval: Duration,
     /// Webhook delivery: timeouts, retries, and whether private addresses may be reached.
     pub webhooks: webhooks::WebhookSettings,
+    /// Per-tenant quotas: the defaults of every tenant without an override
+    /// (`nightshift admin quotas set`).
+    pub quotas: QuotaSettings,
     /// Which upstream serves which model: a batch asking for another model fails validation.
     /// Not a key of `[scheduler]`: the binary copies the top-level `[routing]` table here when
     /// it loads the configuration.
@@ -115,6 +118,7 @@ impl Default for SchedulerConfig {
             pipeline: pipeline::PipelineSettings::default(),
             metrics_interval: Duration::from_secs(15),
             webhooks: webhooks::WebhookSettings::default(),
+            quotas: QuotaSettings::default(),
             routing: RoutingConfig::default(),
             internal_token: None,
             internal_tls: None,
@@ -125,6 +129,44 @@ impl Default for SchedulerConfig {
 /// Where the scheduler serves its ops endpoints unless `ops_listen` says otherwise.
 pub const DEFAULT_OPS_LISTEN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9094);
+
+/// `[scheduler.quotas]`: the quotas of every tenant that has no override of its own. 0 =
+/// unlimited. Generous by default: they stop a runaway client, not ordinary use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuotaSettings {
+    /// Batches validating, in progress, finalizing or cancelling at once; one more is refused
+    /// at create (429 `active_batch_limit_exceeded`).
+    pub max_active_batches: u64,
+    /// Requests (lines) of those batches together; a batch that would pass it fails at
+    /// validation (`errors.data[].code` `request_limit_exceeded`).
+    pub max_enqueued_requests: u64,
+    /// Bytes of the tenant's visible files (uploads and results); an upload that would pass it
+    /// is refused and not stored (400 `storage_quota_exceeded`).
+    pub max_stored_bytes: u64,
+}
+
+impl Default for QuotaSettings {
+    fn default() -> Self {
+        Self {
+            max_active_batches: 1_000,
+            // 1,000 batches of OpenAI's 50,000 lines.
+            max_enqueued_requests: 50_000_000,
+            // OpenAI's organization file storage limit.
+            max_stored_bytes: 100 << 30,
+        }
+    }
+}
+
+impl From<QuotaSettings> for nightshift_metadata::Quotas {
+    fn from(q: QuotaSettings) -> Self {
+        Self {
+            max_active_batches: q.max_active_batches,
+            max_enqueued_requests: q.max_enqueued_requests,
+            max_stored_bytes: q.max_stored_bytes,
+        }
+    }
+}
 
 /// The infrastructure the scheduler runs on; the binary picks the adapters.
 #[derive(Debug, Clone)]
@@ -191,6 +233,7 @@ pub async fn serve(
         ports.clone(),
         config.batches.clone(),
         config.routing.clone(),
+        config.quotas.into(),
         wake.clone(),
         stop.clone(),
     );
@@ -298,8 +341,12 @@ async fn grpc_routes(
     tonic::service::Routes::new(health_service)
         .add_service(TenantsServer::new(tenants::TenantsService::new(
             ports.clone(),
+            config.quotas.into(),
         )))
-        .add_service(FilesServer::new(files::FilesService::new(ports.clone())))
+        .add_service(FilesServer::new(files::FilesService::new(
+            ports.clone(),
+            config.quotas.into(),
+        )))
         .add_service(BatchesServer::new(batches::BatchesService::new(
             ports.clone(),
             validator,

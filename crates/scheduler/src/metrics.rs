@@ -16,6 +16,9 @@ pub const SWEEPS: &str = "nightshift_scheduler_sweeps_total";
 pub const BATCH_TRANSITIONS: &str = "nightshift_scheduler_batch_transitions_total";
 /// Validation errors found in batch inputs, by `code`.
 pub const VALIDATION_ERRORS: &str = "nightshift_scheduler_validation_errors_total";
+/// Creates refused and batches failed by a tenant quota, by `quota` (`max_active_batches`,
+/// `max_enqueued_requests`, `max_stored_bytes`).
+pub const QUOTA_REFUSALS: &str = "nightshift_scheduler_quota_refusals_total";
 /// Chunk tasks handed out to executors.
 pub const CHUNKS_DISPATCHED: &str = "nightshift_scheduler_chunks_dispatched_total";
 /// Chunks whose result was recorded (each counted once, redeliveries excluded).
@@ -112,6 +115,10 @@ pub fn register() {
     }
     for code in ALL_CODES {
         counter!(VALIDATION_ERRORS, "code" => code.as_str()).increment(0);
+    }
+    counter!(VALIDATION_ERRORS, "code" => nightshift_metadata::REQUEST_LIMIT_EXCEEDED).increment(0);
+    for quota in nightshift_metadata::Quota::ALL {
+        counter!(QUOTA_REFUSALS, "quota" => quota.setting()).increment(0);
     }
     describe_gauge!(BATCHES, Unit::Count, "Batches in each non-terminal status.");
     describe_gauge!(

@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, header};
 use nightshift_core::file::{ExpiresAfter, FileObject, FileRecord, Purpose};
 use nightshift_core::idempotency::{IdempotentKind, RequestHash, key_reused};
 use nightshift_core::sniff::{SniffError, Sniffer};
-use nightshift_core::{ApiError, ErrorKind, FileId};
+use nightshift_core::{ApiError, ErrorKind, FileId, quota};
 use nightshift_proto::v1;
 use nightshift_storage::{ObjectStore, ObjectUpload};
 
@@ -106,14 +106,51 @@ struct Stored {
     content_hash: String,
 }
 
+/// Room left under the tenant's `max_stored_bytes` when the upload began.
+#[derive(Debug, Clone, Copy)]
+struct StorageRoom {
+    held: u64,
+    limit: u64,
+}
+
+impl StorageRoom {
+    /// The room left, from the scheduler; `None` when the tenant's storage is unlimited.
+    async fn of(state: &AppState, tenant: &Tenant) -> HttpResult<Option<Self>> {
+        let quotas = state
+            .control
+            .tenants()
+            .get_tenant_quotas(v1::GetTenantQuotasRequest {
+                tenant_id: tenant.id.to_string(),
+            })
+            .await?
+            .into_inner();
+        let limit = quotas.effective.map_or(0, |q| q.max_stored_bytes);
+        let held = quotas.usage.map_or(0, |q| q.max_stored_bytes);
+        Ok((limit > 0).then_some(Self { held, limit }))
+    }
+
+    /// Refuses an upload that has reached `size` bytes if they do not fit.
+    fn admit(self, size: u64) -> HttpResult<()> {
+        if self.held.saturating_add(size) > self.limit {
+            return Err(reject(
+                "storage_quota",
+                quota::storage_quota_exceeded(size, self.held, self.limit).into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Streams the file part to storage, checking and hashing it; with `hash_only` (a request
 /// whose `Idempotency-Key` is already live) nothing is stored: the bytes are only hashed, to
-/// compare the request with the earlier one.
+/// compare the request with the earlier one. An upload that outgrows the tenant's storage
+/// `room` is cut there, and what was written of it is aborted.
 async fn stream_file_part(
     state: &AppState,
     mut field: Field<'_>,
     known_purpose: Option<Purpose>,
     hash_only: bool,
+    room: Option<StorageRoom>,
 ) -> HttpResult<Stored> {
     let filename = field
         .file_name()
@@ -149,6 +186,9 @@ async fn stream_file_part(
                         "file_too_large",
                     ),
                 ));
+            }
+            if let Some(room) = room {
+                room.admit(size)?;
             }
             if let Some(s) = sniffer.as_mut()
                 && let Err(e) = s.push(&chunk)
@@ -216,7 +256,7 @@ async fn stream_file_part(
     request_body(content = crate::openapi::FileUpload, content_type = "multipart/form-data"),
     responses(
         (status = 200, description = "The stored file.", body = FileObject),
-        (status = 400, description = "A missing or bad field; a file that is empty, too large or (for `batch`) not JSONL; a malformed `Idempotency-Key`.", body = crate::openapi::ErrorResponse),
+        (status = 400, description = "A missing or bad field; a file that is empty, too large or (for `batch`) not JSONL; a malformed `Idempotency-Key`; a file past the tenant's stored-bytes quota (code `storage_quota_exceeded`).", body = crate::openapi::ErrorResponse),
         (status = 429, description = "The tenant has too many uploads (or bytes) in progress; `retry-after` says when to retry.", body = crate::openapi::ErrorResponse),
         (status = 409, description = "The `Idempotency-Key` was used in the last 24 hours with another request (code `idempotency_key_reused`).", body = crate::openapi::ErrorResponse),
     ),
@@ -272,6 +312,18 @@ pub async fn create(
         &tenant.id,
         declared.unwrap_or(state.config.max_upload_bytes),
     )?;
+    // The tenant's storage quota, before a byte is stored: a tenant already at its limit is
+    // refused at once; the upload is cut as soon as it outgrows the room left. The scheduler
+    // checks again, exactly, when it registers the file (other uploads may have landed
+    // meanwhile): this early check only spares storing bytes that cannot be kept. A replay
+    // of a live `Idempotency-Key` stores nothing and is never refused.
+    let room = match earlier {
+        Some(_) => None,
+        None => StorageRoom::of(&state, &tenant).await?,
+    };
+    if let Some(room) = room {
+        room.admit(1)?;
+    }
     let mut multipart = multipart.map_err(|e| {
         HttpError(ApiError::new(
             ErrorKind::InvalidRequest,
@@ -302,7 +354,9 @@ pub async fn create(
                         Some(p) => Some(Purpose::parse_uploadable(p)?),
                         None => None,
                     };
-                    stored = Some(stream_file_part(&state, field, known, earlier.is_some()).await?);
+                    stored = Some(
+                        stream_file_part(&state, field, known, earlier.is_some(), room).await?,
+                    );
                 }
                 "purpose" => purpose_raw = Some(small_field(field).await?),
                 "expires_after[anchor]" => anchor = Some(small_field(field).await?),

@@ -35,7 +35,7 @@ use nightshift_core::results::{BatchRequestId, ResultLineSummary};
 use nightshift_core::time::{now_unix, now_unix_micros};
 use nightshift_core::validation::BatchError;
 use nightshift_core::{ApiError, BatchId, ErrorKind, FileId};
-use nightshift_metadata::{Inserted, RetryFilter, RetrySource, ValidationOutcome};
+use nightshift_metadata::{Inserted, Quotas, RetryFilter, RetrySource, ValidationOutcome};
 use nightshift_proto::v1::{self, RetryBatchRequest};
 use nightshift_storage::{ObjectUpload, StorageError};
 use serde::Deserialize;
@@ -226,7 +226,7 @@ pub(super) async fn create(
         );
         let inserted = ports
             .metadata
-            .insert_batch_once(&batch, Some(&source), claim.as_ref())
+            .insert_batch_once(&batch, Some(&source), claim.as_ref(), validator.quotas())
             .await?;
         if let (Inserted::Replayed(earlier), Some(claim)) = (&inserted, &claim) {
             let id = idempotency::replayed(earlier, claim)?;
@@ -291,6 +291,7 @@ fn spawn_build(
                                 errors: vec![error],
                             },
                             now_unix(),
+                            validator.quotas(),
                         )
                         .await
                     {
@@ -658,7 +659,13 @@ async fn build_input(
         purpose: Purpose::Batch,
         storage_key: key,
     };
-    match ports.metadata.insert_file_once(&file, None).await {
+    // Built by nightshift, not uploaded: it counts toward the tenant's stored bytes but is
+    // never refused (the retry batch was admitted already).
+    match ports
+        .metadata
+        .insert_file_once(&file, None, &Quotas::UNLIMITED)
+        .await
+    {
         // a concurrent build (a second scheduler) recorded the same bytes first
         Ok(_) | Err(nightshift_metadata::MetadataError::Conflict(_)) => {}
         Err(e) => return Err(e.into()),

@@ -159,7 +159,7 @@ impl BatchesService {
             let inserted = self
                 .ports
                 .metadata
-                .insert_batch_once(&batch, None, claim.as_ref())
+                .insert_batch_once(&batch, None, claim.as_ref(), self.validator.quotas())
                 .await?;
             if let (Inserted::Replayed(earlier), Some(claim)) = (&inserted, &claim) {
                 // Another request with this key (a retry, or a racing twin) made the batch.

@@ -16,7 +16,7 @@ use nightshift_core::routing::RoutingConfig;
 use nightshift_core::time::now_unix;
 use nightshift_core::validation::{BatchError, LineValidator, ModelRoute, ValidationLimits};
 use nightshift_core::{FileId, TenantId};
-use nightshift_metadata::ValidationOutcome;
+use nightshift_metadata::{Quota, Quotas, REQUEST_LIMIT_EXCEEDED, ValidationOutcome};
 use nightshift_storage::StorageError;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +33,8 @@ pub struct Validator {
     settings: Arc<BatchSettings>,
     routing: Arc<RoutingConfig>,
     slots: Arc<FairSlots>,
+    /// The default quotas (`[scheduler.quotas]`): creates and validations check them.
+    quotas: Quotas,
     /// Wakes the dispatcher when a batch becomes runnable.
     wake: Arc<tokio::sync::Notify>,
     /// Cancelled when the scheduler stops: validations waiting to retry give up.
@@ -50,6 +52,7 @@ impl Validator {
         ports: SchedulerPorts,
         settings: BatchSettings,
         routing: RoutingConfig,
+        quotas: Quotas,
         wake: Arc<tokio::sync::Notify>,
         stop: CancellationToken,
     ) -> Self {
@@ -62,9 +65,15 @@ impl Validator {
             settings: Arc::new(settings),
             routing: Arc::new(routing),
             slots,
+            quotas,
             wake,
             stop,
         }
+    }
+
+    /// The default quotas, which tenants' overrides replace.
+    pub fn quotas(&self) -> &Quotas {
+        &self.quotas
     }
 
     /// Refuses, at create, a batch `endpoint` that is neither one of OpenAI's nor declared by
@@ -121,7 +130,7 @@ impl Validator {
             match self
                 .ports
                 .metadata
-                .finish_validation(&batch.id, &outcome, now_unix())
+                .finish_validation(&batch.id, &outcome, now_unix(), &self.quotas)
                 .await
             {
                 Ok(Some(done)) => {
@@ -133,6 +142,13 @@ impl Validator {
                                 ::metrics::counter!(metrics::VALIDATION_ERRORS, "code" => e.code.clone()).increment(1);
                             }
                             tracing::info!(batch_id = %done.id, errors = errors.len(), "batch failed validation");
+                        }
+                        ValidationOutcome::Ready { total, .. }
+                            if done.status == BatchStatus::Failed =>
+                        {
+                            ::metrics::counter!(metrics::VALIDATION_ERRORS, "code" => REQUEST_LIMIT_EXCEEDED).increment(1);
+                            ::metrics::counter!(metrics::QUOTA_REFUSALS, "quota" => Quota::EnqueuedRequests.setting()).increment(1);
+                            tracing::info!(batch_id = %done.id, tenant_id = %done.tenant_id, total, "batch failed: over the tenant's enqueued request quota");
                         }
                         ValidationOutcome::Ready {
                             total,

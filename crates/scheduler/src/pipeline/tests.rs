@@ -14,7 +14,7 @@ use nightshift_core::routing::{RoutingConfig, UpstreamConfig};
 use nightshift_core::time::{now_unix, now_unix_micros};
 use nightshift_core::{BatchId, FileId, TenantId, apikey};
 use nightshift_metadata::{
-    CancelOutcome, Ending, MetadataStore, SqliteConfig, SqliteStore, ValidationOutcome,
+    CancelOutcome, Ending, MetadataStore, Quotas, SqliteConfig, SqliteStore, ValidationOutcome,
 };
 use nightshift_proto::v1::{ChunkReport, ChunkResult, ChunkTask};
 use nightshift_queue::{EmbeddedQueue, EmbeddedQueueConfig, QueueKind, WorkQueue};
@@ -145,7 +145,7 @@ async fn running_on(
     };
     fx.ports
         .metadata
-        .finish_validation(&b.id, &ready, now_unix())
+        .finish_validation(&b.id, &ready, now_unix(), &Quotas::UNLIMITED)
         .await
         .expect("finish")
         .expect("moved")
@@ -816,6 +816,7 @@ async fn validation_retries_until_the_input_can_be_read() {
         },
         BatchSettings::default(),
         routing(),
+        Quotas::UNLIMITED,
         Arc::new(tokio::sync::Notify::new()),
         CancellationToken::new(),
     );
@@ -839,6 +840,7 @@ async fn a_batch_that_cannot_be_validated_expires_at_its_deadline() {
         fx.ports.clone(),
         BatchSettings::default(),
         routing(),
+        Quotas::UNLIMITED,
         Arc::new(tokio::sync::Notify::new()),
         CancellationToken::new(),
     );
@@ -850,4 +852,63 @@ async fn a_batch_that_cannot_be_validated_expires_at_its_deadline() {
     })
     .await;
     assert_eq!(status(&fx, &b.id).await, BatchStatus::Expired);
+}
+
+/// An input whose lines would take its tenant past `max_enqueued_requests` fails at
+/// validation with `request_limit_exceeded` and no chunk is dispatched; under the limit, the
+/// same input runs.
+#[tokio::test]
+async fn the_validator_fails_a_batch_over_the_enqueued_request_quota() {
+    let fx = fixture().await;
+    let file = unreadable_input(&fx).await;
+    repair(&fx, &file).await; // one good line
+    let validator = |max_enqueued_requests| {
+        Validator::new(
+            fx.ports.clone(),
+            BatchSettings::default(),
+            routing(),
+            Quotas {
+                max_enqueued_requests,
+                ..Quotas::UNLIMITED
+            },
+            Arc::new(tokio::sync::Notify::new()),
+            CancellationToken::new(),
+        )
+    };
+    let running = running_until(&fx, 2, now_unix() + 3600).await; // holds 2 lines
+    assert_eq!(running.status, BatchStatus::InProgress);
+    let over = record(&fx.tenant, &file.id, now_unix() + 3600);
+    fx.ports.metadata.insert_batch(&over).await.expect("insert");
+    validator(2).spawn(over.clone());
+    eventually(15, || async {
+        status(&fx, &over.id).await == BatchStatus::Failed
+    })
+    .await;
+    let failed = fx
+        .ports
+        .metadata
+        .batch(&over.id)
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!(failed.errors.len(), 1);
+    assert_eq!(
+        failed.errors[0].code,
+        nightshift_metadata::REQUEST_LIMIT_EXCEEDED
+    );
+    assert!(
+        fx.ports
+            .metadata
+            .chunks(&over.id)
+            .await
+            .expect("chunks")
+            .is_empty()
+    );
+    let fits = record(&fx.tenant, &file.id, now_unix() + 3600);
+    fx.ports.metadata.insert_batch(&fits).await.expect("insert");
+    validator(3).spawn(fits.clone());
+    eventually(15, || async {
+        status(&fx, &fits.id).await == BatchStatus::InProgress
+    })
+    .await;
 }
