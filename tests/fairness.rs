@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use nightshift_e2e::http::upload_batch_file_id;
 use nightshift_e2e::{
     Deployment, Stack, StackOptions, TEST_MODELS, eventually, for_both_deployments,
 };
@@ -14,30 +15,7 @@ use serde_json::{Value, json};
 
 /// Uploads `content` as a `batch` file; returns its id.
 async fn upload(client: &Client, origin: &str, key: &str, content: String) -> String {
-    let boundary = "nightshift-fairness-boundary";
-    let mut body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
-         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
-         Content-Type: application/jsonl\r\n\r\n"
-    )
-    .into_bytes();
-    body.extend(content.into_bytes());
-    body.extend(format!("\r\n--{boundary}--\r\n").into_bytes());
-    let resp = client
-        .post(format!("{origin}/v1/files"))
-        .bearer_auth(key)
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={boundary}"),
-        )
-        .body(body)
-        .send()
-        .await
-        .expect("upload");
-    let status = resp.status();
-    let file: Value = resp.json().await.expect("file object");
-    assert_eq!(status, StatusCode::OK, "{file}");
-    file["id"].as_str().expect("id").to_owned()
+    upload_batch_file_id(client, origin, key, content.as_bytes()).await
 }
 
 async fn create_batch(client: &Client, origin: &str, key: &str, file_id: &str) -> String {

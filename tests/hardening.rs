@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nightshift_core::validation::MAX_MODEL_CHARS;
+use nightshift_e2e::http::upload_batch_file_id;
 use nightshift_e2e::{
     Deployment, Stack, StackOptions, TEST_MODELS, eventually, for_both_deployments,
 };
@@ -171,27 +172,7 @@ fn chat_line(custom_id: &str, model: &str) -> String {
 
 /// Uploads `jsonl` as a `batch` file and creates a chat batch on it; returns the batch id.
 async fn create_batch(client: &Client, origin: &str, key: &str, jsonl: &str) -> String {
-    let boundary = "nightshift-hardening-boundary";
-    let body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
-         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
-         Content-Type: application/jsonl\r\n\r\n{jsonl}\n\r\n--{boundary}--\r\n"
-    );
-    let file: Value = client
-        .post(format!("{origin}/v1/files"))
-        .bearer_auth(key)
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={boundary}"),
-        )
-        .body(body)
-        .send()
-        .await
-        .expect("upload")
-        .json()
-        .await
-        .expect("file object");
-    let file_id = file["id"].as_str().unwrap_or_else(|| panic!("{file}"));
+    let file_id = upload_batch_file_id(client, origin, key, format!("{jsonl}\n").as_bytes()).await;
     let batch: Value = client
         .post(format!("{origin}/v1/batches"))
         .bearer_auth(key)

@@ -18,6 +18,7 @@ use std::time::Duration;
 use nightshift_core::file::MAX_FILENAME_BYTES;
 use nightshift_core::validation::MAX_CUSTOM_ID_CHARS;
 use nightshift_core::{FileId, file::FileRecord};
+use nightshift_e2e::http::upload_batch_file;
 use nightshift_e2e::{Deployment, Stack, StackOptions, eventually, for_both_deployments};
 use nightshift_proto::v1;
 use reqwest::{Client, StatusCode};
@@ -31,25 +32,7 @@ async fn upload(
     filename: &str,
     content: &str,
 ) -> (StatusCode, Value) {
-    let boundary = "nightshift-limits-boundary";
-    let body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
-         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n\
-         Content-Type: application/jsonl\r\n\r\n{content}\r\n--{boundary}--\r\n"
-    );
-    let resp = client
-        .post(format!("{origin}/v1/files"))
-        .bearer_auth(key)
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={boundary}"),
-        )
-        .body(body)
-        .send()
-        .await
-        .expect("upload");
-    let status = resp.status();
-    (status, resp.json().await.expect("JSON answer"))
+    upload_batch_file(client, origin, key, filename, content.as_bytes()).await
 }
 
 async fn create_batch(

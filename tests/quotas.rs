@@ -14,6 +14,7 @@
 use std::time::Duration;
 
 use nightshift_e2e::cluster::nightshift_bin;
+use nightshift_e2e::http::upload_batch_file;
 use nightshift_e2e::{Deployment, Stack, StackOptions, eventually, for_both_deployments};
 use nightshift_scheduler::QuotaSettings;
 use reqwest::{Client, StatusCode};
@@ -48,25 +49,7 @@ fn slow_lines(n: usize) -> String {
 
 /// Uploads `content` as a `batch` file; returns the status and the JSON answer.
 async fn upload(client: &Client, origin: &str, key: &str, content: &str) -> (StatusCode, Value) {
-    let boundary = "nightshift-quotas-boundary";
-    let body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
-         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"input.jsonl\"\r\n\
-         Content-Type: application/jsonl\r\n\r\n{content}\r\n--{boundary}--\r\n"
-    );
-    let resp = client
-        .post(format!("{origin}/v1/files"))
-        .bearer_auth(key)
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={boundary}"),
-        )
-        .body(body)
-        .send()
-        .await
-        .expect("upload");
-    let status = resp.status();
-    (status, resp.json().await.expect("JSON answer"))
+    upload_batch_file(client, origin, key, "input.jsonl", content.as_bytes()).await
 }
 
 /// Creates a batch of `file`; returns the status, the `x-should-retry` header and the answer.

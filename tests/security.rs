@@ -16,6 +16,7 @@ use std::process::Stdio;
 use std::str::FromStr;
 use std::time::Duration;
 
+use nightshift_e2e::http::upload_batch_file_id;
 use nightshift_e2e::infra::free_port;
 use nightshift_e2e::{Deployment, Stack, StackOptions, eventually, for_both_deployments};
 use reqwest::Client;
@@ -224,27 +225,7 @@ async fn create_batch(client: &Client, origin: &str, key: &str) -> Value {
         "url": "/v1/chat/completions",
         "body": {"model": "sim-chat", "messages": [{"role": "user", "content": "hi"}]},
     });
-    let boundary = "nightshift-security-boundary";
-    let body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
-         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
-         Content-Type: application/jsonl\r\n\r\n{line}\n\r\n--{boundary}--\r\n"
-    );
-    let file: Value = client
-        .post(format!("{origin}/v1/files"))
-        .bearer_auth(key)
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={boundary}"),
-        )
-        .body(body)
-        .send()
-        .await
-        .expect("upload")
-        .json()
-        .await
-        .expect("file object");
-    let file_id = file["id"].as_str().unwrap_or_else(|| panic!("{file}"));
+    let file_id = upload_batch_file_id(client, origin, key, format!("{line}\n").as_bytes()).await;
     let resp = client
         .post(format!("{origin}/v1/batches"))
         .bearer_auth(key)

@@ -14,6 +14,7 @@
 
 pub mod cluster;
 mod eventually;
+pub mod http;
 pub mod infra;
 
 pub use eventually::eventually;
