@@ -293,7 +293,7 @@ class Distributed(Stack):
 
     def start(self):
         dev = self.ctx.dev_config
-        ports = {s: free_port() for s in ("gateway", "gateway_ops", "scheduler", "finalizer")}
+        ports = {s: free_port() for s in ("gateway", "gateway_ops", "scheduler", "scheduler_ops", "finalizer")}
         self.base_url = f"http://127.0.0.1:{ports['gateway']}/v1"
         scheduler_url = f"http://127.0.0.1:{ports['scheduler']}"
         self.config.update({
@@ -306,11 +306,12 @@ class Distributed(Stack):
                                        "ops_listen": f"127.0.0.1:{ports['gateway_ops']}",
                                        "scheduler_url": scheduler_url})
         self.config["scheduler"].update({"listen": f"127.0.0.1:{ports['scheduler']}",
+                                         "ops_listen": f"127.0.0.1:{ports['scheduler_ops']}",
                                          "bootstrap_tenant": "default", "bootstrap_api_key": self.key})
         self.config["finalizer"].update({"listen": f"127.0.0.1:{ports['finalizer']}",
                                          "scheduler_url": scheduler_url})
         self.config_path = self.write_config()
-        plan = [("scheduler", {}, scheduler_url)]
+        plan = [("scheduler", {}, f"http://127.0.0.1:{ports['scheduler_ops']}")]
         for i in range(1, self.executors + 1):
             p = free_port()
             plan.append((f"executor-{i}", {"NIGHTSHIFT_EXECUTOR__LISTEN": f"127.0.0.1:{p}"}, f"http://127.0.0.1:{p}"))
