@@ -55,14 +55,18 @@ impl SchedulerClient {
     /// # Errors
     /// `url` is not a URI.
     pub fn connect_lazy(url: &str, timeout: Duration) -> Result<Self, tonic::transport::Error> {
-        let channel = Endpoint::from_shared(url.to_owned())?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(timeout)
-            .connect_lazy();
-        Ok(Self {
-            channel,
+        Ok(Self::over(Endpoint::from_shared(url.to_owned())?, timeout))
+    }
+
+    /// The lazily connected client over `endpoint`, with the timeouts every caller gets.
+    fn over(endpoint: Endpoint, timeout: Duration) -> Self {
+        Self {
+            channel: endpoint
+                .connect_timeout(CONNECT_TIMEOUT)
+                .timeout(timeout)
+                .connect_lazy(),
             interceptor: ClientInterceptor::default(),
-        })
+        }
     }
 
     /// Like [`connect_lazy`](Self::connect_lazy), over mutual TLS when `tls` is set
@@ -80,15 +84,8 @@ impl SchedulerClient {
         let Some(tls) = tls else {
             return Ok(Self::connect_lazy(url, timeout)?);
         };
-        let channel = Endpoint::from_shared(url.to_owned())?
-            .tls_config(tls.client_config()?)?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(timeout)
-            .connect_lazy();
-        Ok(Self {
-            channel,
-            interceptor: ClientInterceptor::default(),
-        })
+        let endpoint = Endpoint::from_shared(url.to_owned())?.tls_config(tls.client_config()?)?;
+        Ok(Self::over(endpoint, timeout))
     }
 
     /// Checks that `url`'s scheme fits the transport: `https` with TLS, `http` without.
