@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use nightshift_e2e::cluster::nightshift_bin;
+use nightshift_e2e::http::upload_batch_file_id;
 use nightshift_e2e::{eventually, run_python};
 use nightshift_inference_sim::SimConfig;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -286,6 +287,72 @@ async fn a_second_process_on_the_same_data_dir_is_refused() {
     first.stop().await.expect("clean exit");
 }
 
+/// `nightshift admin --data-dir` on the data directory of a running process.
+async fn admin(data_dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(nightshift_bin().expect("bin"))
+        .arg("admin")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env_remove("NIGHTSHIFT_CONFIG")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run nightshift admin")
+}
+
+#[tokio::test]
+async fn admin_through_the_data_dir_makes_a_second_tenant() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let process = Process::start(dir.path(), &["--simulate", "--quiet"])
+        .await
+        .expect("start");
+    let out = admin(dir.path(), &["create-tenant", "--name", "second"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("api_key="))
+        .expect("an api_key= line")
+        .to_owned();
+    assert_ne!(key, process.api_key);
+
+    // The new key is a tenant of its own: it sees its own (empty) lists, not the first one's.
+    let first = api::Client::new(&process.origin, &process.api_key);
+    let second = api::Client::new(&process.origin, &key);
+    let file = upload_batch_file_id(
+        &reqwest::Client::new(),
+        &process.origin,
+        &process.api_key,
+        br#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"m","messages":[]}}"#,
+    )
+    .await;
+    assert_eq!(first.files().await.expect("first's files"), [file]);
+    assert!(second.files().await.expect("second's files").is_empty());
+
+    let out = admin(dir.path(), &["tenants"]).await;
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && listed.contains("second"),
+        "{listed}"
+    );
+
+    process.stop().await.expect("clean exit");
+    // Stopped: the access file is gone, and admin says what to check.
+    assert!(!dir.path().join("admin").exists());
+    let out = admin(dir.path(), &["tenants"]).await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("nightshift standalone --data-dir"),
+        "{stderr}"
+    );
+}
+
 /// The few HTTP calls the test makes itself (the SDK runs in the Python scripts).
 mod api {
     pub struct Client {
@@ -301,6 +368,25 @@ mod api {
                 key: key.to_owned(),
                 http: reqwest::Client::new(),
             }
+        }
+
+        /// The ids of the tenant's files.
+        pub async fn files(&self) -> anyhow::Result<Vec<String>> {
+            let list: serde_json::Value = self
+                .http
+                .get(format!("{}/v1/files", self.origin))
+                .bearer_auth(&self.key)
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            Ok(list["data"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|f| f["id"].as_str().map(str::to_owned))
+                .collect())
         }
 
         pub async fn batch(&self, id: &str) -> anyhow::Result<serde_json::Value> {

@@ -41,9 +41,9 @@ enum Command {
     /// Everything in one process, with no infrastructure: files in a directory, SQLite,
     /// an in-process queue. Serves the same API.
     Standalone(run::StandaloneArgs),
-    /// Administration through the scheduler.
-    #[command(subcommand)]
-    Admin(run::Admin),
+    /// Administration through the scheduler: the configured one, or with `--data-dir` that of
+    /// a running `nightshift standalone`.
+    Admin(run::AdminArgs),
     /// A client of any OpenAI-compatible Batch API: submit, watch (with progress bars), list,
     /// show, cancel, download, retry.
     Batch(batch::BatchArgs),

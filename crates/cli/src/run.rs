@@ -16,7 +16,7 @@ use nightshift_inference_sim::SimConfig;
 use nightshift_proto::client::SchedulerClient;
 use nightshift_proto::v1::CreateTenantRequest;
 use nightshift_standalone::{
-    ProgressSettings, ServiceConfigs, Standalone, StandaloneConfig, route_every_model,
+    AdminAccess, ProgressSettings, ServiceConfigs, Standalone, StandaloneConfig, route_every_model,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -322,6 +322,19 @@ fn simulator_from_env() -> anyhow::Result<SimConfig> {
         .config)
 }
 
+/// `nightshift admin`: a deployment's scheduler (from the configuration), or the running
+/// `nightshift standalone` of a data directory.
+#[derive(clap::Args)]
+pub struct AdminArgs {
+    /// Administer the `nightshift standalone` running on this data directory (its scheduler's
+    /// loopback address and token are in `<dir>/admin` while it runs) instead of the
+    /// configured scheduler.
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Admin,
+}
+
 #[derive(Subcommand)]
 pub enum Admin {
     /// Creates a tenant and prints its API key (shown only this once).
@@ -343,15 +356,30 @@ pub enum Admin {
     Quotas(crate::admin_quotas::QuotasCmd),
 }
 
-pub async fn admin(config: Config, cmd: Admin) -> anyhow::Result<()> {
-    let token = internal_token(&config)?;
-    let control = SchedulerClient::connect_lazy_tls(
-        &config.gateway.scheduler_url,
-        config.gateway.control_timeout,
-        config.internal.tls.as_ref(),
-    )?
-    .with_token(Some(&token))?;
-    match cmd {
+pub async fn admin(config: Config, args: AdminArgs) -> anyhow::Result<()> {
+    let control = match &args.data_dir {
+        Some(data_dir) => {
+            let access = AdminAccess::load(data_dir).with_context(|| {
+                format!(
+                    "is `nightshift standalone --data-dir {}` running?",
+                    data_dir.display()
+                )
+            })?;
+            // One process, loopback: the scheduler never serves TLS there.
+            SchedulerClient::connect_lazy(&access.scheduler_url, config.gateway.control_timeout)?
+                .with_token(Some(&access.internal_token))?
+        }
+        None => {
+            let token = internal_token(&config)?;
+            SchedulerClient::connect_lazy_tls(
+                &config.gateway.scheduler_url,
+                config.gateway.control_timeout,
+                config.internal.tls.as_ref(),
+            )?
+            .with_token(Some(&token))?
+        }
+    };
+    match args.command {
         Admin::CreateTenant { name, api_key } => {
             let resp = control
                 .tenants()

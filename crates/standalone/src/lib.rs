@@ -26,6 +26,12 @@
 //!
 //! One process owns a data directory at a time: [`Standalone::start`] takes an exclusive lock
 //! on `<data_dir>/lock` (released by the OS when the process dies, even by `kill -9`).
+//!
+//! While it runs, `<data_dir>/admin` (owner-readable only) holds the loopback scheduler's URL
+//! and this run's internal token, so that `nightshift admin --data-dir <dir>` can administer
+//! the running process (create tenants, set quotas, webhooks) as it would a deployment:
+//! [`AdminAccess`]. It is removed when the process stops cleanly; a stale one (after a crash)
+//! names a port nobody answers on, and the next start replaces it.
 
 mod progress;
 mod services;
@@ -293,6 +299,12 @@ impl Standalone {
             });
         }
 
+        AdminAccess {
+            scheduler_url: services.scheduler_url.clone(),
+            internal_token: services.internal_token.clone(),
+        }
+        .save(&data_dir)?;
+
         Ok(Self {
             origin: format!("http://{}", services.gateway_addr),
             api_key,
@@ -327,7 +339,10 @@ impl Standalone {
     /// # Errors
     /// The failure, or the first error a service returned while stopping.
     pub async fn join(self) -> Result<()> {
-        self.services.join().await
+        let data_dir = self.data_dir.clone();
+        let result = self.services.join().await;
+        AdminAccess::remove(&data_dir);
+        result
     }
 
     /// Cancels the shutdown token and [joins](Self::join).
@@ -335,7 +350,85 @@ impl Standalone {
     /// # Errors
     /// As [`Standalone::join`].
     pub async fn stop(self) -> Result<()> {
-        self.services.stop().await
+        let data_dir = self.data_dir.clone();
+        let result = self.services.stop().await;
+        AdminAccess::remove(&data_dir);
+        result
+    }
+}
+
+/// How to reach the scheduler of the `nightshift standalone` running on a data directory:
+/// what `<data_dir>/admin` holds while it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminAccess {
+    /// The scheduler's loopback gRPC endpoint.
+    pub scheduler_url: String,
+    /// The internal token its calls must carry.
+    pub internal_token: Secret,
+}
+
+impl AdminAccess {
+    const FILE: &str = "admin";
+
+    /// Reads `<data_dir>/admin`.
+    ///
+    /// # Errors
+    /// The file is missing (no standalone process has run there, or it stopped), unreadable
+    /// or not what a standalone process writes.
+    pub fn load(data_dir: &Path) -> Result<Self> {
+        let path = data_dir.join(Self::FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| StandaloneError::DataDir {
+            path: path.clone(),
+            source,
+        })?;
+        let mut scheduler_url = None;
+        let mut internal_token = None;
+        for line in text.lines() {
+            match line.split_once('=') {
+                Some(("scheduler_url", value)) => scheduler_url = Some(value.trim().to_owned()),
+                Some(("internal_token", value)) => {
+                    internal_token = Some(Secret::new(value.trim().to_owned()));
+                }
+                _ => {}
+            }
+        }
+        match (scheduler_url, internal_token) {
+            (Some(scheduler_url), Some(internal_token))
+                if !scheduler_url.is_empty() && !internal_token.expose().is_empty() =>
+            {
+                Ok(Self {
+                    scheduler_url,
+                    internal_token,
+                })
+            }
+            _ => Err(StandaloneError::Config(format!(
+                "{} does not name a scheduler_url and an internal_token",
+                path.display()
+            ))),
+        }
+    }
+
+    /// Writes `<data_dir>/admin`, owner-readable only, replacing any earlier one atomically.
+    fn save(&self, data_dir: &Path) -> Result<()> {
+        write_private(
+            data_dir,
+            Self::FILE,
+            &format!(
+                "scheduler_url={}\ninternal_token={}\n",
+                self.scheduler_url,
+                self.internal_token.expose()
+            ),
+        )
+    }
+
+    /// Removes `<data_dir>/admin`; a failure only leaves a stale file the next start replaces.
+    fn remove(data_dir: &Path) {
+        let path = data_dir.join(Self::FILE);
+        if let Err(error) = std::fs::remove_file(&path)
+            && error.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %path.display(), %error, "could not remove the admin file");
+        }
     }
 }
 
@@ -375,22 +468,32 @@ fn saved_api_key(data_dir: &Path) -> Result<String> {
         Err(e) => return Err(err(e)),
     }
     let key = apikey::generate();
-    let tmp = data_dir.join("api-key.tmp");
-    {
-        use std::io::Write;
-        let mut options = OpenOptions::new();
-        options.create(true).truncate(true).write(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let mut file = options.open(&tmp).map_err(err)?;
-        writeln!(file, "{key}").map_err(err)?;
-        file.sync_all().map_err(err)?;
-    }
-    std::fs::rename(&tmp, &path).map_err(err)?;
+    write_private(data_dir, "api-key", &format!("{key}\n"))?;
     Ok(key)
+}
+
+/// Writes `<data_dir>/<name>` durably and owner-readable only: a temp file, fsynced, renamed
+/// over the old one.
+fn write_private(data_dir: &Path, name: &str, contents: &str) -> Result<()> {
+    use std::io::Write;
+    let path = data_dir.join(name);
+    let tmp = data_dir.join(format!("{name}.tmp"));
+    let err = |source| StandaloneError::DataDir {
+        path: path.clone(),
+        source,
+    };
+    let mut options = OpenOptions::new();
+    options.create(true).truncate(true).write(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(&tmp).map_err(err)?;
+    file.write_all(contents.as_bytes()).map_err(err)?;
+    file.sync_all().map_err(err)?;
+    drop(file);
+    std::fs::rename(&tmp, &path).map_err(err)
 }
 
 #[cfg(test)]
@@ -412,6 +515,34 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+    }
+
+    #[test]
+    fn the_admin_access_is_saved_private_read_back_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(AdminAccess::load(dir.path()).is_err());
+        let access = AdminAccess {
+            scheduler_url: "http://127.0.0.1:4242".into(),
+            internal_token: Secret::new("t0ken".to_owned()),
+        };
+        access.save(dir.path()).unwrap();
+        assert_eq!(AdminAccess::load(dir.path()).unwrap(), access);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join("admin"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        AdminAccess::remove(dir.path());
+        assert!(AdminAccess::load(dir.path()).is_err());
+        std::fs::write(dir.path().join("admin"), "scheduler_url=http://x\n").unwrap();
+        assert!(matches!(
+            AdminAccess::load(dir.path()),
+            Err(StandaloneError::Config(_))
+        ));
     }
 
     #[test]
