@@ -189,19 +189,28 @@ impl ResponseBody {
     /// be whitespace between tokens — become spaces, and surrounding whitespace is trimmed, so
     /// a pretty-printed body still fits on one JSONL line.
     pub fn from_json(bytes: &[u8]) -> Result<Self, InvalidResponseBody> {
+        Self::from_json_with_usage(bytes).map(|(body, _)| body)
+    }
+
+    /// [`from_json`](Self::from_json) and [`usage`](Self::usage) in one pass over the bytes:
+    /// an executor's hot path reads every answer once, whatever its size.
+    pub fn from_json_with_usage(bytes: &[u8]) -> Result<(Self, Usage), InvalidResponseBody> {
         let text =
             std::str::from_utf8(bytes).map_err(|e| InvalidResponseBody::NotJson(e.to_string()))?;
-        serde_json::from_str::<IgnoredAny>(text)
+        // Parsing the usage checks the whole text is one JSON value (trailing bytes included).
+        let UsageOnly(usage) = serde_json::from_str::<UsageOnly>(text)
             .map_err(|e| InvalidResponseBody::NotJson(e.to_string()))?;
         let text = text.trim_matches(|c| matches!(c, ' ' | '\t' | '\n' | '\r'));
         if !text.starts_with('{') {
             return Err(InvalidResponseBody::NotAnObject);
         }
-        let one_line: String = text
-            .chars()
-            .map(|c| if c == '\n' || c == '\r' { ' ' } else { c })
-            .collect();
-        Ok(Self(one_line.into_boxed_str()))
+        let one_line = if text.contains(['\n', '\r']) {
+            text.replace(['\n', '\r'], " ")
+        } else {
+            text.to_owned()
+        };
+        let usage = usage.map_or_else(Usage::default, |usage| Usage::from_usage_object(&usage));
+        Ok((Self(one_line.into_boxed_str()), usage))
     }
 
     /// Takes any upstream body: a JSON object as [`from_json`](Self::from_json) does; anything

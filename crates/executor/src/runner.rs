@@ -513,10 +513,16 @@ pub async fn run_chunk(task: &ChunkTask, deps: &ChunkDeps) -> Result<ChunkOutcom
             .buffer_unordered(settings.chunk_concurrency);
         while let Some((index, ran)) = finished.next().await {
             // Not started: the time budget was spent first.
-            let Some((line, result)) = ran else { continue };
-            recorder.send(LineOutcome::of(line, &result));
+            let Some((line, result, usage)) = ran else {
+                continue;
+            };
+            recorder.send(if result.is_success() {
+                LineOutcome::succeeded(line, usage)
+            } else {
+                LineOutcome::failed(line)
+            });
             let kind = LineKind::of(&result);
-            outcome.count(kind, &result.usage());
+            outcome.count(kind, &usage);
             new[kind.index()] += 1;
             let mut json = result.to_json_line();
             // The line break is written with the part.
@@ -942,9 +948,10 @@ struct LineContext<'a> {
 }
 
 impl LineContext<'_> {
-    /// Runs one request to its result line; returns its line number too. `None`: the time
-    /// budget was spent before it started (nothing was sent; the line has no result).
-    async fn run(&self, request: Request) -> Option<(u64, ResultLine)> {
+    /// Runs one request to its result line; returns its line number and its usage
+    /// ([`ResultLine::usage`]) too. `None`: the time budget was spent before it started
+    /// (nothing was sent; the line has no result).
+    async fn run(&self, request: Request) -> Option<(u64, ResultLine, Usage)> {
         let Request {
             line,
             custom_id,
@@ -981,7 +988,8 @@ impl LineContext<'_> {
             )
         };
         let id = BatchRequestId::for_line(self.batch, line);
-        Some((line, outcome.into_result_line(id, &custom_id)))
+        let (result, usage) = outcome.into_result(id, &custom_id);
+        Some((line, result, usage))
     }
 }
 

@@ -115,6 +115,7 @@ fn response(outcome: &CallOutcome) -> (u16, &str, Value, u32) {
             request_id,
             body,
             attempts,
+            ..
         } => (
             *status,
             request_id.as_str(),

@@ -82,7 +82,7 @@ use std::time::{Duration, SystemTime};
 use bytes::{Bytes, BytesMut};
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue};
-use nightshift_core::results::NoResponseCode;
+use nightshift_core::results::{NoResponseCode, ResponseBody, Usage};
 use nightshift_core::routing::{RoutingConfig, UpstreamConfig};
 use rand::Rng;
 use reqwest::Url;
@@ -563,15 +563,24 @@ impl Upstream {
                 request_id,
                 server_ask,
                 body,
-            })) => Attempt {
-                kind: AttemptKind::of_answer(status, &body),
-                result: AttemptResult::Answer {
-                    status,
-                    request_id,
-                    body,
-                },
-                server_ask,
-            },
+            })) => {
+                // A 2xx body is read here, once: whether it is a JSON object decides a retry,
+                // and the result line and the usage come from the same pass.
+                let checked = (200..300)
+                    .contains(&status)
+                    .then(|| ResponseBody::from_json_with_usage(&body).ok())
+                    .flatten();
+                Attempt {
+                    kind: AttemptKind::of_checked(status, checked.is_some()),
+                    result: AttemptResult::Answer {
+                        status,
+                        request_id,
+                        body,
+                        checked,
+                    },
+                    server_ask,
+                }
+            }
             Ok(Ok(Answer::TooLarge { status })) => {
                 tracing::debug!(status, limit, "upstream answer over max_response_bytes");
                 Attempt {
@@ -638,6 +647,8 @@ enum AttemptResult {
         status: u16,
         request_id: String,
         body: Bytes,
+        /// A 2xx body read as a JSON object, with its usage.
+        checked: Option<(ResponseBody, Usage)>,
     },
     /// An HTTP answer whose body is larger than `limit` (`max_response_bytes`).
     TooLarge { status: u16, limit: usize },
@@ -694,10 +705,12 @@ impl History {
                 status,
                 request_id,
                 body,
+                checked,
             } => CallOutcome::Response {
                 status,
                 request_id,
                 body,
+                checked,
                 attempts,
             },
             AttemptResult::TooLarge { status, limit } => CallOutcome::NoResponse {

@@ -1,7 +1,7 @@
 //! What one batch request's upstream call produced, and its result line.
 
 use bytes::Bytes;
-use nightshift_core::results::{BatchRequestId, NoResponseCode, ResponseBody, ResultLine};
+use nightshift_core::results::{BatchRequestId, NoResponseCode, ResponseBody, ResultLine, Usage};
 
 /// The end of [`Upstream::call`](super::Upstream::call): everything its result line needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,6 +18,9 @@ pub enum CallOutcome {
         request_id: String,
         /// The body, exactly as received.
         body: Bytes,
+        /// A 2xx body already read as a JSON object, and its usage, when the call did
+        /// ([`ResponseBody::from_json_with_usage`]); `None`: not read yet (it is then, once).
+        checked: Option<(ResponseBody, Usage)>,
         /// HTTP attempts made, this one included.
         attempts: u32,
     },
@@ -67,29 +70,43 @@ impl CallOutcome {
     ///   [`ResponseBody::from_upstream`] when it is not a JSON object;
     /// - no response: an error-file line with `error: {code, message}`.
     pub fn into_result_line(self, id: BatchRequestId, custom_id: &str) -> ResultLine {
+        self.into_result(id, custom_id).0
+    }
+
+    /// [`into_result_line`](Self::into_result_line) and the line's usage
+    /// ([`ResultLine::usage`]), the body read once.
+    pub fn into_result(self, id: BatchRequestId, custom_id: &str) -> (ResultLine, Usage) {
         match self {
             Self::Response {
                 status,
                 request_id,
                 body,
+                checked,
                 ..
             } => {
-                let (status_code, body) = if (200..300).contains(&status) {
-                    match ResponseBody::from_json(&body) {
-                        Ok(body) => (status, body),
+                let (status_code, body, usage) = if (200..300).contains(&status) {
+                    match checked.map_or_else(|| ResponseBody::from_json_with_usage(&body), Ok) {
+                        Ok((body, usage)) => (status, body, usage),
                         Err(_) => (
                             Self::INVALID_SUCCESS_BODY_STATUS,
                             ResponseBody::from_upstream(status, &body),
+                            Usage::default(),
                         ),
                     }
                 } else {
-                    (status, ResponseBody::from_upstream(status, &body))
+                    (
+                        status,
+                        ResponseBody::from_upstream(status, &body),
+                        Usage::default(),
+                    )
                 };
-                ResultLine::response(id, custom_id, status_code, request_id, body)
+                let line = ResultLine::response(id, custom_id, status_code, request_id, body);
+                (line, usage)
             }
-            Self::NoResponse { code, message, .. } => {
-                ResultLine::no_response(id, custom_id, code, Some(message))
-            }
+            Self::NoResponse { code, message, .. } => (
+                ResultLine::no_response(id, custom_id, code, Some(message)),
+                Usage::default(),
+            ),
         }
     }
 }
@@ -110,6 +127,7 @@ mod tests {
             status,
             request_id: "req_1".into(),
             body: Bytes::from_static(body),
+            checked: None,
             attempts: 2,
         }
     }
@@ -140,6 +158,7 @@ mod tests {
                 status: 200,
                 request_id: "req_2".into(),
                 body: Bytes::copy_from_slice(body),
+                checked: None,
                 attempts: 5,
             });
             assert!(!success);

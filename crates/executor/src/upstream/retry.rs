@@ -74,9 +74,17 @@ impl AttemptKind {
 
     /// Classifies an HTTP answer by status, and for a 2xx by whether the body is a JSON
     /// object.
+    #[cfg(test)]
     pub fn of_answer(status: u16, body: &[u8]) -> Self {
+        let object = nightshift_core::results::ResponseBody::from_json(body).is_ok();
+        Self::of_checked(status, object)
+    }
+
+    /// Classifies an HTTP answer by status, and a 2xx by `object`: whether its body was found
+    /// to be one JSON object (the body is read once, by the caller).
+    pub fn of_checked(status: u16, object: bool) -> Self {
         match status {
-            200..=299 if is_json_object(body) => Self::Success,
+            200..=299 if object => Self::Success,
             200..=299 => Self::Malformed,
             429 => Self::RateLimited,
             408 => Self::Http408,
@@ -101,15 +109,6 @@ impl AttemptKind {
             | Self::TooLarge => Signal::Neutral,
         }
     }
-}
-
-/// True when `body` is one JSON object (surrounding whitespace allowed).
-fn is_json_object(body: &[u8]) -> bool {
-    let starts_with_brace = body
-        .iter()
-        .find(|b| !b.is_ascii_whitespace())
-        .is_some_and(|&b| b == b'{');
-    starts_with_brace && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
 }
 
 /// Exponential backoff with full jitter: before retry `n` (1-based) the wait is drawn
