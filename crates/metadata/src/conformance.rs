@@ -18,9 +18,10 @@ use nightshift_core::chunking::ChunkSpan;
 use nightshift_core::validation::BatchError;
 
 use crate::{
-    CancelOutcome, DispatchAccount, Ending, FileQuery, IdempotencyClaim, Inserted, LeasePolicy,
-    MetadataError, MetadataStore, Quota, QuotaExceeded, QuotaOverrides, QuotaUsage, Quotas,
-    REQUEST_LIMIT_EXCEEDED, RetryFilter, RetrySource, Tenant, ValidationOutcome,
+    CancelOutcome, DispatchAccount, DispatchCandidate, Ending, FileQuery, IdempotencyClaim,
+    Inserted, LeasePolicy, MetadataError, MetadataStore, Quota, QuotaExceeded, QuotaOverrides,
+    QuotaUsage, Quotas, REQUEST_LIMIT_EXCEEDED, RetryFilter, RetrySource, Tenant,
+    ValidationOutcome,
 };
 use nightshift_core::idempotency::IdempotentKind;
 
@@ -913,7 +914,18 @@ async fn chunks_are_claimed_with_a_lease(store: &dyn MetadataStore) {
     );
     let dispatched = store.dispatched_chunks(&b.id).await.expect("dispatched");
     assert_eq!(dispatched, vec![again.clone(), second.clone()]);
-    // heartbeats renew a dispatched chunk, not a done one
+    // no executor reported either running yet: both wait in the queue
+    let queued = |candidates: Vec<DispatchCandidate>| {
+        candidates
+            .iter()
+            .find(|c| c.batch.id == b.id)
+            .map(|c| (c.in_flight, c.queued))
+    };
+    assert_eq!(
+        queued(store.dispatch_candidates().await.expect("candidates")),
+        Some((2, 2))
+    );
+    // heartbeats renew a dispatched chunk (and mark it started), not a done one
     assert!(
         store
             .renew_chunk_lease(&b.id, 0, t0 + 10, 30)
@@ -963,7 +975,7 @@ async fn chunks_are_claimed_with_a_lease(store: &dyn MetadataStore) {
         .iter()
         .find(|c| c.batch.id == b.id)
         .expect("candidate");
-    assert_eq!((c.in_flight, c.pending), (1, 0));
+    assert_eq!((c.in_flight, c.queued, c.pending), (1, 0, 0));
     // no chunk is handed out past the deadline
     let late = running_batch(store, &t.id, t0 + 3, 1).await;
     assert!(

@@ -275,6 +275,9 @@ pub struct DispatchCandidate {
     pub batch: BatchRecord,
     /// Chunks handed out and not yet done.
     pub in_flight: u32,
+    /// Of those, chunks no executor has reported running since they were handed out: their
+    /// tasks wait in the queue.
+    pub queued: u32,
     /// Chunks not yet handed out.
     pub pending: u32,
 }

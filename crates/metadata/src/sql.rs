@@ -743,6 +743,8 @@ where
         let sql = format!(
             "SELECT {BATCH_COLUMNS}, ending, \
              (SELECT count(*) FROM chunks c WHERE c.batch_id = b.id AND c.state = 'dispatched') AS in_flight, \
+             (SELECT count(*) FROM chunks c WHERE c.batch_id = b.id AND c.state = 'dispatched' \
+                AND NOT c.started) AS queued, \
              (SELECT count(*) FROM chunks c WHERE c.batch_id = b.id AND c.state = 'pending') AS pending \
              FROM batches b WHERE status = 'in_progress' ORDER BY created_at_us, id"
         );
@@ -753,11 +755,13 @@ where
         rows.iter()
             .map(|r| {
                 let in_flight = r.int("in_flight")?;
+                let queued = r.int("queued")?;
                 let pending = r.int("pending")?;
                 let ending = r.opt_text("ending")?;
                 Ok(DispatchCandidate {
                     batch: batch_from_row(r)?,
                     in_flight: in_flight as u32,
+                    queued: queued as u32,
                     // an expiring batch hands out nothing more
                     pending: if ending.is_some() { 0 } else { pending as u32 },
                 })

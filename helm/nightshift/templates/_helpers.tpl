@@ -206,6 +206,11 @@ NIGHTSHIFT_<SECTION>__<KEY> variables override nightshift.toml.
 {{- end }}
 {{ include "nightshift.secretEnv" (list "NIGHTSHIFT_METADATA__URL" $v.secretKeys.metadataUrl false $) }}
 {{ include "nightshift.secretEnv" (list "NIGHTSHIFT_SCHEDULER__BOOTSTRAP_API_KEY" $v.secretKeys.bootstrapApiKey true $) }}
+{{- if $v.executor.keda.enabled }}
+{{- /* KEDA scales on ready chunk tasks: the dispatcher's lookahead would keep that depth at 2 */}}
+- name: NIGHTSHIFT_SCHEDULER__PIPELINE__MAX_QUEUED_CHUNKS_PER_MODEL
+  value: "0"
+{{- end }}
 {{- end }}
 {{- if eq $component "executor" }}
 - name: NIGHTSHIFT_EXECUTOR__PREFETCH

@@ -1,6 +1,9 @@
 //! Fair, paced dispatch of chunk tasks.
 //!
 //! For each model, at most `max_in_flight_chunks_per_model` chunks are handed out and not yet
+//! done, and at most `max_queued_chunks_per_model` of them not yet started by an executor (a
+//! bounded lookahead: tasks in the queue are served first in, first out, so a slot given
+//! fairly must not wait behind a long queue).
 //! done. Each free slot of a model goes to the tenant that has been served the fewest request
 //! lines on that model, and within a tenant to the batch with the earliest deadline
 //! ([`fairness`]: a tenant that becomes active on a model starts at the current minimum
@@ -117,7 +120,11 @@ impl Dispatcher {
         model: &str,
         mut batches: Vec<DispatchCandidate>,
     ) -> Result<usize, SchedulerError> {
-        let mut free = fairness::free_slots(self.settings.max_in_flight_chunks_per_model, &batches);
+        let mut free = fairness::free_slots(
+            self.settings.max_in_flight_chunks_per_model,
+            self.settings.max_queued_chunks_per_model,
+            &batches,
+        );
         let mut handed_out = 0;
         while free > 0 {
             let Some(pick) = self.fairness.pick(&batches) else {

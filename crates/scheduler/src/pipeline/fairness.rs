@@ -138,10 +138,23 @@ fn model_of(c: &DispatchCandidate) -> &str {
     c.batch.model.as_deref().unwrap_or_default()
 }
 
-/// Free slots of a model whose `candidates` have chunks in flight, under `max_in_flight`.
-pub(crate) fn free_slots(max_in_flight: u32, candidates: &[DispatchCandidate]) -> u32 {
+/// Free slots of a model whose `candidates` have chunks in flight: under `max_in_flight`
+/// chunks handed out and not done, and under `max_queued` of them not yet started (0: no such
+/// bound). The second bound is the dispatcher's lookahead: a task published to the queue is
+/// served in order, so the fewer wait there, the sooner a newly arrived batch's first chunk,
+/// which the fair pick puts first, starts.
+pub(crate) fn free_slots(
+    max_in_flight: u32,
+    max_queued: u32,
+    candidates: &[DispatchCandidate],
+) -> u32 {
     let in_flight: u32 = candidates.iter().map(|c| c.in_flight).sum();
-    max_in_flight.saturating_sub(in_flight)
+    let free = max_in_flight.saturating_sub(in_flight);
+    if max_queued == 0 {
+        return free;
+    }
+    let queued: u32 = candidates.iter().map(|c| c.queued).sum();
+    free.min(max_queued.saturating_sub(queued))
 }
 
 /// `candidates` grouped by model, each group in the order given.
@@ -196,6 +209,7 @@ mod tests {
                 traceparent: None,
             },
             in_flight: 0,
+            queued: 0,
             pending,
         }
     }
@@ -377,9 +391,18 @@ mod tests {
         a.in_flight = 3;
         let mut b = candidate(2, 3, 1);
         b.in_flight = 2;
-        assert_eq!(free_slots(8, &[a.clone(), b.clone()]), 3);
-        assert_eq!(free_slots(4, &[a, b]), 0);
-        assert_eq!(free_slots(4, &[]), 4);
+        assert_eq!(free_slots(8, 0, &[a.clone(), b.clone()]), 3);
+        assert_eq!(free_slots(4, 0, &[a.clone(), b.clone()]), 0);
+        assert_eq!(free_slots(4, 0, &[]), 4);
+        assert_eq!(free_slots(4, 2, &[]), 2);
+        // the lookahead: chunks handed out but not started bound what more goes out
+        a.queued = 1;
+        assert_eq!(free_slots(8, 2, &[a.clone(), b.clone()]), 1);
+        b.queued = 1;
+        assert_eq!(free_slots(8, 2, &[a.clone(), b.clone()]), 0);
+        assert_eq!(free_slots(8, 0, &[a.clone(), b.clone()]), 3);
+        a.queued = 3;
+        assert_eq!(free_slots(8, 2, &[a, b]), 0);
     }
 
     #[test]

@@ -54,9 +54,14 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub struct PipelineSettings {
     /// Chunks of one model handed out and not yet done, across all batches. Set it near
     /// executors × their prefetch: below, executors idle; above, the surplus waits in the
-    /// queue, and a newly arrived batch's first chunk waits behind it (fairness is decided
-    /// when a chunk is handed out, not once it is queued).
+    /// queue (bounded by `max_queued_chunks_per_model`).
     pub max_in_flight_chunks_per_model: u32,
+    /// Of those, chunks handed out that no executor has started yet (their tasks wait in the
+    /// queue), across all batches of the model: the dispatcher's lookahead. Fairness is
+    /// decided when a chunk is handed out, and the queue serves tasks in order, so a newly
+    /// arrived batch's first chunk waits behind at most this many; executors still find the
+    /// next task waiting when they finish one. 0: no bound (only `max_in_flight_…`).
+    pub max_queued_chunks_per_model: u32,
     /// How often the dispatcher looks for work when nothing wakes it.
     #[serde(with = "humantime_serde")]
     pub dispatch_interval: Duration,
@@ -92,6 +97,7 @@ impl Default for PipelineSettings {
     fn default() -> Self {
         Self {
             max_in_flight_chunks_per_model: 8,
+            max_queued_chunks_per_model: 2,
             dispatch_interval: Duration::from_millis(500),
             expiry_interval: Duration::from_secs(1),
             chunk_lease: Duration::from_secs(120),

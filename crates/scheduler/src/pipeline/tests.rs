@@ -80,6 +80,9 @@ fn settings() -> PipelineSettings {
         chunk_lease: Duration::from_secs(10),
         max_chunk_attempts: 2,
         ending_grace: Duration::from_secs(5),
+        // no executor reports chunks running here: without this, every round would stop at
+        // the lookahead (tested on its own below)
+        max_queued_chunks_per_model: 0,
         ..PipelineSettings::default()
     }
 }
@@ -911,4 +914,66 @@ async fn the_validator_fails_a_batch_over_the_enqueued_request_quota() {
         status(&fx, &fits.id).await == BatchStatus::InProgress
     })
     .await;
+}
+
+#[tokio::test]
+async fn dispatch_looks_ahead_a_bounded_number_of_chunks() {
+    let fx = fixture().await;
+    let settings = PipelineSettings {
+        max_in_flight_chunks_per_model: 8,
+        max_queued_chunks_per_model: 2,
+        ..settings()
+    };
+    let now = now_unix();
+    let big = running_until(&fx, 20, now + 3600).await;
+    let mut dispatcher = Dispatcher::new(fx.ports.clone(), settings.clone());
+    // nothing started yet: two tasks wait in the queue, no more
+    assert_eq!(dispatcher.round().await.expect("round"), 2);
+    assert_eq!(dispatcher.round().await.expect("round"), 0);
+
+    // an executor starts one: one more goes out
+    let started = fx
+        .ports
+        .metadata
+        .dispatched_chunks(&big.id)
+        .await
+        .expect("dispatched")[0]
+        .span
+        .index;
+    assert!(
+        fx.ports
+            .metadata
+            .renew_chunk_lease(&big.id, started, now_unix(), settings.chunk_lease_secs())
+            .await
+            .expect("running")
+    );
+    assert_eq!(dispatcher.round().await.expect("round"), 1);
+    assert_eq!(in_flight(&fx, &big.id).await, 3);
+
+    // another tenant's batch arrives while two tasks wait: the next start hands its first
+    // chunk out, and it waits behind two tasks, not behind every chunk in flight
+    let other = other_tenant(&fx).await;
+    let small = running_on(&fx, &other, "m", 1, now + 7200).await;
+    assert_eq!(dispatcher.round().await.expect("round"), 0);
+    for chunk in fx
+        .ports
+        .metadata
+        .dispatched_chunks(&big.id)
+        .await
+        .expect("dispatched")
+    {
+        fx.ports
+            .metadata
+            .renew_chunk_lease(
+                &big.id,
+                chunk.span.index,
+                now_unix(),
+                settings.chunk_lease_secs(),
+            )
+            .await
+            .expect("running");
+    }
+    assert_eq!(dispatcher.round().await.expect("round"), 2);
+    assert_eq!(in_flight(&fx, &small.id).await, 1);
+    assert_eq!(in_flight(&fx, &big.id).await, 4);
 }
