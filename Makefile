@@ -161,6 +161,11 @@ bench: infra $(VENV)/.ok ## Every performance target of issue 10 on both deploym
 	cargo build --release -p nightshift-cli -p nightshift-inference-sim
 	BENCH_COMMAND="$${BENCH_COMMAND:-make bench}" python3 $(ROOT)/bench/bench.py --peer-python $(VENV)/bin/python
 
+.PHONY: bench-profile
+bench-profile: infra ## perf profile of the zero-latency row (PROFILE_DEPLOYMENT, PROFILE_PROCESS, PROFILE_LINES): hottest functions, flame graph with inferno.
+	cargo build --release -p nightshift-cli -p nightshift-inference-sim
+	$(ROOT)/bench/profile.sh
+
 .PHONY: bench-smoke
 bench-smoke: ## `make bench` with tiny sizes: checks the harness end to end in a few minutes.
 	@$(BENCH_SMOKE_ENV) BENCH_COMMAND="make bench-smoke" $(MAKE) --no-print-directory bench

@@ -194,7 +194,7 @@ class Stack:
             "routing": {"upstreams": [{"name": "sim", "base_url": sim.url + "/v1", "models": ["*"],
                                        "max_concurrency": upstream_cap}]},
         }
-        self.files, self.procs = [], {}
+        self.files, self.procs, self.phases = [], {}, {}
 
     def write_config(self):
         path = os.path.join(self.dir, "nightshift.toml")
@@ -222,14 +222,25 @@ class Stack:
                                                        "completion_window": "24h"})["id"]
 
     def wait(self, batch_id, key=None, every=0.1, until=lambda b: False):
-        """Polls the batch until it ends or `until(batch)` holds; returns the last answer."""
+        """Polls the batch until it ends or `until(batch)` holds; returns the last answer.
+        Notes when each status and the first and last counted line were first seen, in seconds
+        after the first poll (`self.phases[batch_id]`): where a batch's time went."""
+        t0 = time.monotonic()
+        phases = self.phases.setdefault(batch_id, {})
         while True:
             b = self.api("GET", f"/batches/{batch_id}", key)
+            at = round(time.monotonic() - t0, 3)
+            counts = b["request_counts"]
+            done = counts["completed"] + counts["failed"]
+            for name, seen in ((b["status"], True), ("first line done", done > 0),
+                               ("all lines done", counts["total"] > 0 and done >= counts["total"])):
+                if seen:
+                    phases.setdefault(name, at)
             if b["status"] in TERMINAL or until(b):
                 return b
             time.sleep(every)
 
-    def run_batch(self, lines, endpoint, key=None, every=0.1):
+    def run_batch(self, lines, endpoint, key=None, every=0.02):
         """Uploads (untimed), then times create -> terminal. Returns (seconds, batch)."""
         fid = self.upload(lines, key)
         t0 = time.monotonic()
@@ -256,6 +267,12 @@ class Stack:
     def rss(self):
         return {name: peak_rss_mib(p.pid) for name, p in self.procs.items()}
 
+    def other_tenant(self):
+        """A second tenant's API key, made with `nightshift admin create-tenant`."""
+        out = subprocess.run(self.admin() + ["create-tenant", "--name", "bench-small"], check=True,
+                             capture_output=True, text=True).stdout
+        return dict(line.split("=", 1) for line in out.split())["api_key"]
+
     def close(self):
         self.delete_files()
         for p in reversed(list(self.procs.values())):
@@ -278,10 +295,9 @@ class Standalone(Stack):
         wait_ready(self.ops + "/readyz", proc, "nightshift standalone")
         return self
 
-    def other_tenant(self):
-        # `nightshift standalone` keeps its scheduler's gRPC (where tenants are made) inside the
-        # process: the second batch is the same tenant's.
-        return None
+    def admin(self):
+        # the running process's scheduler, found through its data directory
+        return [self.ctx.nightshift_bin, "admin", "--data-dir", os.path.join(self.dir, "data")]
 
     def close(self):
         super().close()
@@ -325,10 +341,8 @@ class Distributed(Stack):
             wait_ready(ops + "/readyz", self.procs[name], name)
         return self
 
-    def other_tenant(self):
-        out = subprocess.run([self.ctx.nightshift_bin, "--config", self.config_path, "admin", "create-tenant",
-                              "--name", "bench-small"], check=True, capture_output=True, text=True).stdout
-        return dict(line.split("=", 1) for line in out.split())["api_key"]
+    def admin(self):
+        return [self.ctx.nightshift_bin, "--config", self.config_path, "admin"]
 
     def close(self):
         super().close()
@@ -449,11 +463,11 @@ def run_peer(ctx, sim, lines, concurrency):
 
 
 def run_chat_batch(ctx, cls, sim, executors, cap, lines, **tuning):
-    """Create -> completed of one batch of chat lines, in seconds."""
+    """Create -> completed of one batch of chat lines: (seconds, when each phase was seen)."""
     with deployment(ctx, cls, sim, executors, cap, **tuning) as stack:
         wall, b = stack.run_batch(chat_lines(lines), "/v1/chat/completions")
         check_done(b, lines, run_label(cls, executors))
-        return wall
+        return wall, stack.phases[b["id"]]
 
 
 def row_latency(ctx, table):
@@ -468,15 +482,15 @@ def row_latency(ctx, table):
         def run():
             with simulator(ctx, a.latency_ms, a.capacity) as sim:
                 if cls is None:
-                    wall = run_peer(ctx, sim, a.lines, a.capacity)
+                    wall, phases = run_peer(ctx, sim, a.lines, a.capacity), None
                 else:
-                    wall = run_chat_batch(ctx, cls, sim, n, a.capacity, a.lines)
-                return (wall, *upstream_figures(sim.stats()))
+                    wall, phases = run_chat_batch(ctx, cls, sim, n, a.capacity, a.lines)
+                return (wall, phases, *upstream_figures(sim.stats()))
 
         got = attempt(table, scenario, label, run)
         if got is None:
             continue
-        wall, per_k, peak = got
+        wall, phases, per_k, peak = got
         ratio = wall / ideal
         peer = cls is None
         if peer:
@@ -488,7 +502,7 @@ def row_latency(ctx, table):
         table.add("latency-bound: upstream in-flight peak vs C", label, f"{peak} / {a.capacity}",
                   f"{peak / a.capacity:.2f}×", "≤ 1.00×", peak <= a.capacity)
         ctx.details[f"latency/{label}"] = {"wall_secs": round(wall, 3), "429_per_1000": round(per_k, 2),
-                                           "max_in_flight": peak}
+                                           "max_in_flight": peak, **({"phases_secs": phases} if phases else {})}
 
 
 def row_scaling(ctx, table):
@@ -507,15 +521,16 @@ def row_scaling(ctx, table):
                 with simulator(ctx, a.latency_ms, cap) as sim:
                     return run_chat_batch(ctx, cls, sim, n, cap, a.scale_lines, **tuning)
 
-            wall = attempt(table, scenario, run_label(cls, n), run)
-            if wall is None:
+            got = attempt(table, scenario, run_label(cls, n), run)
+            if got is None:
                 continue
+            wall, phases = got
             rate = a.scale_lines / wall
             base = base or rate
             want = targets.get(n)
             table.add(scenario, run_label(cls, n), f"{rate:,.0f} lines/s", f"{rate / base:.2f}× one",
                       f"≥ {want}× one" if want else None, rate / base >= want if want else None)
-            ctx.details[f"scaling/{run_label(cls, n)}"] = {"wall_secs": round(wall, 3)}
+            ctx.details[f"scaling/{run_label(cls, n)}"] = {"wall_secs": round(wall, 3), "phases_secs": phases}
 
 
 def measure_big(ctx, cls):
@@ -541,8 +556,9 @@ def measure_big(ctx, cls):
         check_done(b, a.big_lines, cls.name)
         check_done(s, a.small_lines, cls.name + " (small batch)")
         return {"wall_secs": round(wall, 3), "cpu_secs": {n: round(cpu1[n] - cpu0[n], 3) for n in cpu1},
-                "peak_rss_mib": {n: round(v, 1) for n, v in stack.rss().items()}, "small_secs": round(small_secs, 3), "small_tenant": "another" if small_key else "the same",
-                "big_progress_at_small_done": f"{progress['completed']:,}/{progress['total']:,}"}
+                "peak_rss_mib": {n: round(v, 1) for n, v in stack.rss().items()}, "small_secs": round(small_secs, 3), "small_tenant": "another",
+                "big_progress_at_small_done": f"{progress['completed']:,}/{progress['total']:,}",
+                "phases_secs": {"big": stack.phases[big], "small": stack.phases[small]}}
 
 
 def row_big(ctx, table):
