@@ -372,15 +372,7 @@ mod api {
 
         /// The ids of the tenant's files.
         pub async fn files(&self) -> anyhow::Result<Vec<String>> {
-            let list: serde_json::Value = self
-                .http
-                .get(format!("{}/v1/files", self.origin))
-                .bearer_auth(&self.key)
-                .send()
-                .await?
-                .error_for_status()?
-                .json()
-                .await?;
+            let list = self.get("/v1/files").await?;
             Ok(list["data"]
                 .as_array()
                 .into_iter()
@@ -390,9 +382,14 @@ mod api {
         }
 
         pub async fn batch(&self, id: &str) -> anyhow::Result<serde_json::Value> {
+            self.get(&format!("/v1/batches/{id}")).await
+        }
+
+        /// `GET <origin><path>` as the tenant; its JSON answer, which must be a 2xx.
+        async fn get(&self, path: &str) -> anyhow::Result<serde_json::Value> {
             Ok(self
                 .http
-                .get(format!("{}/v1/batches/{id}", self.origin))
+                .get(format!("{}{path}", self.origin))
                 .bearer_auth(&self.key)
                 .send()
                 .await?

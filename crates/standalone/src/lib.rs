@@ -500,21 +500,25 @@ fn write_private(data_dir: &Path, name: &str, contents: &str) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// `path` is readable and writable by its owner only (on Unix).
+    fn assert_owner_only(path: &Path) {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", path.display());
+        }
+        #[cfg(not(unix))]
+        let _ = path;
+    }
+
     #[test]
     fn the_api_key_is_generated_once_and_kept() {
         let dir = tempfile::tempdir().unwrap();
         let first = saved_api_key(dir.path()).unwrap();
         assert!(first.starts_with(apikey::KEY_PREFIX));
         assert_eq!(saved_api_key(dir.path()).unwrap(), first);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join("api-key"))
-                .unwrap()
-                .permissions()
-                .mode();
-            assert_eq!(mode & 0o777, 0o600);
-        }
+        assert_owner_only(&dir.path().join("api-key"));
     }
 
     #[test]
@@ -527,15 +531,7 @@ mod tests {
         };
         access.save(dir.path()).unwrap();
         assert_eq!(AdminAccess::load(dir.path()).unwrap(), access);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join("admin"))
-                .unwrap()
-                .permissions()
-                .mode();
-            assert_eq!(mode & 0o777, 0o600);
-        }
+        assert_owner_only(&dir.path().join("admin"));
         AdminAccess::remove(dir.path());
         assert!(AdminAccess::load(dir.path()).is_err());
         std::fs::write(dir.path().join("admin"), "scheduler_url=http://x\n").unwrap();
