@@ -24,6 +24,7 @@ use crate::directive::{AttemptMemory, Directive, Failure};
 use crate::generate::canonical_hash_object;
 use crate::openai::{self, ApiError, Context, Endpoint, Generated};
 use crate::stats::{FailureKind, SimStats, Stats};
+use crate::timer::{self, PreciseTimer};
 use crate::{moderation, rerank, responses};
 
 /// Everything the handlers share.
@@ -41,6 +42,9 @@ pub(crate) struct App {
     shutdown: CancellationToken,
     /// Unix seconds at start, the `created` of listed models.
     started: u64,
+    /// Holds simulated latencies to a fraction of a millisecond; `None` if its thread could
+    /// not start (tokio's timer then, a millisecond or so long).
+    timer: Option<PreciseTimer>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -81,6 +85,9 @@ impl App {
             stats: Arc::new(Stats::default()),
             shutdown: CancellationToken::new(),
             started: unix_now(),
+            timer: PreciseTimer::start()
+                .inspect_err(|e| tracing::warn!(error = %e, "no precise timer thread: latencies use tokio's timer"))
+                .ok(),
             config,
         }
     }
@@ -102,8 +109,21 @@ impl App {
         if duration.is_zero() {
             return true;
         }
+        let Some(deadline) = std::time::Instant::now().checked_add(duration) else {
+            self.shutdown.cancelled().await;
+            return false;
+        };
+        let sleep = async {
+            match &self.timer {
+                Some(timer) => timer.sleep_until(deadline).await,
+                None => tokio::time::sleep_until(deadline.into()).await,
+            }
+        };
         tokio::select! {
-            () = tokio::time::sleep(duration) => true,
+            () = sleep => {
+                self.stats.paused(timer::overshoot(deadline));
+                true
+            }
             () = self.shutdown.cancelled() => false,
         }
     }

@@ -36,6 +36,12 @@ pub struct SimStats {
     /// Streamed success bodies being sent right now: one ends when its last byte is handed
     /// over or its connection is gone. (`in_flight` ends when the response starts.)
     pub streaming_bodies: u64,
+    /// Simulated latencies that ran to their end (a success's, a scripted failure's delay, a
+    /// timeout hold).
+    pub latency_waits: u64,
+    /// How far past its deadline each of them ended, summed, in microseconds: the
+    /// simulator's own timing error (its mean is this over `latency_waits`).
+    pub latency_overshoot_micros: u64,
 }
 
 /// Requests received, per endpoint.
@@ -173,6 +179,15 @@ impl Stats {
                 FailureKind::Drop => f.drop += 1,
                 FailureKind::Malformed => f.malformed += 1,
             }
+        });
+    }
+
+    /// Counts a simulated latency that ended `overshoot` after its deadline.
+    pub(crate) fn paused(&self, overshoot: Duration) {
+        let micros = u64::try_from(overshoot.as_micros()).unwrap_or(u64::MAX);
+        self.update(|s| {
+            s.latency_waits += 1;
+            s.latency_overshoot_micros = s.latency_overshoot_micros.saturating_add(micros);
         });
     }
 
