@@ -316,6 +316,35 @@ pub fn part_key(batch: &BatchId, chunk_index: u32) -> String {
     format!("{}{chunk_index:08}.jsonl", parts_prefix(batch))
 }
 
+/// What the run that wrote a done chunk's result part says it holds, reported with the
+/// chunk's `DONE` and kept with the chunk: the part's exact size and CRC-32 (IEEE) and the
+/// counts and usage of its lines.
+///
+/// The finalizer trusts a tally only for the bytes it describes: it copies a part whose tally
+/// has no failed line straight into the output file, without parsing it, computing the CRC
+/// as it goes, and falls back to reading every line if the part it read is not the part the
+/// tally describes (another run of the chunk rewrote it since).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartTally {
+    /// The part's size in bytes.
+    pub bytes: u64,
+    /// CRC-32 (IEEE 802.3) of the part's bytes.
+    pub crc32: u32,
+    /// Its lines with a 2xx response (output-file lines).
+    pub completed: u64,
+    /// Its other lines (error-file lines).
+    pub failed: u64,
+    /// Usage summed over the `completed` lines.
+    pub usage: Usage,
+}
+
+impl PartTally {
+    /// Lines in the part.
+    pub fn lines(&self) -> u64 {
+        self.completed.saturating_add(self.failed)
+    }
+}
+
 /// Prefix of every result part of a batch.
 pub fn parts_prefix(batch: &BatchId) -> String {
     format!("batches/{batch}/parts/")

@@ -106,7 +106,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use nightshift_core::BatchId;
 use nightshift_core::batch::part_key;
 use nightshift_core::jsonl::{JsonlItem, JsonlSplitter};
@@ -308,6 +308,8 @@ pub struct ChunkOutcome {
     pub part_key: String,
     /// The part's size in bytes (0: no part, when a run finished no line at all).
     pub part_bytes: u64,
+    /// CRC-32 (IEEE) of the part (`None`: there is none).
+    pub part_crc32: Option<u32>,
     /// True when the part holds a line for every request of the chunk: the chunk is done.
     /// False when the time budget ended the run first: the task must run again (a
     /// continuation), which keeps these lines and runs the rest.
@@ -337,6 +339,8 @@ impl ChunkOutcome {
             completed: self.succeeded,
             failed: self.failed,
             usage: Some(v1::Usage::from(&self.usage)),
+            part_crc32: self.part_crc32,
+            part_bytes: self.part_bytes,
             ..ChunkResult::default()
         }
     }
@@ -455,6 +459,7 @@ pub async fn run_chunk(task: &ChunkTask, deps: &ChunkDeps) -> Result<ChunkOutcom
     let mut outcome = ChunkOutcome {
         part_key: key.clone(),
         part_bytes: 0,
+        part_crc32: None,
         complete: false,
         kept: 0,
         succeeded: 0,
@@ -541,8 +546,11 @@ pub async fn run_chunk(task: &ChunkTask, deps: &ChunkDeps) -> Result<ChunkOutcom
     if new_lines == 0 && earlier.lines == outcome.kept {
         // Nothing changed: the part (or its absence) already says all this run knows.
         outcome.part_bytes = earlier.size;
+        outcome.part_crc32 = (earlier.size > 0).then_some(earlier.crc32);
     } else {
-        outcome.part_bytes = results.write(deps.storage.as_ref(), &key).await?;
+        let (bytes, crc32) = results.write(deps.storage.as_ref(), &key).await?;
+        outcome.part_bytes = bytes;
+        outcome.part_crc32 = Some(crc32);
     }
     for (kind, count) in LineKind::ALL.into_iter().zip(new) {
         if count > 0 {
@@ -569,6 +577,8 @@ struct EarlierPart {
     size: u64,
     /// Its lines (blank ones aside), kept or not.
     lines: u64,
+    /// CRC-32 of its bytes (0 when there was none).
+    crc32: u32,
 }
 
 /// Reads the chunk's part, if an earlier run wrote one, and keeps its final lines in
@@ -590,7 +600,9 @@ async fn keep_earlier_lines(
     let mut earlier = EarlierPart {
         size: body.object_size,
         lines: 0,
+        crc32: 0,
     };
+    let mut crc = crc32fast::Hasher::new();
     let by_id: HashMap<BatchRequestId, usize> = requests
         .iter()
         .enumerate()
@@ -608,7 +620,8 @@ async fn keep_earlier_lines(
         .saturating_add(deps.settings.max_line_bytes.saturating_mul(6))
         .saturating_add(1 << 20);
     let mut unreadable = 0u64;
-    let mut items = pin!(JsonlSplitter::new(limit).split_stream(body.stream));
+    let bytes = body.stream.inspect_ok(|piece| crc.update(piece));
+    let mut items = Box::pin(JsonlSplitter::new(limit).split_stream(bytes));
     while let Some(item) = items.next().await {
         let line = match item.map_err(ChunkError::ReadPart)? {
             JsonlItem::Line(line) if line.is_blank() => continue,
@@ -653,6 +666,8 @@ async fn keep_earlier_lines(
             .await
             .map_err(ChunkError::Spill)?;
     }
+    drop(items);
+    earlier.crc32 = crc.finalize();
     if unreadable > 0 {
         tracing::warn!(
             lines = unreadable,
@@ -746,11 +761,15 @@ impl Results {
     }
 
     /// Uploads the lines, in order, each followed by `\n`, as the object `key`; returns its
-    /// size. Nothing is visible under `key` unless it all succeeds.
-    async fn write(self, storage: &dyn ObjectStore, key: &str) -> Result<u64, ChunkError> {
+    /// size and CRC-32. Nothing is visible under `key` unless it all succeeds.
+    async fn write(self, storage: &dyn ObjectStore, key: &str) -> Result<(u64, u32), ChunkError> {
         let mut upload = storage.upload(key).await.map_err(ChunkError::WritePart)?;
-        match self.write_into(upload.as_mut()).await {
-            Ok(()) => upload.finish().await.map_err(ChunkError::WritePart),
+        let mut crc = crc32fast::Hasher::new();
+        match self.write_into(upload.as_mut(), &mut crc).await {
+            Ok(()) => {
+                let size = upload.finish().await.map_err(ChunkError::WritePart)?;
+                Ok((size, crc.finalize()))
+            }
             Err(error) => {
                 if let Err(abort) = upload.abort().await {
                     tracing::debug!(error = %abort, "abandoning the part's upload failed");
@@ -760,7 +779,11 @@ impl Results {
         }
     }
 
-    async fn write_into(self, upload: &mut dyn ObjectUpload) -> Result<(), ChunkError> {
+    async fn write_into(
+        self,
+        upload: &mut dyn ObjectUpload,
+        crc: &mut crc32fast::Hasher,
+    ) -> Result<(), ChunkError> {
         let Self {
             slots, mut spill, ..
         } = self;
@@ -773,12 +796,13 @@ impl Results {
             match slot {
                 Slot::Empty => continue,
                 Slot::Memory(line) if line.len() >= WRITE_PIECE => {
-                    send(upload, &mut piece).await?;
+                    send(upload, &mut piece, crc).await?;
+                    crc.update(&line);
                     upload.write(line).await.map_err(ChunkError::WritePart)?;
                 }
                 Slot::Memory(line) => {
                     if piece.len() + line.len() >= WRITE_PIECE {
-                        send(upload, &mut piece).await?;
+                        send(upload, &mut piece, crc).await?;
                     }
                     piece.extend_from_slice(&line);
                 }
@@ -794,7 +818,7 @@ impl Results {
                     let mut left = len;
                     while left > 0 {
                         if piece.len() >= WRITE_PIECE {
-                            send(upload, &mut piece).await?;
+                            send(upload, &mut piece, crc).await?;
                         }
                         let take = left.min(WRITE_PIECE - piece.len());
                         let start = piece.len();
@@ -810,18 +834,23 @@ impl Results {
             }
             piece.extend_from_slice(b"\n");
             if piece.len() >= WRITE_PIECE {
-                send(upload, &mut piece).await?;
+                send(upload, &mut piece, crc).await?;
             }
         }
-        send(upload, &mut piece).await
+        send(upload, &mut piece, crc).await
     }
 }
 
 /// Writes out `piece` (if it holds anything) and starts a new one.
-async fn send(upload: &mut dyn ObjectUpload, piece: &mut BytesMut) -> Result<(), ChunkError> {
+async fn send(
+    upload: &mut dyn ObjectUpload,
+    piece: &mut BytesMut,
+    crc: &mut crc32fast::Hasher,
+) -> Result<(), ChunkError> {
     if piece.is_empty() {
         return Ok(());
     }
+    crc.update(piece);
     let full = std::mem::replace(piece, BytesMut::with_capacity(WRITE_PIECE));
     upload
         .write(full.freeze())
@@ -1261,6 +1290,7 @@ mod tests {
         let mut outcome = ChunkOutcome {
             part_key: String::new(),
             part_bytes: 0,
+            part_crc32: None,
             complete: true,
             kept: 0,
             succeeded: 0,
@@ -1290,6 +1320,16 @@ mod tests {
         assert_eq!((message.completed, message.failed), (1, 4));
         assert_eq!(message.chunk_index, 3);
         assert_eq!(message.usage.unwrap().output_tokens, 3);
+        // no part: no tally
+        assert_eq!(message.part_tally(), None);
+        outcome.part_crc32 = Some(7);
+        outcome.part_bytes = 100;
+        let tally = outcome.result_message(&task()).part_tally().unwrap();
+        assert_eq!(
+            (tally.bytes, tally.crc32, tally.completed, tally.failed),
+            (100, 7, 1, 4)
+        );
+        assert_eq!(tally.usage, outcome.usage);
         let kinds: Vec<_> = lines.iter().map(|l| LineKind::of(l).as_str()).collect();
         assert_eq!(
             kinds,
@@ -1379,8 +1419,9 @@ mod tests {
             assert!(results.has(0) && !results.has(7) && !results.has(99));
             assert_eq!(results.spill.is_some(), budget < total, "budget {budget}");
             let key = format!("parts/{budget}.jsonl");
-            let size = results.write(&store, &key).await.unwrap();
+            let (size, crc32) = results.write(&store, &key).await.unwrap();
             assert_eq!(size, expected.len() as u64);
+            assert_eq!(crc32, crc32fast::hash(&expected), "budget {budget}");
             let written = store
                 .get(&key, None)
                 .await

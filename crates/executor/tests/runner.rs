@@ -150,6 +150,7 @@ async fn a_chunk_in_the_middle_of_a_file_yields_exactly_its_lines() {
         ChunkOutcome {
             part_key: part_key(&BatchId::parse(&batch).unwrap(), 2),
             part_bytes: outcome.part_bytes,
+            part_crc32: outcome.part_crc32,
             complete: true,
             kept: 0,
             succeeded: 5,
@@ -159,7 +160,14 @@ async fn a_chunk_in_the_middle_of_a_file_yields_exactly_its_lines() {
             usage,
         }
     );
-    assert!(outcome.part_bytes > 0);
+    // The tally the DONE report carries describes the part's exact bytes.
+    let mut written = Vec::new();
+    for line in f.raw_part(&task).await {
+        written.extend_from_slice(&line);
+        written.push(b'\n');
+    }
+    assert_eq!(outcome.part_bytes, written.len() as u64);
+    assert_eq!(outcome.part_crc32, Some(crc32fast::hash(&written)));
     let live = f.state.counts(&batch).await.unwrap();
     assert_eq!((live.completed, live.failed), (5, 0));
     assert_eq!(live.usage, usage);

@@ -5,7 +5,14 @@
 //!   result line per request of the chunk, successes and failures mixed, in line order. It is
 //!   read with one GET and split into lines; each line goes to the output file if it is a
 //!   success (a response with a 2xx status), to the error file otherwise. Counts and usage are
-//!   recomputed from these lines: they are the authoritative numbers, Redis only a live view;
+//!   recomputed from these lines: they are the authoritative numbers, Redis only a live view.
+//!   Unless the chunk has a [`PartTally`] without a failed line (the common case): then the
+//!   part is all output lines, and its bytes are copied to the output file as they arrive,
+//!   unparsed, while their CRC-32, size and line breaks are counted; the tally's counts and
+//!   usage are taken. If the bytes read are not the bytes the tally describes (another run of
+//!   the chunk rewrote the part after the report that made it done), the assembly is
+//!   abandoned and runs again from the start without trusting any tally — an output file
+//!   being streamed cannot take back the lines already copied;
 //! - a chunk that is **not done** did not finish: it never ran (the batch was cancelled or
 //!   expired before it was handed out), it ran in part (a run cut short by its time budget, a
 //!   shutdown, or the ending's grace period), or it was given up (failed). It may have a part
@@ -47,11 +54,11 @@ use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use nightshift_core::FileId;
-use nightshift_core::batch::{ResultFile, part_key};
+use nightshift_core::batch::{PartTally, ResultFile, part_key};
 use nightshift_core::file::FileRecord;
 use nightshift_core::jsonl::{JsonlItem, JsonlSplitter, Line};
 use nightshift_core::results::{BatchRequestId, ResultLine, ResultLineSummary, Usage};
-use nightshift_storage::{ByteRange, ObjectStore, ObjectUpload, StorageError};
+use nightshift_storage::{ByteRange, ByteStream, ObjectStore, ObjectUpload, StorageError};
 use serde::Deserialize;
 
 use crate::metrics;
@@ -146,6 +153,21 @@ pub enum FinalizeError {
         line: u64,
         max: usize,
     },
+    /// A done chunk's part is not the part its [`PartTally`] describes: another run of the
+    /// chunk rewrote it. [`finalize`] then assembles again without trusting tallies; never
+    /// returned by it.
+    #[error(
+        "the result part {key} of chunk {chunk} is not the one its tally describes \
+         ({bytes} bytes, CRC-32 {crc32:08x}; the tally says {tally_bytes} bytes, {tally_crc32:08x})"
+    )]
+    PartRewritten {
+        chunk: u32,
+        key: String,
+        bytes: u64,
+        crc32: u32,
+        tally_bytes: u64,
+        tally_crc32: u32,
+    },
     /// A part or input range does not hold as many lines as the chunk has requests.
     #[error("chunk {chunk} has {expected} requests but its {what} holds {found} lines")]
     LineCount {
@@ -195,10 +217,45 @@ pub async fn finalize(
     storage: &dyn ObjectStore,
     settings: AssembleSettings,
 ) -> Result<BatchFiles, FinalizeError> {
+    match assemble(plan, storage, settings, Tallies::Trusted).await {
+        Err(FinalizeError::PartRewritten {
+            chunk,
+            key,
+            bytes,
+            tally_bytes,
+            ..
+        }) => {
+            ::metrics::counter!(metrics::PARTS_READ, metrics::LABEL_READ => metrics::READ_REWRITTEN)
+                .increment(1);
+            tracing::warn!(
+                batch_id = %plan.batch().id, chunk, key, bytes, tally_bytes,
+                "a result part was rewritten after its chunk was done (another run of the chunk): \
+                 assembling again, reading every part line by line"
+            );
+            assemble(plan, storage, settings, Tallies::Ignored).await
+        }
+        other => other,
+    }
+}
+
+/// Whether an assembly copies the parts whose tally has no failed line unparsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tallies {
+    Trusted,
+    Ignored,
+}
+
+async fn assemble(
+    plan: &FinalizePlan,
+    storage: &dyn ObjectStore,
+    settings: AssembleSettings,
+    tallies: Tallies,
+) -> Result<BatchFiles, FinalizeError> {
     let batch = &plan.batch().id;
     let mut assembly = Assembly {
         storage,
         settings,
+        tallies,
         output: ResultWriter::new(ResultFile::Output.file_id(batch)),
         error: ResultWriter::new(ResultFile::Error.file_id(batch)),
         usage: Usage::default(),
@@ -242,6 +299,7 @@ pub async fn finalize(
 struct Assembly<'a> {
     storage: &'a dyn ObjectStore,
     settings: AssembleSettings,
+    tallies: Tallies,
     output: ResultWriter,
     error: ResultWriter,
     /// Usage of the successes so far.
@@ -281,6 +339,14 @@ impl Assembly<'_> {
             }
             Err(e) => return Err(FinalizeError::storage(format!("reading {key}"))(e)),
         };
+        if let Some(tally) = chunk.part
+            && self.tallies == Tallies::Trusted
+            && tally.failed == 0
+        {
+            return self.copy_verbatim(chunk, &key, body.stream, &tally).await;
+        }
+        ::metrics::counter!(metrics::PARTS_READ, metrics::LABEL_READ => metrics::READ_PARSED)
+            .increment(1);
         let lines = JsonlSplitter::new(self.settings.max_line_bytes).split_stream(body.stream);
         let mut lines = std::pin::pin!(lines);
         let mut found = 0u64;
@@ -300,6 +366,68 @@ impl Assembly<'_> {
             self.write_part_line(&line.bytes, &summary).await?;
         }
         check_count(chunk, "result part", found)
+    }
+
+    /// Copies the part of a done chunk whose tally says every line is a success to the output
+    /// file as it is read, checking that it is the part the tally describes (its size and
+    /// CRC-32) and that it holds a line per request (its line breaks: the executor ends every
+    /// line with one and writes no blank line).
+    async fn copy_verbatim(
+        &mut self,
+        chunk: &PlannedChunk,
+        key: &str,
+        mut body: ByteStream,
+        tally: &PartTally,
+    ) -> Result<(), FinalizeError> {
+        let mut crc = crc32fast::Hasher::new();
+        let mut bytes = 0u64;
+        let mut breaks = 0u64;
+        let mut last = None;
+        while let Some(piece) = body.next().await {
+            let piece = piece.map_err(FinalizeError::storage(format!("reading {key}")))?;
+            if piece.is_empty() {
+                continue;
+            }
+            crc.update(&piece);
+            bytes += piece.len() as u64;
+            breaks += memchr::memchr_iter(b'\n', &piece).count() as u64;
+            last = piece.last().copied();
+            self.output.write_bytes(self.storage, &piece).await?;
+        }
+        let crc32 = crc.finalize();
+        if (bytes, crc32) != (tally.bytes, tally.crc32) {
+            return Err(FinalizeError::PartRewritten {
+                chunk: chunk.span.index,
+                key: key.to_owned(),
+                bytes,
+                crc32,
+                tally_bytes: tally.bytes,
+                tally_crc32: tally.crc32,
+            });
+        }
+        if last != Some(b'\n') {
+            return Err(FinalizeError::CorruptPart {
+                chunk: chunk.span.index,
+                line: breaks + 1,
+                reason: "the part does not end with a line break".into(),
+            });
+        }
+        check_count(chunk, "result part", breaks)?;
+        if tally.completed != breaks {
+            return Err(FinalizeError::CorruptPart {
+                chunk: chunk.span.index,
+                line: breaks,
+                reason: format!(
+                    "its tally counts {} successes and no failure, but it holds {breaks} lines",
+                    tally.completed
+                ),
+            });
+        }
+        self.output.lines += breaks;
+        self.usage.merge(&tally.usage);
+        ::metrics::counter!(metrics::PARTS_READ, metrics::LABEL_READ => metrics::READ_COPIED)
+            .increment(1);
+        Ok(())
     }
 
     /// Writes a line of a part to the file it belongs in, counting its usage if a success.
@@ -565,6 +693,20 @@ impl ResultWriter {
         self.buffer.extend_from_slice(line);
         self.buffer.push(b'\n');
         self.wrote_line().await
+    }
+
+    /// Appends whole lines (each ending in `\n`); the caller counts them in `lines`.
+    async fn write_bytes(
+        &mut self,
+        storage: &dyn ObjectStore,
+        lines: &[u8],
+    ) -> Result<(), FinalizeError> {
+        self.start(storage).await?;
+        self.buffer.extend_from_slice(lines);
+        if self.buffer.len() >= WRITE_BUFFER_BYTES {
+            self.flush().await?;
+        }
+        Ok(())
     }
 
     /// Appends a result line (its JSON and a `\n`).

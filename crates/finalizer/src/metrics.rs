@@ -2,7 +2,8 @@
 //!
 //! Names follow `nightshift_<subsystem>_<name>_<unit>`, counters end in `_total`. Label values
 //! are bounded: `ending` is `completed`, `expired`, `cancelled` or `unknown` (the plan was not
-//! read), `outcome` one of the `OUTCOME_*` constants, `file` `output` or `error`. Never a batch
+//! read), `outcome` one of the `OUTCOME_*` constants, `file` `output` or `error`, `read` one of
+//! the `READ_*` constants. Never a batch
 //! or tenant id.
 
 /// Label: how the batch ends (`completed` | `expired` | `cancelled` | `unknown`).
@@ -11,6 +12,16 @@ pub const LABEL_ENDING: &str = "ending";
 pub const LABEL_OUTCOME: &str = "outcome";
 /// Label: which result file (`output` | `error`).
 pub const LABEL_FILE: &str = "file";
+/// Label: how a done chunk's part was read (`copied` | `parsed` | `rewritten`).
+pub const LABEL_READ: &str = "read";
+
+/// A part whose tally has no failed line, copied into the output file without parsing.
+pub const READ_COPIED: &str = "copied";
+/// A part read line by line (it has failed lines, or no tally).
+pub const READ_PARSED: &str = "parsed";
+/// A part that is not the one its tally describes (another run of its chunk rewrote it): the
+/// assembly started again, reading every part line by line.
+pub const READ_REWRITTEN: &str = "rewritten";
 
 /// The batch's files were assembled and its terminal state committed.
 pub const OUTCOME_COMMITTED: &str = "committed";
@@ -37,6 +48,8 @@ pub const FINALIZATIONS_TOTAL: &str = "nightshift_finalizer_finalizations_total"
 pub const FINALIZE_DURATION_SECONDS: &str = "nightshift_finalizer_finalize_duration_seconds";
 /// Counter `{file}`: lines written to result files (again, when an assembly is retried).
 pub const LINES_WRITTEN: &str = "nightshift_finalizer_lines_written_total";
+/// Counter `{read}`: done chunks' result parts read, by how.
+pub const PARTS_READ: &str = "nightshift_finalizer_parts_read_total";
 
 /// Every value of [`LABEL_OUTCOME`].
 pub const OUTCOMES: [&str; 7] = [
@@ -65,6 +78,9 @@ pub fn register() {
     for file in ["output", "error"] {
         metrics::counter!(LINES_WRITTEN, LABEL_FILE => file).increment(0);
     }
+    for read in [READ_COPIED, READ_PARSED, READ_REWRITTEN] {
+        metrics::counter!(PARTS_READ, LABEL_READ => read).increment(0);
+    }
 }
 
 /// Registers units and help texts with the installed recorder. Call once at start-up, after
@@ -85,5 +101,11 @@ pub fn describe() {
         LINES_WRITTEN,
         Unit::Count,
         "Lines written to batch output and error files."
+    );
+    describe_counter!(
+        PARTS_READ,
+        Unit::Count,
+        "Result parts of done chunks read: copied unparsed, parsed line by line, or found \
+         rewritten since their tally (the assembly then runs again, parsing)."
     );
 }

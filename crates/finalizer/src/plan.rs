@@ -13,7 +13,7 @@
 use std::fmt;
 
 use nightshift_core::ApiError;
-use nightshift_core::batch::{BatchRecord, BatchStatus};
+use nightshift_core::batch::{BatchRecord, BatchStatus, PartTally};
 use nightshift_core::chunking::ChunkSpan;
 use nightshift_core::results::NoResponseCode;
 use nightshift_proto::v1;
@@ -82,6 +82,10 @@ pub struct PlannedChunk {
     /// `chunk_failed` lines of its lines without a result line. An empty message means the
     /// code's default one.
     pub failure: Option<String>,
+    /// A done chunk's part as the run that wrote it reported it, when known: the assembly
+    /// copies a part whose tally has no failed line without parsing it (checking that the
+    /// part it reads is the one described). Ignored for a chunk that is not done.
+    pub part: Option<PartTally>,
 }
 
 impl PlannedChunk {
@@ -91,6 +95,15 @@ impl PlannedChunk {
             span,
             done: true,
             failure: None,
+            part: None,
+        }
+    }
+
+    /// A chunk whose part is complete, with what the run that wrote it reported.
+    pub fn done_with(span: ChunkSpan, part: PartTally) -> Self {
+        Self {
+            part: Some(part),
+            ..Self::done(span)
         }
     }
 
@@ -100,6 +113,7 @@ impl PlannedChunk {
             span,
             done: false,
             failure: None,
+            part: None,
         }
     }
 
@@ -109,6 +123,7 @@ impl PlannedChunk {
             span,
             done: false,
             failure: Some(failure.into()),
+            part: None,
         }
     }
 }
@@ -250,6 +265,7 @@ impl FinalizePlan {
                 },
                 done: c.done,
                 failure: c.failure,
+                part: c.part.as_ref().map(PartTally::from),
             })
             .collect();
         Self::new(batch, wire.input_storage_key, chunks, ending)
@@ -571,6 +587,7 @@ mod tests {
                 line_count: 2,
                 done: false,
                 failure: Some("lost".into()),
+                part: None,
             }],
             ending: "cancelled".into(),
         };
@@ -582,6 +599,25 @@ mod tests {
         assert_eq!(plan.chunks()[0].span.byte_end, 20);
         assert!(!plan.chunks()[0].done);
         assert_eq!(plan.chunks()[0].failure.as_deref(), Some("lost"));
+        assert_eq!(plan.chunks()[0].part, None);
+
+        // a done chunk's part tally comes through whole
+        let tally = PartTally {
+            bytes: 300,
+            crc32: 0x0102_0304,
+            completed: 2,
+            failed: 0,
+            usage: nightshift_core::results::Usage {
+                input_tokens: 5,
+                total_tokens: 5,
+                ..Default::default()
+            },
+        };
+        let mut done = wire.clone();
+        done.chunks[0].done = true;
+        done.chunks[0].part = Some(v1::PartTally::from(&tally));
+        let plan = FinalizePlan::from_wire(b.clone(), done).unwrap();
+        assert_eq!(plan.chunks()[0].part, Some(tally));
 
         wire.ending = String::new();
         let e = FinalizePlan::from_wire(b.clone(), wire).unwrap_err();

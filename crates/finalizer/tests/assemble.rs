@@ -6,7 +6,7 @@ mod common;
 use bytes::Bytes;
 use common::*;
 use nightshift_core::BatchId;
-use nightshift_core::batch::{BatchRecord, BatchStatus, ResultFile, part_key};
+use nightshift_core::batch::{BatchRecord, BatchStatus, PartTally, ResultFile, part_key};
 use nightshift_core::file::FileRecord;
 use nightshift_core::results::{
     BatchRequestId, NoResponseCode, ResultLine, ResultLineSummary, Usage,
@@ -744,5 +744,147 @@ async fn result_lines_as_long_as_the_largest_upstream_answer_are_assembled() {
     assert_eq!((got.completed, got.failed), (2, 1));
     let (output, _) = files(&store, id).await;
     assert!(output.expect("output") == jsonl(&[&first, &second]));
+    cleanup(&store).await;
+}
+
+/// The tally an executor reports for the part `lines`: its bytes' size and CRC-32, and the
+/// counts of its lines, with `usage` (what the executor counted).
+fn tally_of(lines: &[ResultLine], usage: Usage) -> PartTally {
+    let refs: Vec<&ResultLine> = lines.iter().collect();
+    let bytes = jsonl(&refs);
+    let completed = lines.iter().filter(|l| l.is_success()).count() as u64;
+    PartTally {
+        bytes: bytes.len() as u64,
+        crc32: crc32fast::hash(&bytes),
+        completed,
+        failed: lines.len() as u64 - completed,
+        usage,
+    }
+}
+
+/// Done chunks of `sizes` lines, each with its tally (`None`: unknown).
+fn tallied_chunks(sizes: &[u32], tallies: Vec<Option<PartTally>>) -> Vec<PlannedChunk> {
+    done_chunks(sizes)
+        .into_iter()
+        .zip(tallies)
+        .map(|(chunk, tally)| match tally {
+            Some(tally) => PlannedChunk::done_with(chunk.span, tally),
+            None => chunk,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn parts_whose_tally_has_no_failure_are_copied_and_counted_by_their_tally() {
+    let store = store().await;
+    let b = batch(BatchStatus::Finalizing);
+    let id = &b.id;
+    // Chunk 0: all successes, big lines (the copy crosses write-buffer and multipart part
+    // boundaries). Chunk 1: a failure, so read line by line. Chunk 2: all successes, no tally.
+    let mut line = 0u64;
+    let mut next = || {
+        line += 1;
+        line
+    };
+    let copied: Vec<ResultLine> = (0..40)
+        .map(|_| big_ok_line(id, next(), 150 * 1024))
+        .collect();
+    let mixed = vec![ok_line(id, next(), 3, 4), http_error_line(id, next(), 500)];
+    let untallied = vec![ok_line(id, next(), 5, 6)];
+    for (index, lines) in [&copied, &mixed, &untallied].into_iter().enumerate() {
+        put_part(store.as_ref(), id, index as u32, lines).await;
+    }
+    // The usage the executor counted for chunk 0: unlike its lines' own (5 tokens each), so
+    // the result shows which one was used.
+    let counted = usage_of(&[(1000, 1)]);
+    let chunks = tallied_chunks(
+        &[40, 2, 1],
+        vec![
+            Some(tally_of(&copied, counted)),
+            Some(tally_of(&mixed, usage_of(&[(3, 4)]))),
+            None,
+        ],
+    );
+
+    let got = run(&store, &plan(&b, chunks, Ending::Completed))
+        .await
+        .expect("finalize");
+    let all: Vec<&ResultLine> = copied.iter().chain(&mixed).chain(&untallied).collect();
+    let (successes, failures): (Vec<&ResultLine>, Vec<&ResultLine>) =
+        all.iter().partition(|l| l.is_success());
+    let (output, error) = files(&store, id).await;
+    let output = output.expect("output");
+    assert!(
+        output == jsonl(&successes),
+        "the output differs from the parts"
+    );
+    assert_eq!(error.as_deref(), Some(&jsonl(&failures)[..]));
+    assert_eq!((got.completed, got.failed), (42, 1));
+    assert_eq!(got.output.as_ref().map(|f| f.lines), Some(42));
+    let mut usage = counted;
+    usage.merge(&usage_of(&[(3, 4), (5, 6)]));
+    assert_eq!(got.usage, usage, "chunk 0 counted by its tally");
+    cleanup(&store).await;
+}
+
+#[tokio::test]
+async fn a_part_rewritten_after_its_tally_is_assembled_again_line_by_line() {
+    let store = store().await;
+    let b = batch(BatchStatus::Finalizing);
+    let id = &b.id;
+    // The run whose report made chunk 1 done wrote all successes; another run of the chunk
+    // rewrote the part since, with an error. Chunk 0 is copied first, then chunk 1 found out.
+    let first = vec![ok_line(id, 1, 1, 1), ok_line(id, 2, 1, 1)];
+    let reported = vec![ok_line(id, 3, 2, 2), ok_line(id, 4, 2, 2)];
+    let rewritten = vec![ok_line(id, 3, 2, 2), http_error_line(id, 4, 503)];
+    put_part(store.as_ref(), id, 0, &first).await;
+    put_part(store.as_ref(), id, 1, &rewritten).await;
+    let chunks = tallied_chunks(
+        &[2, 2],
+        vec![
+            Some(tally_of(&first, usage_of(&[(1, 1), (1, 1)]))),
+            Some(tally_of(&reported, usage_of(&[(2, 2), (2, 2)]))),
+        ],
+    );
+
+    let got = run(&store, &plan(&b, chunks, Ending::Completed))
+        .await
+        .expect("finalize");
+    let (output, error) = files(&store, id).await;
+    assert_eq!(
+        output.as_deref(),
+        Some(&jsonl(&[&first[0], &first[1], &rewritten[0]])[..])
+    );
+    assert_eq!(error.as_deref(), Some(&jsonl(&[&rewritten[1]])[..]));
+    assert_eq!((got.completed, got.failed), (3, 1));
+    assert_eq!(got.usage, usage_of(&[(1, 1), (1, 1), (2, 2)]));
+    cleanup(&store).await;
+}
+
+#[tokio::test]
+async fn a_tallied_part_without_a_line_per_request_fails_and_leaves_nothing_visible() {
+    let store = store().await;
+    let b = batch(BatchStatus::Finalizing);
+    let id = &b.id;
+    let lines = vec![ok_line(id, 1, 1, 1), ok_line(id, 2, 1, 1)];
+    put_part(store.as_ref(), id, 0, &lines).await;
+    // The part and its tally agree, but the chunk has three requests.
+    let chunks = tallied_chunks(&[3], vec![Some(tally_of(&lines, Usage::default()))]);
+    let e = run(&store, &plan(&b, chunks, Ending::Completed))
+        .await
+        .expect_err("a line short");
+    assert!(
+        matches!(
+            e,
+            FinalizeError::LineCount {
+                chunk: 0,
+                expected: 3,
+                found: 2,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(files(&store, id).await, (None, None));
     cleanup(&store).await;
 }

@@ -247,6 +247,7 @@ fn plan_for(batch: &BatchRecord, chunks: &[PlannedChunk], ending: &str) -> v1::F
                 line_count: c.span.line_count,
                 done: c.done,
                 failure: c.failure.clone(),
+                part: c.part.as_ref().map(v1::PartTally::from),
             })
             .collect(),
         ending: ending.into(),

@@ -13,8 +13,9 @@ use nightshift_core::page::Order;
 use nightshift_core::{FileId, TenantId, apikey};
 
 use nightshift_core::BatchId;
-use nightshift_core::batch::{BatchRecord, BatchStatus, RequestCounts};
+use nightshift_core::batch::{BatchRecord, BatchStatus, PartTally, RequestCounts};
 use nightshift_core::chunking::ChunkSpan;
+use nightshift_core::results::Usage;
 use nightshift_core::validation::BatchError;
 
 use crate::{
@@ -47,6 +48,7 @@ macro_rules! __metadata_conformance_checks {
             chunks_are_claimed_with_a_lease,
             the_lease_sweep_redrives_gives_up_and_waits,
             failed_chunks_end_their_batch_with_their_failure,
+            done_chunks_keep_their_first_part_tally,
             endings_are_bounded_by_leases_and_grace,
             validating_batches_expire_at_their_deadline,
             inputs_outlive_their_batches,
@@ -700,7 +702,12 @@ async fn a_batch_finished_after_its_deadline_expires(store: &dyn MetadataStore) 
             .await
             .expect("claim")
             .expect("a chunk");
-        assert!(store.complete_chunk(&b.id, 0).await.expect("complete"));
+        assert!(
+            store
+                .complete_chunk(&b.id, 0, None)
+                .await
+                .expect("complete")
+        );
         let now = if late { b.expires_at } else { b.expires_at - 1 };
         let finalizing = store
             .request_finalize(&b.id, now, 60)
@@ -932,7 +939,12 @@ async fn chunks_are_claimed_with_a_lease(store: &dyn MetadataStore) {
             .await
             .expect("renew")
     );
-    assert!(store.complete_chunk(&b.id, 1).await.expect("complete"));
+    assert!(
+        store
+            .complete_chunk(&b.id, 1, None)
+            .await
+            .expect("complete")
+    );
     assert!(
         !store
             .renew_chunk_lease(&b.id, 1, t0 + 10, 30)
@@ -1081,7 +1093,12 @@ async fn the_lease_sweep_redrives_gives_up_and_waits(store: &dyn MetadataStore) 
         .expect("candidate");
     assert_eq!((c.in_flight, c.pending), (3, 0));
     // its complete part reported after all: done
-    assert!(store.complete_chunk(&b.id, 0).await.expect("complete"));
+    assert!(
+        store
+            .complete_chunk(&b.id, 0, None)
+            .await
+            .expect("complete")
+    );
     let states = store.chunk_states(&b.id).await.expect("states");
     assert!(states[0].done && states[0].failure.is_none());
     // past the deadline, nothing is swept: the batch ends instead
@@ -1113,7 +1130,12 @@ async fn failed_chunks_end_their_batch_with_their_failure(store: &dyn MetadataSt
             .expect("fail twice")
     );
     finalize_refused(store, &b.id, t0 + 1, 60).await;
-    assert!(store.complete_chunk(&b.id, 1).await.expect("complete"));
+    assert!(
+        store
+            .complete_chunk(&b.id, 1, None)
+            .await
+            .expect("complete")
+    );
     assert!(!store.fail_chunk(&b.id, 1, "late").await.expect("fail done"));
     let states = store.chunk_states(&b.id).await.expect("states");
     assert_eq!(
@@ -1128,6 +1150,52 @@ async fn failed_chunks_end_their_batch_with_their_failure(store: &dyn MetadataSt
     assert_eq!(
         store.ending(&b.id).await.expect("ending"),
         Some(Ending::Completed)
+    );
+}
+
+/// A done chunk keeps the part tally of the report that made it done; a later report (a
+/// redelivery, another run) changes nothing, and a chunk done without one has none.
+async fn done_chunks_keep_their_first_part_tally(store: &dyn MetadataStore) {
+    let t0 = NOW + 3 * WINDOW;
+    let t = new_tenant(store).await;
+    let b = running_batch(store, &t.id, t0, 2).await;
+    claim(store, &b, t0, 30).await;
+    claim(store, &b, t0, 30).await;
+    let first = PartTally {
+        bytes: 1 << 40,
+        crc32: u32::MAX,
+        completed: 7,
+        failed: 2,
+        usage: Usage {
+            input_tokens: 11,
+            output_tokens: 3,
+            total_tokens: 14,
+            ..Usage::default()
+        },
+    };
+    let other = PartTally { crc32: 1, ..first };
+    assert!(
+        store
+            .complete_chunk(&b.id, 0, Some(&first))
+            .await
+            .expect("complete")
+    );
+    assert!(
+        !store
+            .complete_chunk(&b.id, 0, Some(&other))
+            .await
+            .expect("complete again")
+    );
+    assert!(
+        store
+            .complete_chunk(&b.id, 1, None)
+            .await
+            .expect("complete")
+    );
+    let states = store.chunk_states(&b.id).await.expect("states");
+    assert_eq!(
+        states.iter().map(|c| (c.done, c.part)).collect::<Vec<_>>(),
+        vec![(true, Some(first)), (true, None)]
     );
 }
 
@@ -1505,7 +1573,12 @@ async fn a_cancel_while_finalizing_keeps_the_ending(store: &dyn MetadataStore) {
     let t = new_tenant(store).await;
     let b = running_batch(store, &t.id, t0, 1).await;
     claim(store, &b, t0, 30).await;
-    assert!(store.complete_chunk(&b.id, 0).await.expect("complete"));
+    assert!(
+        store
+            .complete_chunk(&b.id, 0, None)
+            .await
+            .expect("complete")
+    );
     let finalizing = finalize_granted(store, &b.id, t0 + 1, 60, "ready").await;
     match store
         .cancel_batch(&t.id, &b.id, t0 + 2)

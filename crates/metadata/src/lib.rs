@@ -36,7 +36,7 @@
 use std::fmt;
 
 use async_trait::async_trait;
-use nightshift_core::batch::{BatchRecord, BatchStatus};
+use nightshift_core::batch::{BatchRecord, BatchStatus, PartTally};
 use nightshift_core::chunking::ChunkSpan;
 use nightshift_core::file::{FileRecord, Purpose};
 use nightshift_core::idempotency::IdempotentKind;
@@ -299,6 +299,8 @@ pub struct ChunkState {
     /// Set when the chunk was given up (`failed`): the message of the `chunk_failed` error
     /// lines of its lines without a result line.
     pub failure: Option<String>,
+    /// A done chunk's part as the run that wrote it reported it; `None` when unknown.
+    pub part: Option<PartTally>,
 }
 
 /// A chunk handed out, and which dispatch of it this is (`ChunkTask.attempt`: 1 = the first).
@@ -644,9 +646,15 @@ pub trait MetadataStore: Send + Sync + fmt::Debug + 'static {
     async fn extend_chunk_lease(&self, id: &BatchId, index: u32, until: i64) -> Result<bool>;
 
     /// Marks a chunk done (its part is complete), from any other state — a chunk given up
-    /// whose part is reported complete after all is done too. Idempotent: `false` if it
-    /// already was (a redelivered result).
-    async fn complete_chunk(&self, id: &BatchId, index: u32) -> Result<bool>;
+    /// whose part is reported complete after all is done too — keeping `part`, the tally of
+    /// its part, when the report has one. Idempotent: `false` if it already was (a redelivered
+    /// result, or another run's: the first report's tally stays).
+    async fn complete_chunk(
+        &self,
+        id: &BatchId,
+        index: u32,
+        part: Option<&PartTally>,
+    ) -> Result<bool>;
 
     /// Gives a chunk up (`pending`/`dispatched` → `failed`, with `failure`): it can never run.
     /// `false` (nothing changed) if it is already done or failed.

@@ -47,6 +47,8 @@ pub(crate) trait Columns {
     fn flag(&self, col: &str) -> Result<bool>;
     /// A JSON document.
     fn json(&self, col: &str) -> Result<serde_json::Value>;
+    /// A JSON document or NULL.
+    fn opt_json(&self, col: &str) -> Result<Option<serde_json::Value>>;
 }
 
 /// Any sqlx row whose database decodes the schema's column types.
@@ -81,6 +83,9 @@ where
     fn json(&self, col: &str) -> Result<serde_json::Value> {
         self.try_get(col).map_err(backend)
     }
+    fn opt_json(&self, col: &str) -> Result<Option<serde_json::Value>> {
+        self.try_get(col).map_err(backend)
+    }
 }
 
 /// A database error as the port's error: a unique violation is a [`MetadataError::Conflict`],
@@ -104,6 +109,16 @@ pub(crate) fn to_i64(v: u64, what: &str) -> Result<i64> {
 
 fn json_col<T: serde::de::DeserializeOwned>(row: &impl Columns, col: &str) -> Result<T> {
     serde_json::from_value(row.json(col)?).map_err(|e| corrupt(col, &e.to_string()))
+}
+
+/// A nullable JSON column as `T`; NULL is `None`.
+pub(crate) fn opt_json_col<T: serde::de::DeserializeOwned>(
+    row: &impl Columns,
+    col: &str,
+) -> Result<Option<T>> {
+    row.opt_json(col)?
+        .map(|v| serde_json::from_value(v).map_err(|e| corrupt(col, &e.to_string())))
+        .transpose()
 }
 
 fn count_col(row: &impl Columns, col: &str) -> Result<u64> {

@@ -21,7 +21,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
-use nightshift_core::batch::{BatchRecord, BatchStatus};
+use nightshift_core::batch::{BatchRecord, BatchStatus, PartTally};
 use nightshift_core::chunking::ChunkSpan;
 use nightshift_core::file::FileRecord;
 use nightshift_core::page::Order;
@@ -34,8 +34,8 @@ use tokio::sync::mpsc;
 
 use crate::rows::{
     BATCH_COLUMNS, Columns, Cursor, FILE_COLUMNS, LEASED_COLUMNS, SPAN_COLUMNS, account_from_row,
-    backend, batch_from_row, file_from_row, idempotency_from_row, leased_from_row, retry_from_row,
-    span_from_row, split_page, tenant_from_row, to_i64,
+    backend, batch_from_row, file_from_row, idempotency_from_row, leased_from_row, opt_json_col,
+    retry_from_row, span_from_row, split_page, tenant_from_row, to_i64,
 };
 use crate::{
     BatchCommit, BatchPage, CancelOutcome, ChunkState, DispatchAccount, DispatchCandidate, Ending,
@@ -254,6 +254,7 @@ where
     for<'a> Option<i64>: Encode<'a, DB>,
     for<'a> i32: Encode<'a, DB> + Type<DB>,
     for<'a> serde_json::Value: Encode<'a, DB> + Type<DB>,
+    for<'a> Option<serde_json::Value>: Encode<'a, DB>,
 {
     async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1")
@@ -720,7 +721,8 @@ where
 
     async fn chunk_states(&self, id: &BatchId) -> Result<Vec<ChunkState>> {
         let sql = format!(
-            "SELECT {SPAN_COLUMNS}, state, failure FROM chunks WHERE batch_id = $1 ORDER BY idx"
+            "SELECT {SPAN_COLUMNS}, state, failure, part_tally FROM chunks WHERE batch_id = $1 \
+             ORDER BY idx"
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(id.as_str())
@@ -734,6 +736,7 @@ where
                     span: span_from_row(r)?,
                     done: state == "done",
                     failure: r.opt_text("failure")?.filter(|_| state == "failed"),
+                    part: opt_json_col(r, "part_tally")?.filter(|_| state == "done"),
                 })
             })
             .collect()
@@ -895,13 +898,21 @@ where
         Ok(DB::rows_affected(&extended) == 1)
     }
 
-    async fn complete_chunk(&self, id: &BatchId, index: u32) -> Result<bool> {
+    async fn complete_chunk(
+        &self,
+        id: &BatchId,
+        index: u32,
+        part: Option<&PartTally>,
+    ) -> Result<bool> {
+        let part = part.map(to_json).transpose()?;
         let done = sqlx::query(
-            "UPDATE chunks SET state = 'done', lease_until = NULL, failure = NULL \
+            "UPDATE chunks SET state = 'done', lease_until = NULL, failure = NULL, \
+               part_tally = $3 \
              WHERE batch_id = $1 AND idx = $2 AND state <> 'done'",
         )
         .bind(id.as_str())
         .bind(index as i32)
+        .bind(part)
         .execute(&self.writer)
         .await
         .map_err(backend)?;

@@ -385,9 +385,9 @@ mod tests {
         let mut completions = Vec::new();
         for i in (0..40).chain(0..40) {
             let (store, id) = (store.clone(), b.id.clone());
-            completions.push(tokio::spawn(
-                async move { store.complete_chunk(&id, i).await },
-            ));
+            completions.push(tokio::spawn(async move {
+                store.complete_chunk(&id, i, None).await
+            }));
         }
         let mut counted = 0;
         for c in completions {

@@ -1,6 +1,6 @@
 //! Generated messages ⇄ core types.
 
-use nightshift_core::batch::{BatchRecord, BatchStatus, RequestCounts};
+use nightshift_core::batch::{BatchRecord, BatchStatus, PartTally, RequestCounts};
 use nightshift_core::file::{FileRecord, Purpose};
 use nightshift_core::page::Order;
 use nightshift_core::results::{InputTokensDetails, OutputTokensDetails, Usage};
@@ -94,6 +94,44 @@ impl From<&v1::Usage> for Usage {
             },
             total_tokens: u.total_tokens,
         }
+    }
+}
+
+impl From<&PartTally> for v1::PartTally {
+    fn from(t: &PartTally) -> Self {
+        Self {
+            bytes: t.bytes,
+            crc32: t.crc32,
+            completed: t.completed,
+            failed: t.failed,
+            usage: Some(v1::Usage::from(&t.usage)),
+        }
+    }
+}
+
+impl From<&v1::PartTally> for PartTally {
+    fn from(t: &v1::PartTally) -> Self {
+        Self {
+            bytes: t.bytes,
+            crc32: t.crc32,
+            completed: t.completed,
+            failed: t.failed,
+            usage: t.usage.as_ref().map(Usage::from).unwrap_or_default(),
+        }
+    }
+}
+
+impl v1::ChunkResult {
+    /// The tally of the part a `DONE` report announces, when the run that sent it wrote the
+    /// part (`part_crc32` is set).
+    pub fn part_tally(&self) -> Option<PartTally> {
+        self.part_crc32.map(|crc32| PartTally {
+            bytes: self.part_bytes,
+            crc32,
+            completed: self.completed,
+            failed: self.failed,
+            usage: self.usage.as_ref().map(Usage::from).unwrap_or_default(),
+        })
     }
 }
 

@@ -147,7 +147,12 @@ pub(crate) async fn handle(
             }
         }
         Ok(ChunkReport::Done) => {
-            if ports.metadata.complete_chunk(&batch, chunk).await? {
+            let part = result.part_tally();
+            if ports
+                .metadata
+                .complete_chunk(&batch, chunk, part.as_ref())
+                .await?
+            {
                 ::metrics::counter!(metrics::CHUNKS_DONE).increment(1);
                 tracing::debug!(batch_id = %batch, chunk, completed = result.completed, failed = result.failed, "chunk done");
             }

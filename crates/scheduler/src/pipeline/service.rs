@@ -94,6 +94,7 @@ impl PipelineService {
                     line_count: c.span.line_count,
                     done: c.done,
                     failure: c.failure,
+                    part: c.part.as_ref().map(v1::PartTally::from),
                 })
                 .collect(),
             // a terminal batch has no ending to apply: the finalizer only cleans up

@@ -16,7 +16,7 @@ use nightshift_core::{BatchId, FileId, TenantId, apikey};
 use nightshift_metadata::{
     CancelOutcome, Ending, MetadataStore, Quotas, SqliteConfig, SqliteStore, ValidationOutcome,
 };
-use nightshift_proto::v1::{ChunkReport, ChunkResult, ChunkTask};
+use nightshift_proto::v1::{self, ChunkReport, ChunkResult, ChunkTask};
 use nightshift_queue::{EmbeddedQueue, EmbeddedQueueConfig, QueueKind, WorkQueue};
 use nightshift_state::MemoryState;
 use nightshift_storage::{
@@ -335,14 +335,21 @@ async fn reports_renew_fail_and_complete_chunks() {
     .await
     .expect("done");
     assert_eq!(status(&fx, &b.id).await, BatchStatus::InProgress);
-    handle(
-        &fx.ports,
-        &settings,
-        &report(&b.id, 2, ChunkReport::Done, ""),
-    )
-    .await
-    .expect("done");
-    // redelivered: nothing changes
+    // the run that wrote chunk 2's part says what it holds
+    let written = ChunkResult {
+        completed: 4,
+        failed: 1,
+        usage: Some(v1::Usage {
+            input_tokens: 9,
+            total_tokens: 9,
+            ..v1::Usage::default()
+        }),
+        part_crc32: Some(0xdead_beef),
+        part_bytes: 2048,
+        ..report(&b.id, 2, ChunkReport::Done, "")
+    };
+    handle(&fx.ports, &settings, &written).await.expect("done");
+    // redelivered, or another run's report: nothing changes
     handle(
         &fx.ports,
         &settings,
@@ -362,6 +369,14 @@ async fn reports_renew_fail_and_complete_chunks() {
             (false, Some("the input does not match the task")),
             (true, None)
         ]
+    );
+    assert_eq!(
+        states.iter().map(|c| c.part).collect::<Vec<_>>(),
+        vec![None, None, written.part_tally()]
+    );
+    assert_eq!(
+        written.part_tally().map(|t| (t.bytes, t.crc32, t.lines())),
+        Some((2048, 0xdead_beef, 5))
     );
     // bad messages are told apart from outages
     let mut bad = report(&b.id, 0, ChunkReport::Done, "");
@@ -518,7 +533,7 @@ async fn finish_in_flight(fx: &Fixture, id: &BatchId) {
     {
         fx.ports
             .metadata
-            .complete_chunk(id, leased.span.index)
+            .complete_chunk(id, leased.span.index, None)
             .await
             .expect("complete");
     }
@@ -555,7 +570,7 @@ async fn dispatch_fairness_survives_a_scheduler_restart() {
         .index;
     fx.ports
         .metadata
-        .complete_chunk(&first.id, done)
+        .complete_chunk(&first.id, done, None)
         .await
         .expect("complete");
 
@@ -634,7 +649,7 @@ async fn recovery_picks_up_every_unfinished_batch() {
     assert!(
         fx.ports
             .metadata
-            .complete_chunk(&f.id, 0)
+            .complete_chunk(&f.id, 0, None)
             .await
             .expect("done")
     );
