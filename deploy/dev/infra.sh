@@ -288,6 +288,10 @@ metadata_dir = "$GARAGE_DIR/meta"
 data_dir = "$GARAGE_DIR/data"
 db_engine = "sqlite"
 replication_factor = 1
+# No zstd on data blocks: this cluster shares the machine's cores with nightshift, and
+# compressing every part and result file cost more CPU than nightshift itself in the
+# zero-latency benchmark (docs/performance.md). S3 services do not charge it to the client.
+compression_level = "none"
 
 rpc_bind_addr = "127.0.0.1:$RPC_PORT"
 rpc_public_addr = "127.0.0.1:$RPC_PORT"
