@@ -44,9 +44,14 @@
 //! [`AssembleSettings::max_line_bytes`] for why the default covers every result line an
 //! executor writes (an upstream answer is at most `max_response_bytes`).
 //!
+//! The GETs of done chunks' parts are sent a few ahead ([`PARTS_AHEAD`]), so that a batch of
+//! many small parts does not wait one storage round trip per chunk; their bytes are read in
+//! chunk order all the same.
+//!
 //! Memory: one line (at most `max_line_bytes`) of a part and one of the input, the byte-stream
-//! chunks in hand, a small write buffer per file, and the storage adapter's upload buffers —
-//! never a whole part or file.
+//! chunks in hand (of the parts asked ahead too: what their connections buffered), a small
+//! write buffer per file, and the storage adapter's upload buffers — never a whole part or
+//! file.
 
 use std::borrow::Cow;
 
@@ -58,7 +63,9 @@ use nightshift_core::batch::{PartTally, ResultFile, part_key};
 use nightshift_core::file::FileRecord;
 use nightshift_core::jsonl::{JsonlItem, JsonlSplitter, Line};
 use nightshift_core::results::{BatchRequestId, ResultLine, ResultLineSummary, Usage};
-use nightshift_storage::{ByteRange, ByteStream, ObjectStore, ObjectUpload, StorageError};
+use nightshift_storage::{
+    ByteRange, ByteStream, ObjectBody, ObjectStore, ObjectUpload, StorageError,
+};
 use serde::Deserialize;
 
 use crate::metrics;
@@ -66,6 +73,9 @@ use crate::plan::{FinalizePlan, MissingResult, PlannedChunk};
 
 /// Bytes gathered per file before they are handed to the upload: fewer, larger writes.
 const WRITE_BUFFER_BYTES: usize = 256 * 1024;
+
+/// Done chunks' parts asked for at once: the one being copied and the next ones.
+const PARTS_AHEAD: usize = 4;
 
 /// How [`finalize`] reads its inputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,8 +216,8 @@ impl FinalizeError {
 
 /// Assembles the output and error files of `plan`'s batch and returns what to commit.
 ///
-/// Contract: reads exactly one part per done chunk, and the input range and the part (if any)
-/// of each chunk that is not done, in chunk order; writes `files/<output id>` and `files/<error id>` (each only if
+/// Contract: reads exactly one part per done chunk (asked for a few ahead), and the input range
+/// and the part (if any) of each chunk that is not done, in chunk order; writes `files/<output id>` and `files/<error id>` (each only if
 /// it has a line), overwriting what an earlier attempt left there. On error the unfinished
 /// uploads are aborted, so nothing half-written is ever visible — only, if completing the
 /// error file is what failed, a complete output file, which the next attempt rewrites
@@ -308,9 +318,30 @@ struct Assembly<'a> {
 
 impl Assembly<'_> {
     async fn walk(&mut self, plan: &FinalizePlan) -> Result<(), FinalizeError> {
+        let batch = &plan.batch().id;
+        let storage = self.storage;
+        // Done chunks' parts are asked for a few ahead: each GET is a round trip to object
+        // storage, and a batch of small parts would otherwise spend its finalization waiting.
+        let keys: Vec<String> = plan
+            .chunks()
+            .iter()
+            .filter(|c| c.done)
+            .map(|c| part_key(batch, c.span.index))
+            .collect();
+        let parts = futures::stream::iter(keys)
+            .map(|key| get_part(storage, key))
+            .buffered(PARTS_AHEAD);
+        let mut parts = std::pin::pin!(parts);
         for chunk in plan.chunks() {
             if chunk.done {
-                self.copy_part(plan, chunk).await?;
+                let Some((key, got)) = parts.next().await else {
+                    // One GET per done chunk, in the same order: never short.
+                    return Err(FinalizeError::MissingPart {
+                        chunk: chunk.span.index,
+                        key: part_key(batch, chunk.span.index),
+                    });
+                };
+                self.copy_part(chunk, key, got).await?;
             } else {
                 // FinalizePlan::new already refuses an unfinished chunk in a completed batch.
                 let missing = plan.missing_result(chunk).ok_or(
@@ -327,12 +358,12 @@ impl Assembly<'_> {
     /// Sorts the lines of a done chunk's part into the two files.
     async fn copy_part(
         &mut self,
-        plan: &FinalizePlan,
         chunk: &PlannedChunk,
+        key: String,
+        got: Result<ObjectBody, StorageError>,
     ) -> Result<(), FinalizeError> {
         let index = chunk.span.index;
-        let key = part_key(&plan.batch().id, index);
-        let body = match self.storage.get(&key, None).await {
+        let body = match got {
             Ok(body) => body,
             Err(StorageError::NotFound(_)) => {
                 return Err(FinalizeError::MissingPart { chunk: index, key });
@@ -557,6 +588,15 @@ impl Assembly<'_> {
             }),
         }
     }
+}
+
+/// A part's GET, with its key.
+async fn get_part(
+    storage: &dyn ObjectStore,
+    key: String,
+) -> (String, Result<ObjectBody, StorageError>) {
+    let got = storage.get(&key, None).await;
+    (key, got)
 }
 
 fn check_count(chunk: &PlannedChunk, what: &'static str, found: u64) -> Result<(), FinalizeError> {
