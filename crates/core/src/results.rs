@@ -204,7 +204,9 @@ impl ResponseBody {
         if !text.starts_with('{') {
             return Err(InvalidResponseBody::NotAnObject);
         }
-        let one_line = if text.contains(['\n', '\r']) {
+        // memchr: `contains` with a set of chars decodes the text char by char, a visible
+        // share of an executor's CPU on large answers.
+        let one_line = if memchr::memchr2(b'\n', b'\r', text.as_bytes()).is_some() {
             text.replace(['\n', '\r'], " ")
         } else {
             text.to_owned()

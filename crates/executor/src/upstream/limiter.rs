@@ -77,10 +77,12 @@ pub(crate) struct Limiter {
     state: Mutex<State>,
     /// Ceiling of the limit (`max_concurrency`).
     max: u32,
-    /// The upstream's name, as the metric label.
-    name: Arc<str>,
     /// Woken when the limiter wants more than its ceiling allows (the lease then asks).
     wants_more: Notify,
+    /// The limit and in-flight gauges, looked up once: they are set on every acquire and
+    /// release.
+    limit_gauge: ::metrics::Gauge,
+    in_flight_gauge: ::metrics::Gauge,
 }
 
 #[derive(Debug)]
@@ -156,7 +158,10 @@ impl Limiter {
     pub(crate) fn new(name: Arc<str>, initial: u32, max: u32) -> Self {
         let max = max.max(1);
         let initial = initial.clamp(1, max);
+        let labels = [(metrics::LABEL_UPSTREAM, Arc::clone(&name))];
         let limiter = Self {
+            limit_gauge: ::metrics::gauge!(metrics::UPSTREAM_LIMIT, &labels),
+            in_flight_gauge: ::metrics::gauge!(metrics::UPSTREAM_IN_FLIGHT, &labels),
             semaphore: Semaphore::new(initial as usize),
             state: Mutex::new(State {
                 limit: initial,
@@ -170,7 +175,6 @@ impl Limiter {
                 slow_start: true,
             }),
             max,
-            name,
             wants_more: Notify::new(),
         };
         limiter.publish(&limiter.lock());
@@ -354,9 +358,8 @@ impl Limiter {
     }
 
     fn publish(&self, state: &State) {
-        let labels = [(metrics::LABEL_UPSTREAM, Arc::clone(&self.name))];
-        ::metrics::gauge!(metrics::UPSTREAM_LIMIT, &labels).set(f64::from(state.effective()));
-        ::metrics::gauge!(metrics::UPSTREAM_IN_FLIGHT, &labels).set(f64::from(state.in_flight));
+        self.limit_gauge.set(f64::from(state.effective()));
+        self.in_flight_gauge.set(f64::from(state.in_flight));
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
