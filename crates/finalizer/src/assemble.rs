@@ -421,9 +421,10 @@ impl Assembly<'_> {
             }
             crc.update(&piece);
             bytes += piece.len() as u64;
-            breaks += memchr::memchr_iter(b'\n', &piece).count() as u64;
+            let ended = memchr::memchr_iter(b'\n', &piece).count() as u64;
+            breaks += ended;
             last = piece.last().copied();
-            self.output.write_bytes(self.storage, &piece).await?;
+            self.output.write_lines(self.storage, &piece, ended).await?;
         }
         let crc32 = crc.finalize();
         if (bytes, crc32) != (tally.bytes, tally.crc32) {
@@ -454,7 +455,6 @@ impl Assembly<'_> {
                 ),
             });
         }
-        self.output.lines += breaks;
         self.usage.merge(&tally.usage);
         ::metrics::counter!(metrics::PARTS_READ, metrics::LABEL_READ => metrics::READ_COPIED)
             .increment(1);
@@ -732,21 +732,20 @@ impl ResultWriter {
         self.start(storage).await?;
         self.buffer.extend_from_slice(line);
         self.buffer.push(b'\n');
-        self.wrote_line().await
+        self.wrote(1).await
     }
 
-    /// Appends whole lines (each ending in `\n`); the caller counts them in `lines`.
-    async fn write_bytes(
+    /// Appends `bytes`, which end `lines` whole lines (and may begin or end inside one: the
+    /// pieces of a part as they are read).
+    async fn write_lines(
         &mut self,
         storage: &dyn ObjectStore,
-        lines: &[u8],
+        bytes: &[u8],
+        lines: u64,
     ) -> Result<(), FinalizeError> {
         self.start(storage).await?;
-        self.buffer.extend_from_slice(lines);
-        if self.buffer.len() >= WRITE_BUFFER_BYTES {
-            self.flush().await?;
-        }
-        Ok(())
+        self.buffer.extend_from_slice(bytes);
+        self.wrote(lines).await
     }
 
     /// Appends a result line (its JSON and a `\n`).
@@ -757,7 +756,7 @@ impl ResultWriter {
     ) -> Result<(), FinalizeError> {
         self.start(storage).await?;
         line.write_json_line(&mut self.buffer);
-        self.wrote_line().await
+        self.wrote(1).await
     }
 
     async fn start(&mut self, storage: &dyn ObjectStore) -> Result<(), FinalizeError> {
@@ -774,8 +773,8 @@ impl ResultWriter {
         Ok(())
     }
 
-    async fn wrote_line(&mut self) -> Result<(), FinalizeError> {
-        self.lines += 1;
+    async fn wrote(&mut self, lines: u64) -> Result<(), FinalizeError> {
+        self.lines += lines;
         if self.buffer.len() >= WRITE_BUFFER_BYTES {
             self.flush().await?;
         }
