@@ -217,11 +217,13 @@ impl FinalizeError {
 /// Assembles the output and error files of `plan`'s batch and returns what to commit.
 ///
 /// Contract: reads exactly one part per done chunk (asked for a few ahead), and the input range
-/// and the part (if any) of each chunk that is not done, in chunk order; writes `files/<output id>` and `files/<error id>` (each only if
-/// it has a line), overwriting what an earlier attempt left there. On error the unfinished
-/// uploads are aborted, so nothing half-written is ever visible — only, if completing the
-/// error file is what failed, a complete output file, which the next attempt rewrites
-/// identically. Objects of an earlier attempt stay until overwritten.
+/// and the part (if any) of each chunk that is not done, in chunk order; writes
+/// `files/<output id>` and `files/<error id>` (each only if it has a line), overwriting what an
+/// earlier attempt left there. A part found rewritten since its tally (see the module docs)
+/// makes it assemble once more, from the start, reading every part line by line. On error the
+/// unfinished uploads are aborted, so nothing half-written is ever visible — only, if
+/// completing the error file is what failed, a complete output file, which the next attempt
+/// rewrites identically. Objects of an earlier attempt stay until overwritten.
 pub async fn finalize(
     plan: &FinalizePlan,
     storage: &dyn ObjectStore,
